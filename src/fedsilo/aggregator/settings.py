@@ -1,0 +1,22 @@
+"""The aggregator process's settings: the only place it reads the environment."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AggregatorSettings(BaseSettings):
+    """Read from `FEDSILO_*` environment variables (or passed directly in tests)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDSILO_", extra="ignore")
+
+    admin_token: str = Field(min_length=16, description="Bearer token for creating and administering jobs.")
+    database_url: str = Field(default="sqlite:///fedsilo.db", description="SQLAlchemy URL: SQLite file or postgresql+psycopg://...")
+    checkpoint_dir: Path = Field(default=Path("checkpoints"), description="Content-addressed adapter files.")
+    host: str = Field(default="0.0.0.0", description="Bind address.")
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port (0: pick a free one).")
+    job_file: Path | None = Field(default=None, description="FederatedJob YAML/JSON created (or resumed) at start-up.")
+    silo_tokens_file: Path | None = Field(default=None, description="JSON {silo: token} for the job in job_file.")
+    tick_seconds: float = Field(default=1.0, gt=0, description="How often round deadlines are checked.")
+    log_level: str = Field(default="info")

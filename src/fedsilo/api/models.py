@@ -1,0 +1,138 @@
+"""The `/v1` wire contract: request and response bodies shared by server and clients."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedsilo.spec import FederatedJob
+
+API_PREFIX = "/v1"
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+RoundState = Literal["open", "aggregating", "closed"]
+
+# Headers of an update upload (the body is the raw safetensors delta).
+HEADER_EXAMPLES = "X-Fedsilo-Examples"
+HEADER_SHA256 = "X-Fedsilo-Sha256"
+HEADER_TRAIN_SECONDS = "X-Fedsilo-Train-Seconds"
+SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateJob(Wire):
+    """Create a job. Tokens not given are generated and returned once."""
+
+    job: FederatedJob
+    silo_tokens: dict[str, str] = Field(default_factory=dict)
+
+
+class JobCreated(Wire):
+    name: str
+    silo_tokens: dict[str, str]
+    created: bool
+
+
+class PatchJob(Wire):
+    """Mutable fields of a running job."""
+
+    rounds: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class JoinRequest(Wire):
+    """Sent once by a silo agent at start: what it is and what it can do."""
+
+    n_train_examples: int = Field(ge=0)
+    n_eval_examples: int = Field(ge=0)
+    device: str = "cpu"
+    throughput_examples_per_second: float | None = Field(default=None, ge=0)
+
+
+class JoinResponse(Wire):
+    job: FederatedJob
+    role: Literal["trainer", "evaluator"]
+
+
+class Task(Wire):
+    """What a silo should do now.
+
+    action: `init` (upload the initial adapter), `train` (round `round` from
+    global `version`), `evaluate` (evaluate `version`), `wait`, or `done`.
+    """
+
+    action: Literal["init", "train", "evaluate", "wait", "done"]
+    round: int = 0
+    version: int = 0
+    local_steps: int | None = None
+    rank: int | None = None
+    deadline: datetime | None = None
+
+
+class MetricsReport(Wire):
+    """A silo's evaluation of global adapter `version` on its local split."""
+
+    version: int = Field(ge=0)
+    split: Literal["validation", "test"]
+    loss: float
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    n_examples: int = Field(ge=1)
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class UpdateAccepted(Wire):
+    round: int
+    sha256: str
+    duplicate: bool
+
+
+class SiloStatus(Wire):
+    name: str
+    role: str
+    state: str
+    joined: bool
+    last_seen: datetime | None
+    rounds_completed: int
+
+
+class RoundInfo(Wire):
+    round: int
+    state: RoundState
+    participants: list[str]
+    updates: int
+    examples: int
+    bytes_received: int
+    opened_at: datetime
+    closed_at: datetime | None
+    duration_seconds: float | None
+    aggregation_seconds: float | None
+    max_train_seconds: float | None
+    accuracy: float | None
+    loss: float | None
+    split: str | None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStatus(Wire):
+    name: str
+    phase: Phase
+    message: str = ""
+    round: int
+    rounds: int
+    version: int
+    accuracy: float | None
+    loss: float | None
+    silos: list[SiloStatus]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Problem(Wire):
+    """Every 4xx/5xx body."""
+
+    detail: str
+    reason: str | None = None

@@ -1,0 +1,66 @@
+"""The `fedsilo` command. Each subcommand builds its settings once and hands them down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Federated PEFT fine-tuning across silos.", no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def run(
+    job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="FederatedJob YAML."),
+    out: Path = typer.Option(Path("runs"), help="Runs folder; results go to <out>/<job name>/."),
+    port: int = typer.Option(0, help="Aggregator port on 127.0.0.1 (0: any free port)."),
+) -> None:
+    """Run a FederatedJob on this machine: an aggregator and one process per silo."""
+    from fedsilo.local.runner import run_local
+    from fedsilo.spec import SpecError, load_job
+
+    try:
+        job = load_job(job_file)
+    except SpecError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_local(job, job_file.resolve().parent, out, port))
+
+
+@app.command()
+def aggregator() -> None:
+    """Serve the aggregator (settings from FEDSILO_* environment variables)."""
+    from fedsilo.aggregator.server import serve
+    from fedsilo.aggregator.settings import AggregatorSettings
+
+    serve(AggregatorSettings())  # type: ignore[call-arg]
+
+
+@app.command("silo-agent")
+def silo_agent() -> None:
+    """Run one silo's agent (settings from FEDSILO_* environment variables)."""
+    from fedsilo.silo_agent.agent import run_agent
+    from fedsilo.silo_agent.settings import SiloSettings
+
+    raise typer.Exit(run_agent(SiloSettings()))  # type: ignore[call-arg]
+
+
+@app.command()
+def validate(job_file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+    """Check a FederatedJob file and print what is wrong with it."""
+    from fedsilo.spec import SpecError, load_job
+
+    try:
+        job = load_job(job_file)
+    except SpecError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{job.metadata.name}: valid ({len(job.spec.silos)} silos, {job.spec.training.rounds} rounds)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

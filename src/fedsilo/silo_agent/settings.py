@@ -1,0 +1,25 @@
+"""The silo agent process's settings: the only place it reads the environment."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SiloSettings(BaseSettings):
+    """Read from `FEDSILO_*` environment variables (or passed directly in tests)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDSILO_", extra="ignore")
+
+    aggregator_url: str = Field(description="Base URL of the aggregator, e.g. https://fl.example.org")
+    job: str = Field(description="FederatedJob name.")
+    silo: str = Field(description="This silo's name in the job.")
+    token: str = Field(min_length=16, description="This silo's bearer token.")
+    data_root: Path = Field(default=Path("/data"), description="Relative data paths resolve against this folder.")
+    model_path: str | None = Field(default=None, description="Overrides spec.baseModel.path inside this silo.")
+    ca_bundle: Path | None = Field(default=None, description="CA bundle for the aggregator's TLS certificate.")
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0: torch's default).")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Serve this agent's /metrics here (0: off).")
+    cache_dir: Path = Field(default=Path.home() / ".cache" / "fedsilo", description="Converted models and caches.")
+    poll_seconds: float = Field(default=0.5, gt=0, description="Wait between polls for the next round.")
+    request_retries: int = Field(default=8, ge=0, description="Retries (exponential backoff) per HTTP call.")

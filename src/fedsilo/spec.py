@@ -1,0 +1,300 @@
+"""The `FederatedJob` resource as pydantic models: the one source of truth.
+
+The CRD (`crds/`), the local runner, the operator and the aggregator all read these
+models. YAML uses Kubernetes' camelCase (`learningRate`); Python uses snake_case.
+Unknown fields are rejected everywhere so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "fedsilo.io"
+API_VERSION = "v1alpha1"
+KIND = "FederatedJob"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 label (lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters)"
+        )
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+
+
+class Model(BaseModel):
+    """Base of every spec model: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class BaseModelSpec(Model):
+    """The pretrained model every silo starts from. It is loaded offline, never downloaded."""
+
+    path: str = Field(min_length=1, description="Local folder of a Hugging Face model, or a hub id already in the local cache.")
+    revision: str | None = Field(default=None, description="Hub revision, when `path` is a hub id.")
+    gguf_file: str | None = Field(default=None, description="GGUF file inside `path` to dequantise (causal LM only).")
+
+
+class TaskSpec(Model):
+    """What the model learns."""
+
+    type: Literal["sequence-classification", "causal-lm"] = Field(
+        default="sequence-classification", description="Task head and loss."
+    )
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Class names in index order (sequence classification). Every silo maps its label column onto them.",
+    )
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> TaskSpec:
+        if self.type == "sequence-classification":
+            if len(self.labels) < 2:
+                raise ValueError("task.labels needs at least two class names for sequence-classification")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("task.labels has duplicate class names")
+        return self
+
+
+class PeftSpec(Model):
+    """The parameter-efficient adapter that silos train and exchange."""
+
+    method: Literal["lora", "dora", "ia3", "prompt-tuning"] = Field(default="lora", description="PEFT method.")
+    r: int = Field(default=8, ge=1, le=1024, description="LoRA rank of the global adapter.")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="Module names the adapter wraps (e.g. query/value for BERT, q_proj/v_proj for LLaMA).",
+    )
+    num_virtual_tokens: int = Field(default=16, ge=1, le=512, description="Prompt-tuning length.")
+
+
+class TrainingSpec(Model):
+    """Rounds and each silo's local optimisation."""
+
+    rounds: int = Field(default=3, ge=1, le=10_000, description="Federated rounds to run.")
+    local_epochs: float | None = Field(default=1.0, gt=0, description="Passes over the local training split per round.")
+    local_steps: int | None = Field(default=None, ge=1, description="Optimizer steps per round; overrides localEpochs.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per optimizer step.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=10, description="AdamW learning rate on the silo.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
+    seed: int = Field(default=0, ge=0, description="Seed for splits, adapter initialisation and sampling.")
+    eval_batch_size: int = Field(default=32, ge=1, description="Examples per forward pass when evaluating.")
+
+
+class AggregationSpec(Model):
+    """How the aggregator combines silo updates and paces rounds."""
+
+    strategy: str = Field(default="fedavg", min_length=1, description="Registered strategy name, e.g. fedavg.")
+    params: dict[str, float] = Field(default_factory=dict, description="Strategy parameters (server learning rate, betas, trim ratio ...).")
+    min_silos: int = Field(default=1, ge=1, description="Updates needed to close a round at its deadline.")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="Fraction of joined trainers sampled per round.")
+    round_timeout_seconds: float = Field(default=3600, gt=0, description="Deadline of a round; late silos are skipped.")
+    max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, description="Largest accepted update upload.")
+
+
+class DataSpec(Model):
+    """Where a silo's own examples live. Paths are read inside the silo, never sent."""
+
+    path: str = Field(min_length=1, description="CSV, JSONL or Parquet file; relative paths resolve against the job file's folder (local) or /data (cluster).")
+    format: Literal["csv", "jsonl", "parquet"] | None = Field(default=None, description="File format; inferred from the suffix when omitted.")
+    text_field: str = Field(default="text", min_length=1, description="Column with the input text.")
+    text_pair_field: str | None = Field(default=None, description="Optional second text column (sentence pairs).")
+    label_field: str = Field(default="label", min_length=1, description="Column with the class name.")
+    validation_split: float = Field(default=0.1, ge=0, lt=1, description="Fraction held out for validation (trainers).")
+    max_examples: int | None = Field(default=None, ge=1, description="Use at most this many rows (quick trials).")
+
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        suffix = Path(self.path).suffix.lower().lstrip(".")
+        formats = {"csv": "csv", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "parquet": "parquet", "pq": "parquet"}
+        if suffix not in formats:
+            raise ValueError(f"cannot infer the format of {self.path!r}; set data.format to csv, jsonl or parquet")
+        return formats[suffix]
+
+
+class VolumeSpec(Model):
+    """The Kubernetes volume that holds a silo's data (exactly one source)."""
+
+    persistent_volume_claim: str | None = Field(default=None, description="Name of an existing PVC in the silo's namespace.")
+    host_path: str | None = Field(default=None, description="Folder on the node.")
+    empty_dir: bool = Field(default=False, description="Scratch volume (tests, demos).")
+    read_only: bool = Field(default=True, description="Mount read-only.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VolumeSpec:
+        sources = [self.persistent_volume_claim is not None, self.host_path is not None, self.empty_dir]
+        if sum(sources) != 1:
+            raise ValueError("volume needs exactly one of persistentVolumeClaim, hostPath, emptyDir")
+        return self
+
+
+class Toleration(Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(Model):
+    """Container resources, Kubernetes style (`nvidia.com/gpu` allowed in limits)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    requests: dict[str, str | int] = Field(default_factory=dict)
+    limits: dict[str, str | int] = Field(default_factory=dict)
+
+
+class SiloSpec(Model):
+    """One organisation taking part."""
+
+    name: DnsLabel = Field(description="Unique silo name (DNS label).")
+    organisation: str = Field(default="", description="Human-readable owner, e.g. the hospital.")
+    role: Literal["trainer", "evaluator"] = Field(
+        default="trainer",
+        description="trainer: fine-tunes and sends updates. evaluator: holds a held-out test set and only evaluates.",
+    )
+    data: DataSpec = Field(description="The silo's own examples.")
+    rank: int | None = Field(default=None, ge=1, description="Smaller LoRA rank for a weak silo (heterogeneous ranks).")
+    external: bool = Field(default=False, description="Runs outside this cluster (silo Helm chart); no pod is created.")
+    namespace: DnsLabel | None = Field(default=None, description="Namespace of the silo pod (default: the job's).")
+    volume: VolumeSpec | None = Field(default=None, description="Volume mounted at /data holding the silo's files.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the silo pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the silo pod tolerates.")
+    resources: Resources = Field(default_factory=Resources, description="Silo pod resources, GPUs included.")
+
+
+class AggregatorSpec(Model):
+    """Cluster settings of the aggregator pod (ignored by the local runner)."""
+
+    image: str | None = Field(default=None, description="Container image (default: the operator's own).")
+    resources: Resources = Field(default_factory=Resources)
+    database_secret: str | None = Field(default=None, description="Secret with key `url`: PostgreSQL URL. Default SQLite on the checkpoint volume.")
+    storage_size: str = Field(default="1Gi", description="Checkpoint volume size.")
+
+
+class FederatedJobSpec(Model):
+    """Everything one federated fine-tuning needs."""
+
+    base_model: BaseModelSpec = Field(description="Model every silo starts from.")
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    silos: list[SiloSpec] = Field(min_length=1, description="Participating organisations.")
+
+    @model_validator(mode="after")
+    def _silos_consistent(self) -> FederatedJobSpec:
+        names = [s.name for s in self.silos]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"silos: duplicate silo names {dupes}")
+        trainers = [s for s in self.silos if s.role == "trainer"]
+        if not trainers:
+            raise ValueError("silos: at least one silo must have role trainer")
+        if self.aggregation.min_silos > len(trainers):
+            raise ValueError(
+                f"aggregation.minSilos={self.aggregation.min_silos} exceeds the {len(trainers)} trainer silos"
+            )
+        for silo in self.silos:
+            if silo.rank is not None and silo.rank > self.peft.r:
+                raise ValueError(f"silos[{silo.name}].rank={silo.rank} exceeds the global peft.r={self.peft.r}")
+        return self
+
+    def trainers(self) -> list[SiloSpec]:
+        return [s for s in self.silos if s.role == "trainer"]
+
+    def silo(self, name: str) -> SiloSpec:
+        for s in self.silos:
+            if s.name == name:
+                return s
+        raise KeyError(f"no silo named {name!r} in this job")
+
+
+class ObjectMeta(Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    name: DnsLabel
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FederatedJob(Model):
+    """The whole resource as written in YAML or stored in Kubernetes."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    api_version: Literal["fedsilo.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FederatedJob"]
+    metadata: ObjectMeta
+    spec: FederatedJobSpec
+    status: dict[str, Any] | None = Field(default=None, description="Written by the operator; ignored on input.")
+
+
+class SpecError(ValueError):
+    """A FederatedJob document that does not validate; the message names each bad field."""
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(document)"
+        lines.append(f"{where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_job(document: dict[str, Any]) -> FederatedJob:
+    """Validate a FederatedJob document; raise SpecError naming every bad field."""
+    if not isinstance(document, dict):
+        raise SpecError("a FederatedJob document must be a mapping")
+    try:
+        return FederatedJob.model_validate(document)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> FederatedJobSpec:
+    """Validate only the `spec:` part (as the operator receives it)."""
+    try:
+        return FederatedJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecError("\n".join("spec." + line for line in format_errors(exc).splitlines())) from None
+
+
+def load_job(path: Path) -> FederatedJob:
+    """Read and validate a FederatedJob YAML file."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse_job(document)
+    except SpecError as exc:
+        raise SpecError(f"{path}:\n{exc}") from None
+
+
+def dump_job(job: FederatedJob) -> dict[str, Any]:
+    """The resource as a camelCase document (round-trips through parse_job)."""
+    return job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
