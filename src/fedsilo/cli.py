@@ -58,6 +58,30 @@ def validate(job_file: Path = typer.Argument(..., exists=True, dir_okay=False)) 
     typer.echo(f"{job.metadata.name}: valid ({len(job.spec.silos)} silos, {job.spec.training.rounds} rounds)")
 
 
+@app.command("operator")
+def operator_() -> None:
+    """Run the Kubernetes operator (settings from FEDSILO_* environment variables)."""
+    from fedsilo.operator import OperatorSettings, run_operator
+
+    run_operator(OperatorSettings())
+
+
+@app.command()
+def crds(
+    check: bool = typer.Option(False, "--check", help="Only check; exit 1 when the file is stale."),
+    path: Path | None = typer.Option(None, help="Output file (default: crds/federatedjob.yaml)."),
+) -> None:
+    """Generate crds/federatedjob.yaml from the spec models (or check it is current)."""
+    from fedsilo.operator.crd import default_crd_path, write_crd
+
+    target = path or default_crd_path()
+    current = write_crd(target, check=check)
+    if check and not current:
+        typer.secho(f"{target} is stale: run `fedsilo crds`", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{target}: {'current' if current else 'written'}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,1 @@
+"""The aggregator: REST API, round engine, store and metrics. It never loads the base model."""

@@ -1,0 +1,218 @@
+"""The aggregator's HTTP surface: `/v1` routes, health probes and `/metrics`.
+
+Routes are thin: authenticate, parse, call the round engine, shape the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import yaml
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fedsilo.aggregator.metrics import Metrics
+from fedsilo.aggregator.rounds import ApiError, Engine
+from fedsilo.aggregator.settings import AggregatorSettings
+from fedsilo.aggregator.store import Blobs, make_sessions
+from fedsilo.api import models as m
+
+log = logging.getLogger("fedsilo.aggregator")
+bearer = HTTPBearer(auto_error=False)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+SAFETENSORS = {"content": {m.SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def require_admin(request: Request, creds: Credentials) -> None:
+    expected: str = request.app.state.settings.admin_token
+    if creds is None or not hmac.compare_digest(creds.credentials, expected):
+        raise ApiError(401, "admin token required", "unauthorized")
+
+
+def require_silo(job: str, silo: str, engine: EngineDep, creds: Credentials) -> None:
+    if creds is None:
+        raise ApiError(401, "silo token required", "unauthorized")
+    engine.authenticate(job, silo, creds.credentials)
+
+
+def require_reader(job: str, request: Request, engine: EngineDep, creds: Credentials,
+                   x_fedsilo_silo: Annotated[str | None, Header()] = None) -> None:
+    """The admin, or a silo of this job naming itself in X-Fedsilo-Silo."""
+    if creds is not None and hmac.compare_digest(creds.credentials, request.app.state.settings.admin_token):
+        return
+    if creds is None or x_fedsilo_silo is None:
+        raise ApiError(401, "admin token, or silo token with X-Fedsilo-Silo, required", "unauthorized")
+    engine.authenticate(job, x_fedsilo_silo, creds.credentials)
+
+
+Admin = Depends(require_admin)
+Silo = Depends(require_silo)
+Reader = Depends(require_reader)
+
+jobs = APIRouter(prefix=f"{m.API_PREFIX}/jobs", tags=["jobs"])
+silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"])
+
+
+@jobs.post("", status_code=201, dependencies=[Admin])
+def create_job(body: m.CreateJob, engine: EngineDep, response: Response) -> m.JobCreated:
+    created = engine.create_job(body.job, body.silo_tokens)
+    response.status_code = 201 if created.created else 200
+    return created
+
+
+@jobs.get("/{job}", dependencies=[Reader])
+def get_job(job: str, engine: EngineDep) -> m.JobStatus:
+    return engine.status(job)
+
+
+@jobs.patch("/{job}", dependencies=[Admin])
+def patch_job(job: str, body: m.PatchJob, engine: EngineDep) -> m.JobStatus:
+    return engine.patch_job(job, body)
+
+
+@jobs.get("/{job}/spec", dependencies=[Reader])
+def get_spec(job: str, engine: EngineDep) -> dict[str, object]:
+    return engine.document(job)
+
+
+@jobs.get("/{job}/rounds", dependencies=[Reader])
+def get_rounds(job: str, engine: EngineDep) -> list[m.RoundInfo]:
+    return engine.history(job)
+
+
+@jobs.get("/{job}/evaluations", dependencies=[Reader])
+def get_evaluations(job: str, engine: EngineDep) -> list[dict[str, object]]:
+    return engine.evaluations(job)
+
+
+@jobs.get("/{job}/adapters/{version}", dependencies=[Reader], responses={200: SAFETENSORS})
+def get_adapter(job: str, version: int, engine: EngineDep,
+                if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    data, digest = engine.adapter(job, version)
+    etag = f'"{digest}"'
+    if if_none_match == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(data, media_type=m.SAFETENSORS_MEDIA_TYPE, headers={"ETag": etag})
+
+
+@silos.post("/silos/{silo}/join", dependencies=[Silo])
+def join(job: str, silo: str, body: m.JoinRequest, engine: EngineDep) -> m.JoinResponse:
+    return engine.join(job, silo, body)
+
+
+@silos.get("/silos/{silo}/task", dependencies=[Silo])
+def task(job: str, silo: str, engine: EngineDep) -> m.Task:
+    return engine.task(job, silo)
+
+
+@silos.post("/silos/{silo}/metrics", status_code=204, dependencies=[Silo])
+def post_metrics(job: str, silo: str, body: m.MetricsReport, engine: EngineDep) -> Response:
+    engine.submit_metrics(job, silo, body)
+    return Response(status_code=204)
+
+
+@silos.put("/silos/{silo}/adapters/0", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
+async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) -> dict[str, str]:
+    data = await _read_body(request, engine, job)
+    digest = await asyncio.to_thread(engine.put_initial, job, silo, data)
+    return {"sha256": digest}
+
+
+@silos.put("/rounds/{round}/updates/{silo}", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
+async def put_update(
+    job: str, round: int, silo: str, request: Request, engine: EngineDep,
+    x_fedsilo_examples: Annotated[int, Header()], x_fedsilo_sha256: Annotated[str, Header()],
+    x_fedsilo_train_seconds: Annotated[float | None, Header()] = None,
+) -> m.UpdateAccepted:
+    data = await _read_body(request, engine, job)
+    return await asyncio.to_thread(engine.submit_update, job, silo, round, data, x_fedsilo_sha256,
+                                   x_fedsilo_examples, x_fedsilo_train_seconds)
+
+
+async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
+    """Read at most the job's upload limit, refusing early instead of buffering a flood."""
+    limit = request.app.state.settings_limit
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        engine.metrics.updates_rejected.labels(job, "too_large").inc()
+        raise ApiError(413, f"payload of {declared} bytes exceeds the limit of {limit}", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            engine.metrics.updates_rejected.labels(job, "too_large").inc()
+            raise ApiError(413, f"payload exceeds the limit of {limit} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: AggregatorSettings) -> FastAPI:
+    """Build the app: store, blobs, engine and metrics are created here, once."""
+    metrics = Metrics()
+    engine = Engine(make_sessions(settings.database_url), Blobs(settings.checkpoint_dir / "blobs"), metrics)
+    if settings.job_file is not None:
+        document = yaml.safe_load(settings.job_file.read_text())
+        tokens = json.loads(settings.silo_tokens_file.read_text()) if settings.silo_tokens_file else {}
+        engine.ensure_job(document, tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(settings.tick_seconds)
+                try:
+                    await asyncio.to_thread(engine.tick)
+                except Exception:  # keep ticking: one bad job must not stop deadlines of others
+                    log.exception("deadline tick failed")
+
+        task = asyncio.create_task(ticker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="fedsilo aggregator", version="v1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.settings_limit = 1024 * 1024 * 1024  # hard ceiling; each job's own limit is checked after
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.include_router(jobs)
+    app.include_router(silos)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(m.Problem(detail=exc.detail, reason=exc.reason).model_dump(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        lines = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()]
+        return JSONResponse(m.Problem(detail="; ".join(lines), reason="invalid").model_dump(), status_code=422)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> dict[str, str]:
+        engine.job_names()  # the database answers
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,14 @@
+"""Run the aggregator app under uvicorn."""
+
+import logging
+
+import uvicorn
+
+from fedsilo.aggregator.app import create_app
+from fedsilo.aggregator.settings import AggregatorSettings
+
+
+def serve(settings: AggregatorSettings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s aggregator %(levelname)s %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)

