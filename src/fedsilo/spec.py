@@ -61,6 +61,13 @@ class TaskSpec(Model):
         description="Class names in index order (sequence classification). Every silo maps its label column onto them.",
     )
 
+    eval_prompts: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Fixed prompts (causal LM) whose generations are stored per round so users can read progress.",
+    )
+    max_new_tokens: int = Field(default=48, ge=1, le=1024, description="Tokens generated per eval prompt.")
+
     @model_validator(mode="after")
     def _labels_fit_task(self) -> TaskSpec:
         if self.type == "sequence-classification":
@@ -84,6 +91,23 @@ class PeftSpec(Model):
         description="Module names the adapter wraps (e.g. query/value for BERT, q_proj/v_proj for LLaMA).",
     )
     num_virtual_tokens: int = Field(default=16, ge=1, le=512, description="Prompt-tuning length.")
+    feedforward_modules: list[str] = Field(
+        default_factory=list,
+        description="IA3: the targetModules that are feed-forward layers (scaled on their input, not output).",
+    )
+    prompt_init: Literal["random", "text"] = Field(
+        default="random", description="Prompt tuning: random virtual tokens, or the embedding of promptInitText."
+    )
+    prompt_init_text: str | None = Field(default=None, description="Prompt tuning: text whose tokens initialise the prompt.")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> PeftSpec:
+        extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+        if extra:
+            raise ValueError(f"peft.feedforwardModules {extra} must also be listed in peft.targetModules")
+        if self.prompt_init == "text" and not self.prompt_init_text:
+            raise ValueError("peft.promptInitText is required when peft.promptInit is text")
+        return self
 
 
 class TrainingSpec(Model):
@@ -98,6 +122,17 @@ class TrainingSpec(Model):
     max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
     seed: int = Field(default=0, ge=0, description="Seed for splits, adapter initialisation and sampling.")
     eval_batch_size: int = Field(default=32, ge=1, description="Examples per forward pass when evaluating.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Compute precision: bf16/fp16 load the base weights in that type and autocast forward passes "
+        "(adapters stay fp32). fp16 needs CUDA; bf16 on CPU is allowed.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, ~30% more time."
+    )
+    load_in_4bit: bool = Field(
+        default=False, description="QLoRA: quantise the frozen base model to 4-bit NF4 (bitsandbytes, CUDA only)."
+    )
 
 
 class AggregationSpec(Model):
@@ -109,6 +144,10 @@ class AggregationSpec(Model):
     fraction: float = Field(default=1.0, gt=0, le=1, description="Fraction of joined trainers sampled per round.")
     round_timeout_seconds: float = Field(default=3600, gt=0, description="Deadline of a round; late silos are skipped.")
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, description="Largest accepted update upload.")
+    balance_workload: bool = Field(
+        default=False,
+        description="After round 1, give each silo the local steps that fit a common round time (needs localSteps).",
+    )
 
 
 class DataSpec(Model):
@@ -119,6 +158,17 @@ class DataSpec(Model):
     text_field: str = Field(default="text", min_length=1, description="Column with the input text.")
     text_pair_field: str | None = Field(default=None, description="Optional second text column (sentence pairs).")
     label_field: str = Field(default="label", min_length=1, description="Column with the class name.")
+    instruction_field: str = Field(default="instruction", min_length=1, description="Causal LM: column with the instruction.")
+    input_field: str = Field(
+        default="input", min_length=1, description="Causal LM: optional column with extra input appended to the instruction."
+    )
+    output_field: str = Field(default="output", min_length=1, description="Causal LM: column with the answer (the only tokens with loss).")
+    messages_field: str = Field(
+        default="messages",
+        min_length=1,
+        description="Causal LM: column of chat lists [{role, content}]; used instead of instruction/output when present. "
+        "Loss falls on assistant turns only.",
+    )
     validation_split: float = Field(default=0.1, ge=0, lt=1, description="Fraction held out for validation (trainers).")
     max_examples: int | None = Field(default=None, ge=1, description="Use at most this many rows (quick trials).")
 
@@ -217,6 +267,8 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 f"aggregation.minSilos={self.aggregation.min_silos} exceeds the {len(trainers)} trainer silos"
             )
+        if all(t.rank not in (None, self.peft.r) for t in trainers):
+            raise ValueError("silos: at least one trainer must train the global rank peft.r (it sends the first adapter)")
         for silo in self.silos:
             if silo.rank is not None and silo.rank > self.peft.r:
                 raise ValueError(f"silos[{silo.name}].rank={silo.rank} exceeds the global peft.r={self.peft.r}")

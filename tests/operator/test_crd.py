@@ -116,9 +116,7 @@ def test_names_columns_and_status() -> None:
     assert {"Phase", "Round", "Accuracy", "Age"} <= set(columns)
     status = openapi()["properties"]["status"]
     assert status["x-kubernetes-preserve-unknown-fields"] is True
-    assert {"phase", "round", "accuracy", "loss", "conditions", "silos", "externalSilos"} <= set(
-        status["properties"]
-    )
+    assert {"phase", "round", "accuracy", "loss", "conditions", "silos", "externalSilos"} <= set(status["properties"])
 
 
 def test_validation_enums_minimums_defaults_nullable() -> None:

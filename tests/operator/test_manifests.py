@@ -34,9 +34,7 @@ def make_job(**aggregator: Any) -> FederatedJob:
                         "data": {"path": "a.csv"},
                         "volume": {"persistentVolumeClaim": "hospital-a-data"},
                         "nodeSelector": {"gpu": "yes"},
-                        "tolerations": [
-                            {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}
-                        ],
+                        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                         "resources": {"requests": {"cpu": 2}, "limits": {"nvidia.com/gpu": 1}},
                     },
                     {
@@ -116,9 +114,7 @@ def test_aggregator_deployment() -> None:
     assert env["FEDSILO_JOB_FILE"] == "/etc/fedsilo/job/job.yaml"
     claim = find(items, "PersistentVolumeClaim", "demo-checkpoints")
     assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
-    assert {"name": "state", "persistentVolumeClaim": {"claimName": "demo-checkpoints"}} in pod[
-        "volumes"
-    ]
+    assert {"name": "state", "persistentVolumeClaim": {"claimName": "demo-checkpoints"}} in pod["volumes"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
@@ -165,9 +161,7 @@ def test_network_policies() -> None:
     peers = aggregator["ingress"][0]["from"]
     silo_peers = [p for p in peers if "podSelector" in p]
     assert {p["podSelector"]["matchLabels"][naming.LABEL_SILO] for p in silo_peers} == {"a", "b"}
-    namespaces = {
-        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in peers
-    }
+    namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in peers}
     assert {"fl", "hospital-b", "monitoring", "fedsilo-system", "ingress-nginx"} <= namespaces
     silo = find(items, "NetworkPolicy", "demo-silo-b")["spec"]
     assert silo["policyTypes"] == ["Ingress", "Egress"]
@@ -187,9 +181,7 @@ def test_tokens_are_kept_and_completed() -> None:
     assert completed.silos["a"] == first.silos["a"] and completed.admin == first.admin
     secret = find(job_children(job, UID, first, OperatorSettings()), "Secret", "demo-tokens")
     assert tokens_from_secret(secret) == first
-    silo_secret = find(
-        job_children(job, UID, first, OperatorSettings()), "Secret", "demo-silo-c-token"
-    )
+    silo_secret = find(job_children(job, UID, first, OperatorSettings()), "Secret", "demo-silo-c-token")
     assert decode(silo_secret["data"]["token"]) == first.silos["c"]
     assert json.loads(decode(secret["data"]["silo-tokens.json"])) == first.silos
 

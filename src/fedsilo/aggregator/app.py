@@ -139,10 +139,11 @@ async def put_update(
     job: str, round: int, silo: str, request: Request, engine: EngineDep,
     x_fedsilo_examples: Annotated[int, Header()], x_fedsilo_sha256: Annotated[str, Header()],
     x_fedsilo_train_seconds: Annotated[float | None, Header()] = None,
+    x_fedsilo_examples_seen: Annotated[int | None, Header()] = None,
 ) -> m.UpdateAccepted:
     data = await _read_body(request, engine, job)
     return await asyncio.to_thread(engine.submit_update, job, silo, round, data, x_fedsilo_sha256,
-                                   x_fedsilo_examples, x_fedsilo_train_seconds)
+                                   x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen)
 
 
 async def _read_body(request: Request, engine: Engine, job: str) -> bytes:

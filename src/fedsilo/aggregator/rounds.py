@@ -12,7 +12,6 @@ a restarted aggregator resumes an open round with the updates it had already acc
 from __future__ import annotations
 
 import hmac
-import random
 import secrets
 import threading
 import time
@@ -56,13 +55,6 @@ class ApiError(Exception):
 
 def token_hash(token: str) -> str:
     return sha256(token.encode())
-
-
-def sample_participants(joined: list[str], fraction: float, min_count: int, seed: int, round_: int) -> list[str]:
-    """Deterministic per (seed, round): ceil(fraction * n) silos, at least min_count."""
-    ordered = sorted(joined)
-    k = min(len(ordered), max(min_count, -(-int(fraction * 1000) * len(ordered) // 1000)))
-    return sorted(random.Random(seed * 1_000_003 + round_).sample(ordered, k))
 
 
 @dataclass
@@ -232,8 +224,11 @@ class Engine:
     def _task(self, s: Session, row: JobRow, silo: SiloRow) -> m.Task:
         if row.phase == "Failed":
             return m.Task(action="done")
+        live = self._live_for(s, row)
+        silo_spec = live.job.spec.silo(silo.name)
         if row.version < 0:
-            return m.Task(action="init" if silo.role == "trainer" else "wait")
+            full_rank = silo_spec.rank in (None, live.job.spec.peft.r)
+            return m.Task(action="init" if silo.role == "trainer" and full_rank else "wait")
         if silo.role == "evaluator":
             for version in range(row.version + 1):
                 if not self._evaluated(s, row.name, silo.name, version):
@@ -243,7 +238,9 @@ class Engine:
             rnd = s.get(RoundRow, (row.name, row.current_round))
             if rnd is not None and rnd.state == "open" and silo.name in rnd.participants:
                 if s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None:
-                    return m.Task(action="train", round=rnd.number, version=rnd.number - 1, deadline=aware(rnd.deadline))
+                    return m.Task(action="train", round=rnd.number, version=rnd.number - 1, deadline=aware(rnd.deadline),
+                                  client_config=live.strategy.client_config(), rank=silo_spec.rank,
+                                  local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name))
         if row.phase == "Succeeded":
             if silo.n_eval_examples > 0 and not self._evaluated(s, row.name, silo.name, row.version):
                 return m.Task(action="evaluate", version=row.version)
@@ -284,18 +281,20 @@ class Engine:
         return data, v.sha256
 
     def submit_update(self, job: str, silo: str, round_: int, data: bytes, claimed_sha: str,
-                      n_examples: int, train_seconds: float | None) -> m.UpdateAccepted:
+                      n_examples: int, train_seconds: float | None, examples_seen: int | None = None) -> m.UpdateAccepted:
         with self._tx() as s:
             row = self._job(s, job)
             live = self._live_for(s, row)
             try:
-                return self._accept(s, row, live, silo, round_, data, claimed_sha, n_examples, train_seconds)
+                return self._accept(s, row, live, silo, round_, data, claimed_sha, n_examples, train_seconds,
+                                    examples_seen)
             except ApiError as exc:
                 self.metrics.updates_rejected.labels(job, exc.reason or "invalid").inc()
                 raise
 
     def _accept(self, s: Session, row: JobRow, live: Live, silo: str, round_: int, data: bytes,
-                claimed_sha: str, n_examples: int, train_seconds: float | None) -> m.UpdateAccepted:
+                claimed_sha: str, n_examples: int, train_seconds: float | None,
+                examples_seen: int | None) -> m.UpdateAccepted:
         previous = s.get(UpdateRow, (row.name, round_, silo))
         if previous is not None:
             if previous.sha256 == claimed_sha.lower():
@@ -313,13 +312,20 @@ class Engine:
             delta = validate_update(data, claimed_sha, live.schema, live.job.spec.aggregation.max_update_bytes)
         except AdapterError as exc:
             raise ApiError(422 if exc.reason != "too_large" else 413, str(exc), exc.reason) from None
-        live.strategy.add(live.acc, delta, float(n_examples))
+        try:
+            live.strategy.add(live.acc, delta, float(n_examples))
+        except AdapterError as exc:
+            raise ApiError(422, str(exc), exc.reason) from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc), "rejected_by_strategy") from None
         digest = self.blobs.put(data)
         s.add(UpdateRow(job=row.name, round=round_, silo=silo, sha256=digest, n_examples=n_examples,
                         n_bytes=len(data), train_seconds=train_seconds, received_at=self.clock()))
         silo_row = s.get(SiloRow, (row.name, silo))
         assert silo_row is not None
         silo_row.state, silo_row.rounds_completed = "uploaded", silo_row.rounds_completed + 1
+        if train_seconds and examples_seen:
+            silo_row.throughput = examples_seen / train_seconds
         self.metrics.received_bytes.labels(row.name).inc(len(data))
         self.metrics.updates_accepted.labels(row.name).inc()
         self.metrics.silo_examples.labels(row.name, silo).set(n_examples)
@@ -349,12 +355,17 @@ class Engine:
         spec = parse_job(row.document).spec
         joined = s.scalars(select(SiloRow.name).where(
             SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.joined_at.is_not(None))).all()
-        participants = sample_participants(list(joined), spec.aggregation.fraction, spec.aggregation.min_silos,
+        participants = strategies.sample_silos(list(joined), spec.aggregation.fraction, spec.aggregation.min_silos,
                                            spec.training.seed, number)
         now = self.clock()
         deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+        plan: dict[str, Any] = {}
+        if spec.aggregation.balance_workload and spec.training.local_steps:
+            rows = s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.name.in_(participants))).all()
+            plan["steps"] = strategies.assign_steps({r.name: r.throughput for r in rows}, spec.training.local_steps,
+                                                    spec.training.batch_size)
         s.add(RoundRow(job=row.name, number=number, state="open", participants=participants,
-                       opened_at=now, deadline=deadline, metrics={}))
+                       opened_at=now, deadline=deadline, metrics=plan))
         row.current_round = number
         live = self._live.get(row.name)
         if live is not None and live.global_state is not None:
@@ -376,7 +387,7 @@ class Engine:
         now = self.clock()
         s.add(VersionRow(job=row.name, version=rnd.number, sha256=digest, n_bytes=len(data), created_at=now))
         rnd.state, rnd.closed_at, rnd.aggregation_seconds = "closed", now, seconds
-        rnd.metrics = {k: float(v) for k, v in result.metrics.items()}
+        rnd.metrics = {**(rnd.metrics or {}), **{k: float(v) for k, v in result.metrics.items()}}
         row.version = rnd.number
         live.global_state, live.acc = result.state, None
         for u in s.scalars(select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number)):
@@ -426,7 +437,8 @@ class Engine:
             existing = s.get(EvaluationRow, key)
             if existing is None:
                 s.add(EvaluationRow(job=job, version=report.version, silo=silo, split=report.split, loss=report.loss,
-                                    accuracy=report.accuracy, n_examples=report.n_examples, extra=report.extra,
+                                    accuracy=report.accuracy, n_examples=report.n_examples,
+                                    extra={**report.extra, **({"generations": report.generations} if report.generations else {})},
                                     at=self.clock()))
             silo_row = s.get(SiloRow, (job, silo))
             if silo_row is not None and silo_row.state == "evaluating":
@@ -460,7 +472,9 @@ class Engine:
                     for k, v in (r.extra or {}).items():
                         if isinstance(v, int | float):
                             extra[k] = extra.get(k, 0.0) + v * r.n_examples / n
-                return {"split": split, "loss": loss, "accuracy": acc, "n_examples": n, "silos": len(chosen), "extra": extra}
+                generations = {r.silo: r.extra["generations"] for r in chosen if "generations" in (r.extra or {})}
+                return {"split": split, "loss": loss, "accuracy": acc, "n_examples": n, "silos": len(chosen),
+                        "extra": extra, "generations": generations}
         return None
 
     # ---- read models ----------------------------------------------------------------

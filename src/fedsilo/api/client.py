@@ -107,9 +107,12 @@ class Client:
         return str(self._request("PUT", f"{self._silo_path()}/adapters/0", content=data,
                                  headers={"Content-Type": m.SAFETENSORS_MEDIA_TYPE}).json()["sha256"])
 
-    def put_update(self, round_: int, data: bytes, n_examples: int, train_seconds: float) -> m.UpdateAccepted:
+    def put_update(self, round_: int, data: bytes, n_examples: int, train_seconds: float,
+                   examples_seen: int | None = None) -> m.UpdateAccepted:
         headers = {"Content-Type": m.SAFETENSORS_MEDIA_TYPE, m.HEADER_EXAMPLES: str(n_examples),
                    m.HEADER_SHA256: sha256(data), m.HEADER_TRAIN_SECONDS: f"{train_seconds:.4f}"}
+        if examples_seen:
+            headers["X-Fedsilo-Examples-Seen"] = str(examples_seen)
         response = self._request("PUT", f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}",
                                  content=data, headers=headers)
         return m.UpdateAccepted.model_validate(response.json())

@@ -66,6 +66,9 @@ class Task(Wire):
 
     action: Literal["init", "train", "evaluate", "wait", "done"]
     round: int = 0
+    client_config: dict[str, float | bool] = Field(
+        default_factory=dict, description="Strategy hooks for local training, e.g. proximal_mu, freeze_lora_a."
+    )
     version: int = 0
     local_steps: int | None = None
     rank: int | None = None
@@ -81,6 +84,9 @@ class MetricsReport(Wire):
     accuracy: float | None = Field(default=None, ge=0, le=1)
     n_examples: int = Field(ge=1)
     extra: dict[str, float] = Field(default_factory=dict)
+    generations: dict[str, str] = Field(
+        default_factory=dict, description="Causal LM: generation per spec.task.evalPrompts prompt."
+    )
 
 
 class UpdateAccepted(Wire):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -16,6 +18,7 @@ from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import FederatedJob, SiloSpec
+from fedsilo.strategies import is_lora_a, pad_rank, proximal_term, truncate_rank
 
 log = logging.getLogger("fedsilo.silo")
 
@@ -48,21 +51,22 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
 
 class Agent:
     def __init__(self, client: Client, trainer: Trainer, silo: SiloSpec, settings: SiloSettings,
-                 metrics: AgentMetrics) -> None:
+                 metrics: AgentMetrics, global_rank: int) -> None:
         self.client, self.trainer, self.silo, self.settings, self.metrics = client, trainer, silo, settings, metrics
         self.loaded_version: int | None = None
         self.global_state: dict[str, torch.Tensor] = {}
         self.evaluated: set[int] = set()
         self.split = "test" if silo.role == "evaluator" else "validation"
+        self.global_rank = global_rank
+        self.rank = silo.rank if silo.rank not in (None, global_rank) else None
 
     def _load_version(self, version: int) -> None:
-        if self.loaded_version == version:
-            self.trainer.load(self.global_state)  # training moved the weights: restore the global ones
-            return
-        data = self.client.adapter(version)
-        self.global_state = from_bytes(data)
-        self.trainer.load(self.global_state)
-        self.loaded_version = version
+        if self.loaded_version != version:
+            self.global_state = from_bytes(self.client.adapter(version))
+            self.loaded_version = version
+        # also after training moved the weights: restore the global ones
+        local = truncate_rank(self.global_state, self.rank) if self.rank is not None else self.global_state
+        self.trainer.load(local)
 
     def evaluate(self, version: int) -> None:
         if version in self.evaluated or not len(self.trainer.eval_data):
@@ -81,10 +85,13 @@ class Agent:
     def train(self, task: m.Task) -> None:
         self.evaluate(task.version)  # the global adapter this round starts from
         self._load_version(task.version)
-        result = self.trainer.train(task.local_steps)
-        update = delta(self.trainer.state(), self.global_state)
-        data = to_bytes(update)
-        accepted = self.client.put_update(task.round, data, len(self.trainer.train_data), result.seconds)
+        result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task))
+        trained = self.trainer.state()
+        if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
+            trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
+        data = to_bytes(delta(trained, self.global_state))
+        accepted = self.client.put_update(task.round, data, len(self.trainer.train_data), result.seconds,
+                                          result.examples_seen)
         self.metrics.round.set(task.round)
         self.metrics.train_seconds.set(result.seconds)
         self.metrics.train_loss.set(result.loss)
@@ -92,6 +99,24 @@ class Agent:
         self.metrics.bytes_sent.inc(len(data))
         log.info("round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s", task.round, result.steps,
                  result.loss, result.seconds, len(data), " (duplicate)" if accepted.duplicate else "")
+
+    def _strategy_hooks(self, task: m.Task) -> Callable[[Any], torch.Tensor] | None:
+        """Apply the strategy's client config: freeze LoRA A (ffa-lora), add FedProx's proximal term."""
+        config = task.client_config
+        if config.get("freeze_lora_a"):
+            for name, param in self.trainer.model.named_parameters():
+                if is_lora_a(name):
+                    param.requires_grad_(False)
+        mu = float(config.get("proximal_mu", 0.0))
+        if mu <= 0:
+            return None
+        anchor = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if p.requires_grad}
+
+        def proximal(model: Any) -> torch.Tensor:
+            live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            return proximal_term(live, anchor, mu)
+
+        return proximal
 
     def run(self) -> int:
         while True:
@@ -129,7 +154,7 @@ def run_agent(settings: SiloSettings) -> int:
                                            n_eval_examples=len(trainer.eval_data)))
         log.info("joined job %s as %s: %d train / %d %s examples", settings.job, joined.role,
                  len(trainer.train_data), len(trainer.eval_data), "test" if silo.role == "evaluator" else "validation")
-        return Agent(client, trainer, silo, settings, metrics).run()
+        return Agent(client, trainer, silo, settings, metrics, job.spec.peft.r).run()
     except (DataError, ModelError, KeyError) as exc:
         log.error("%s", exc)
         return 2

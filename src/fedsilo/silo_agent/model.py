@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, TaskType, get_peft_model
+from peft import IA3Config, LoraConfig, PeftConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedsilo.adapters import State
+from fedsilo.silo_agent import hardware
 from fedsilo.spec import FederatedJobSpec
 
 log = logging.getLogger("fedsilo.silo")
@@ -31,27 +32,47 @@ def peft_config(spec: FederatedJobSpec, model_path: str, rank: int | None = None
         return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=p.dropout,
                           target_modules=list(p.target_modules), use_dora=p.method == "dora",
                           base_model_name_or_path=model_path)
+    if p.method == "ia3":
+        return IA3Config(task_type=task, target_modules=list(p.target_modules),
+                         feedforward_modules=list(p.feedforward_modules), base_model_name_or_path=model_path)
+    if p.method == "prompt-tuning":
+        text = p.prompt_init == "text"
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+                                  prompt_tuning_init_text=p.prompt_init_text if text else None,
+                                  tokenizer_name_or_path=model_path if text else None,
+                                  base_model_name_or_path=model_path)
     raise ModelError(f"peft.method {p.method!r} is not supported for task {spec.task.type!r}")
 
 
-def load_base(spec: FederatedJobSpec, model_path: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder or the local hub cache; never downloads."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_base(spec: FederatedJobSpec, model_path: str, cuda: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder or the local hub cache; never downloads.
 
+    The head follows `task.type`; precision, 4-bit loading and checkpointing follow `training`.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    common: dict[str, Any] = {"revision": spec.base_model.revision, "local_files_only": True}
+    if spec.base_model.gguf_file:
+        common["gguf_file"] = spec.base_model.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=spec.base_model.revision, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, **common)
         torch.manual_seed(spec.training.seed)  # the fresh head is identical on every silo
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, revision=spec.base_model.revision, num_labels=len(spec.task.labels),
-            id2label=dict(enumerate(spec.task.labels)), label2id={n: i for i, n in enumerate(spec.task.labels)},
-            local_files_only=True,
-        )
+        loading = {**common, **hardware.load_kwargs(spec.training, cuda)}
+        if spec.task.type == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(model_path, **loading)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=len(spec.task.labels), id2label=dict(enumerate(spec.task.labels)),
+                label2id={n: i for i, n in enumerate(spec.task.labels)}, **loading,
+            )
     except OSError as exc:
         raise ModelError(f"cannot load base model {model_path!r} offline: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return hardware.prepare_base(model, spec.training, cuda), tokenizer
 
 
 def wrap(model: Any, config: PeftConfig, seed: int) -> Any:
@@ -68,12 +89,13 @@ def wrap(model: Any, config: PeftConfig, seed: int) -> Any:
 
 def adapter_state(model: Any) -> State:
     """The trainable adapter state exactly as PEFT saves it (names without the adapter name)."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: Any, state: State) -> None:
     result = set_peft_model_state_dict(model, state)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
+    markers = ("lora", "modules_to_save", "ia3_", "prompt_embeddings")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if any(mark in k for mark in markers)]
     if unexpected:
         raise ModelError(f"adapter tensors do not fit the model: {unexpected[:5]}")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,15 +34,23 @@ class EvalResult:
     accuracy: float | None
     n_examples: int
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+    generations: dict[str, str] = field(default_factory=dict)
+
+
+Batcher = Callable[..., list[dict[str, torch.Tensor]]]
 
 
 class Trainer:
     def __init__(self, model: Any, tokenizer: Any, training: TrainingSpec, train: Encoded, evaluation: Encoded,
-                 *, classification: bool = True) -> None:
+                 *, classification: bool = True, batcher: Batcher = batches) -> None:
         self.model, self.tokenizer, self.training = model, tokenizer, training
         self.train_data, self.eval_data = train, evaluation
         self.classification = classification
-        self._eval_batches = batches(evaluation, training.eval_batch_size, tokenizer) if len(evaluation) else []
+        self.batcher = batcher  # (data, batch_size, tokenizer, order) -> padded batches
+        self.device = next(model.parameters()).device
+        self._eval_batches = [self._on_device(b) for b in batcher(evaluation, training.eval_batch_size, tokenizer)] \
+            if len(evaluation) else []
         self._epoch = 0
 
     def state(self) -> State:
@@ -62,7 +71,11 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.training.seed * 7919 + self._epoch)
             self._epoch += 1
             order = torch.randperm(len(self.train_data), generator=gen).tolist()
-            yield from batches(self.train_data, self.training.batch_size, self.tokenizer, order)
+            for batch in self.batcher(self.train_data, self.training.batch_size, self.tokenizer, order):
+                yield self._on_device(batch)
+
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch if self.device.type == "cpu" else {k: v.to(self.device) for k, v in batch.items()}
 
     def train(self, local_steps: int | None = None, extra_loss: Any = None) -> TrainResult:
         """Run the round's optimizer steps; `extra_loss(model)` adds e.g. FedProx's proximal term."""
@@ -88,10 +101,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """Mean loss (and accuracy for classification) over the evaluation split."""
+        """Mean loss (and accuracy for classification) over the evaluation split.
+
+        Language modelling averages over answer tokens and adds extra["perplexity"].
+        """
         self.model.eval()
         started = time.perf_counter()
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count, tokens = 0.0, 0, 0, 0
         for batch in self._eval_batches:
             out = self.model(**batch)
             n = int(batch["labels"].shape[0])
@@ -99,9 +115,13 @@ class Trainer:
                 loss_sum += float(torch.nn.functional.cross_entropy(out.logits, batch["labels"], reduction="sum"))
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
             else:
-                loss_sum += float(out.loss) * n
+                scored = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+                loss_sum += float(out.loss) * scored
+                tokens += scored
             count += n
         if count == 0:
             raise ValueError("this silo has no evaluation examples")
-        accuracy = correct / count if self.classification else None
-        return EvalResult(loss_sum / count, accuracy, count, time.perf_counter() - started)
+        if self.classification:
+            return EvalResult(loss_sum / count, correct / count, count, time.perf_counter() - started)
+        loss = loss_sum / max(tokens, 1)
+        return EvalResult(loss, None, count, time.perf_counter() - started, extra={"perplexity": math.exp(min(loss, 50.0))})

@@ -1,0 +1,78 @@
+"""A real aggregator process (`python -m fedsilo aggregator`) on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from fedsilo.local.runner import free_port
+
+PG_ADMIN_URL = os.environ.get("FEDSILO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass
+class AggregatorProcess:
+    url: str
+    admin: str
+    database_url: str
+    checkpoint_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "FEDSILO_ADMIN_TOKEN": self.admin, "FEDSILO_DATABASE_URL": self.database_url,
+               "FEDSILO_CHECKPOINT_DIR": str(self.checkpoint_dir), "FEDSILO_HOST": "127.0.0.1",
+               "FEDSILO_PORT": self.url.rsplit(":", 1)[1], "FEDSILO_TICK_SECONDS": "0.2"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedsilo", "aggregator"], env=env,
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError("aggregator not ready")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def postgres_database() -> str:
+    """A fresh database on the machine's PostgreSQL server; skip if none answers."""
+    name = f"fedsilo_test_{uuid.uuid4().hex[:10]}"
+    try:
+        engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+    except Exception as exc:  # no server: only then is skipping honest
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def aggregator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AggregatorProcess]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fedsilo.db'}"
+    else:
+        url = postgres_database()
+    agg = AggregatorProcess(f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24), url,
+                            tmp_path / "checkpoints", tmp_path / "aggregator.log")
+    agg.start()
+    yield agg
+    agg.stop()

@@ -1,0 +1,77 @@
+"""The spec rejects bad documents with messages that name the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedsilo.spec import SpecError, dump_job, load_job, parse_job
+from tests.conftest import ROOT
+
+
+def _error(doc: dict[str, Any]) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_job(doc)
+    return str(info.value)
+
+
+def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
+    job = parse_job(job_doc)
+    assert job.spec.training.local_steps == 2
+    assert job.spec.peft.target_modules == ["query", "value"]
+    assert parse_job(dump_job(job)) == job
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["spec"].update(bogus=1), "spec.bogus: Extra inputs are not permitted"),
+        (lambda d: d["spec"]["training"].update(rounds=-1), "spec.training.rounds"),
+        (lambda d: d["spec"]["training"].update(learningRate=0), "spec.training.learningRate"),
+        (lambda d: d["spec"]["silos"][0].pop("data"), "spec.silos.0.data: Field required"),
+        (lambda d: d["spec"]["silos"][0].update(name="Bad_Name"), "spec.silos.0.name"),
+        (lambda d: d["spec"]["silos"][1].update(name="alpha"), "duplicate silo names ['alpha']"),
+        (lambda d: d["spec"]["task"].update(labels=["only"]), "task.labels needs at least two"),
+        (lambda d: d["spec"]["peft"].__class__ if "peft" in d["spec"] else d["spec"].update(peft={"method": "adalora"}),
+         "spec.peft.method"),
+        (lambda d: d["spec"]["aggregation"].update(minSilos=3), "exceeds the 2 trainer silos"),
+        (lambda d: d["spec"]["silos"][0].update(role="auditor"), "spec.silos.0.role"),
+        (lambda d: d["spec"]["silos"][0].update(volume={"hostPath": "/x", "emptyDir": True}), "exactly one of"),
+        (lambda d: d.update(kind="Job"), "kind"),
+        (lambda d: d["spec"]["silos"][0]["data"].update(validationSplit=1.5), "validationSplit"),
+    ],
+)
+def test_bad_documents_name_the_field(job_doc: dict[str, Any], mutate: Any, expected: str) -> None:
+    doc = copy.deepcopy(job_doc)
+    mutate(doc)
+    assert expected in _error(doc)
+
+
+def test_every_error_is_reported_at_once(job_doc: dict[str, Any]) -> None:
+    job_doc["spec"]["training"]["rounds"] = 0
+    job_doc["spec"]["training"]["batchSize"] = 0
+    message = _error(job_doc)
+    assert "spec.training.rounds" in message and "spec.training.batchSize" in message
+
+
+def test_format_inferred_from_suffix_or_refused(job_doc: dict[str, Any]) -> None:
+    job = parse_job(job_doc)
+    assert job.spec.silos[0].data.resolved_format() == "csv"
+    job_doc["spec"]["silos"][0]["data"]["path"] = "alpha.txt"
+    with pytest.raises(ValueError, match="set data.format"):
+        parse_job(job_doc).spec.silos[0].data.resolved_format()
+
+
+def test_load_job_reports_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "job.yaml"
+    bad.write_text("spec: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_job(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    assert load_job(path).metadata.name
