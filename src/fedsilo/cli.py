@@ -82,6 +82,25 @@ def crds(
     typer.echo(f"{target}: {'current' if current else 'written'}")
 
 
+@app.command()
+def export(
+    source: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder (runs/<job>) or adapter folder."),
+    out: Path = typer.Option(..., help="Folder for the merged model and tokenizer."),
+    base: str | None = typer.Option(None, help="Base model folder (default: the one named in the adapter config)."),
+    dtype: str = typer.Option("fp32", help="Saved weight type: fp32, bf16 or fp16."),
+) -> None:
+    """Merge a job's final PEFT adapter into its base model and save a plain model folder."""
+    from fedsilo.local.export import ExportError
+    from fedsilo.local.export import export as export_model
+
+    try:
+        folder = export_model(source, out, base, dtype)
+    except ExportError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"merged model written to {folder}")
+
+
 def main() -> None:
     app()
 

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "fedsilo.io"
@@ -31,7 +39,9 @@ def _dns_label(value: str) -> str:
     return value
 
 
-DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+DnsLabel = Annotated[
+    str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pattern), AfterValidator(_dns_label)
+]
 
 
 class Model(BaseModel):
@@ -98,7 +108,9 @@ class PeftSpec(Model):
     prompt_init: Literal["random", "text"] = Field(
         default="random", description="Prompt tuning: random virtual tokens, or the embedding of promptInitText."
     )
-    prompt_init_text: str | None = Field(default=None, description="Prompt tuning: text whose tokens initialise the prompt.")
+    prompt_init_text: str | None = Field(
+        default=None, description="Prompt tuning: text whose tokens initialise the prompt."
+    )
 
     @model_validator(mode="after")
     def _method_fields(self) -> PeftSpec:
@@ -131,7 +143,7 @@ class TrainingSpec(Model):
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more time."
     )
     load_in_4bit: bool = Field(
-        default=False, description="QLoRA: quantise the frozen base model to 4-bit NF4 (bitsandbytes, CUDA only)."
+        default=False, alias="loadIn4bit", description="QLoRA: quantise the frozen base model to 4-bit NF4 (bitsandbytes, CUDA only)."
     )
 
 
@@ -158,16 +170,20 @@ class DataSpec(Model):
     text_field: str = Field(default="text", min_length=1, description="Column with the input text.")
     text_pair_field: str | None = Field(default=None, description="Optional second text column (sentence pairs).")
     label_field: str = Field(default="label", min_length=1, description="Column with the class name.")
-    instruction_field: str = Field(default="instruction", min_length=1, description="Causal LM: column with the instruction.")
-    input_field: str = Field(
-        default="input", min_length=1, description="Causal LM: optional column with extra input appended to the instruction."
+    instruction_field: str = Field(
+        default="instruction", min_length=1, description="Causal LM: column with the instruction."
     )
-    output_field: str = Field(default="output", min_length=1, description="Causal LM: column with the answer (the only tokens with loss).")
+    input_field: str = Field(
+        default="input", min_length=1, description="Causal LM: optional column appended to the instruction."
+    )
+    output_field: str = Field(
+        default="output", min_length=1, description="Causal LM: column with the answer (the only tokens with loss)."
+    )
     messages_field: str = Field(
         default="messages",
         min_length=1,
-        description="Causal LM: column of chat lists [{role, content}]; used instead of instruction/output when present. "
-        "Loss falls on assistant turns only.",
+        description="Causal LM: column of chat lists [{role, content}], used instead of instruction/output "
+        "when present. Loss falls on assistant turns only.",
     )
     validation_split: float = Field(default=0.1, ge=0, lt=1, description="Fraction held out for validation (trainers).")
     max_examples: int | None = Field(default=None, ge=1, description="Use at most this many rows (quick trials).")
@@ -241,6 +257,9 @@ class AggregatorSpec(Model):
     resources: Resources = Field(default_factory=Resources)
     database_secret: str | None = Field(default=None, description="Secret with key `url`: PostgreSQL URL. Default SQLite on the checkpoint volume.")
     storage_size: str = Field(default="1Gi", description="Checkpoint volume size.")
+    external_url: str | None = Field(
+        default=None, description="URL external silos (other clusters) use to reach the aggregator, e.g. behind an Ingress."
+    )
 
 
 class FederatedJobSpec(Model):

@@ -132,6 +132,7 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0) -> int
     report.write_csv(table, run_dir / "rounds.csv")
     report.plot(table, run_dir / "rounds.png", f"{name}: global adapter per round")
     _save_adapter(job, model_path, adapter, run_dir / "adapter")
+    _write_generations(evaluations, run_dir / "generations.jsonl")
     console.print(report.rich_table(table, f"{name}: {len(history)} rounds in {time.monotonic() - started:.0f}s"))
     console.print(f"final PEFT adapter: {run_dir / 'adapter'}   table: {run_dir / 'rounds.csv'}   plot: {run_dir / 'rounds.png'}")
     return 0
@@ -141,6 +142,15 @@ def _save_adapter(job: FederatedJob, model_path: str, adapter: dict, folder: Pat
     from fedsilo.silo_agent.model import peft_config, save_peft_adapter
 
     save_peft_adapter(adapter, peft_config(job.spec, model_path), folder)
+
+
+def _write_generations(evaluations: list[dict], path: Path) -> None:  # type: ignore[type-arg]
+    """Causal LM: one line per (version, silo, prompt) with the greedy answer, when any were recorded."""
+    lines = [json.dumps({"version": e["version"], "silo": silo, "prompt": prompt, "generation": text})
+             for e in evaluations for silo, answers in (e.get("generations") or {}).items()
+             for prompt, text in answers.items()]
+    if lines:
+        path.write_text("\n".join(lines) + "\n")
 
 
 def _wait_ready(url: str, procs: Processes, timeout: float = 60.0) -> None:

@@ -148,7 +148,7 @@ async def reconcile(
             raise
     await delete_children(kube, job, {_key(c) for c in children})
     internal = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    external = (meta.get("annotations") or {}).get(EXTERNAL_URL_ANNOTATION) or internal
+    external = job.spec.aggregator.external_url or (meta.get("annotations") or {}).get(EXTERNAL_URL_ANNOTATION) or internal
     return {
         "aggregatorUrl": internal,
         "adminSecret": naming.tokens_secret_name(job),

@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from fedsilo.adapters import delta, from_bytes, to_bytes
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
-from fedsilo.silo_agent.data import DataError, encode_classification, read_table, split_indices
+from fedsilo.silo_agent import hardware
+from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, generation_prompts
+from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
 from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer
@@ -38,15 +40,25 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
     """Load model, adapter recipe and this silo's data once for the whole job."""
     spec = job.spec
     model_path = settings.model_path or spec.base_model.path
+    cuda = torch.cuda.is_available()
+    hardware.check_device(spec.training, cuda)
     frame = read_table(silo.data, settings.data_root)
-    model, tokenizer = load_base(spec, model_path)
+    model, tokenizer = load_base(spec, model_path, cuda)
     model = wrap(model, peft_config(spec, model_path, silo.rank), spec.training.seed)
-    encoded = encode_classification(frame, silo.data, spec.task.labels, tokenizer, spec.training.max_length)
+    model = hardware.autocast_forward(model, spec.training, cuda)
+    causal = spec.task.type == "causal-lm"
+    encoded: Encoded = (encode_causal_lm(frame, silo.data, tokenizer, spec.training.max_length) if causal else
+                        encode_classification(frame, silo.data, spec.task.labels, tokenizer, spec.training.max_length))
     if silo.role == "evaluator":
         train_idx, eval_idx = [], list(range(len(encoded)))
     else:
         train_idx, eval_idx = split_indices(len(encoded), silo.data.validation_split, spec.training.seed)
-    return Trainer(model, tokenizer, spec.training, encoded.subset(train_idx), encoded.subset(eval_idx))
+    log.info("memory estimate on %s: %s", hardware.device(cuda), hardware.estimate_for(model, spec.training).describe())
+    train, evaluation = encoded.subset(train_idx), encoded.subset(eval_idx)
+    if causal:
+        return CausalLMTrainer(model, tokenizer, spec.training, train, evaluation,
+                               prompts=generation_prompts(spec, silo), max_new_tokens=spec.task.max_new_tokens)
+    return Trainer(model, tokenizer, spec.training, train, evaluation)
 
 
 class Agent:
@@ -75,12 +87,15 @@ class Agent:
         result = self.trainer.evaluate()
         self.client.post_metrics(m.MetricsReport(version=version, split=self.split, loss=result.loss,  # type: ignore[arg-type]
                                                  accuracy=result.accuracy, n_examples=result.n_examples,
-                                                 extra={"eval_seconds": result.seconds}))
+                                                 extra={"eval_seconds": result.seconds, **result.extra},
+                                                 generations=result.generations))
         self.evaluated.add(version)
         self.metrics.eval_loss.set(result.loss)
         acc = f"{result.accuracy:.4f}" if result.accuracy is not None else "-"
         log.info("version %d on %s: loss %.4f accuracy %s (%d examples, %.1fs)", version, self.split,
                  result.loss, acc, result.n_examples, result.seconds)
+        for prompt, text in result.generations.items():
+            log.info("version %d generation: %r -> %r", version, prompt, text)
 
     def train(self, task: m.Task) -> None:
         self.evaluate(task.version)  # the global adapter this round starts from
@@ -155,7 +170,7 @@ def run_agent(settings: SiloSettings) -> int:
         log.info("joined job %s as %s: %d train / %d %s examples", settings.job, joined.role,
                  len(trainer.train_data), len(trainer.eval_data), "test" if silo.role == "evaluator" else "validation")
         return Agent(client, trainer, silo, settings, metrics, job.spec.peft.r).run()
-    except (DataError, ModelError, KeyError) as exc:
+    except (DataError, ModelError, hardware.HardwareError, KeyError) as exc:
         log.error("%s", exc)
         return 2
     except ClientError as exc:

@@ -15,7 +15,7 @@ import torch
 
 from fedsilo.silo_agent.data import DataError, Encoded, require_columns
 from fedsilo.silo_agent.trainer import EvalResult, Trainer
-from fedsilo.spec import DataSpec, TrainingSpec
+from fedsilo.spec import DataSpec, FederatedJobSpec, SiloSpec, TrainingSpec
 
 IGNORE = -100
 Message = dict[str, str]
@@ -68,7 +68,7 @@ def answer_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tup
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
             start = len(render(tokenizer, messages[:i], generation_prompt=True))
-            end = len(render(tokenizer, messages[:i + 1]))
+            end = len(render(tokenizer, messages[:i + 1]).rstrip("\n"))  # answer + end marker, not the newline
             spans.append((start, end))
     return render(tokenizer, messages), spans
 
@@ -138,6 +138,13 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out[prompt] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out
+
+
+def generation_prompts(spec: FederatedJobSpec, silo: SiloSpec) -> list[str]:
+    """The eval prompts this silo answers: evaluators do, else only the first trainer (greedy output is identical)."""
+    evaluators = [s.name for s in spec.silos if s.role == "evaluator"]
+    chosen = evaluators or [spec.trainers()[0].name]
+    return list(spec.task.eval_prompts) if silo.name in chosen else []
 
 
 class CausalLMTrainer(Trainer):

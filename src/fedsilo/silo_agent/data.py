@@ -81,7 +81,7 @@ class Encoded:
     """Tokenised examples, kept as id lists and padded per batch (dynamic padding)."""
 
     features: list[dict[str, list[int]]]
-    labels: list[int]
+    labels: list[Any]  # class ids (classification) or per-token label ids (causal LM)
 
     def __len__(self) -> int:
         return len(self.features)

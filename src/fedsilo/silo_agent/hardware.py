@@ -51,7 +51,8 @@ def load_kwargs(training: TrainingSpec, cuda: bool) -> dict[str, Any]:
 
         compute = DTYPES[training.precision] if training.precision != "fp32" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": 0}
     return kwargs
@@ -95,8 +96,9 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.optimizer + self.activations
 
     def describe(self) -> str:
-        return (f"weights {self.weights / MB:.0f} MB + adapter {self.adapter / MB:.1f} MB + grads/optimizer "
-                f"{self.optimizer / MB:.1f} MB + activations ~{self.activations / MB:.0f} MB = ~{self.total / MB:.0f} MB")
+        return (f"weights {self.weights / MB:.0f} MB + adapter {self.adapter / MB:.1f} MB"
+                f" + grads/optimizer {self.optimizer / MB:.1f} MB + activations ~{self.activations / MB:.0f} MB"
+                f" = ~{self.total / MB:.0f} MB")
 
 
 def memory_estimate(weight_bytes: int, trainable: int, *, batch: int, tokens: int, hidden: int, layers: int,

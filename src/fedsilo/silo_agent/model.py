@@ -93,8 +93,11 @@ def adapter_state(model: Any) -> State:
 
 
 def load_adapter_state(model: Any, state: State) -> None:
-    result = set_peft_model_state_dict(model, state)
-    markers = ("lora", "modules_to_save", "ia3_", "prompt_embeddings")
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # shape mismatch, e.g. prompt embeddings (loaded strictly by PEFT)
+        raise ModelError(f"adapter tensors do not fit the model: {exc}") from None
+    markers = ("lora", "modules_to_save", "ia3_")  # prompt_embeddings is always "unexpected" here
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if any(mark in k for mark in markers)]
     if unexpected:
         raise ModelError(f"adapter tensors do not fit the model: {unexpected[:5]}")

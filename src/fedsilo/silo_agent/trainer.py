@@ -124,4 +124,5 @@ class Trainer:
         if self.classification:
             return EvalResult(loss_sum / count, correct / count, count, time.perf_counter() - started)
         loss = loss_sum / max(tokens, 1)
-        return EvalResult(loss, None, count, time.perf_counter() - started, extra={"perplexity": math.exp(min(loss, 50.0))})
+        return EvalResult(loss, None, count, time.perf_counter() - started,
+                          extra={"perplexity": math.exp(min(loss, 50.0))})
