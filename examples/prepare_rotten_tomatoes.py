@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/data/rotten-tomatoes"))
     parser.add_argument("--silos", type=int, default=3)
-    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=3.0)
     parser.add_argument("--train-examples", type=int, default=2400, help="Snippets spread over the silos.")
     parser.add_argument("--test-examples", type=int, default=600, help="Snippets of held-out movies.")
     parser.add_argument("--seed", type=int, default=0)

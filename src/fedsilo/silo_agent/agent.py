@@ -98,7 +98,6 @@ class Agent:
             log.info("version %d generation: %r -> %r", version, prompt, text)
 
     def train(self, task: m.Task) -> None:
-        self.evaluate(task.version)  # the global adapter this round starts from
         self._load_version(task.version)
         result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task))
         trained = self.trainer.state()
@@ -114,6 +113,9 @@ class Agent:
         self.metrics.bytes_sent.inc(len(data))
         log.info("round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s", task.round, result.steps,
                  result.loss, result.seconds, len(data), " (duplicate)" if accepted.duplicate else "")
+        # Validate the adapter this round started from while the slower silos still train:
+        # off the round's critical path for every silo but the last.
+        self.evaluate(task.version)
 
     def _strategy_hooks(self, task: m.Task) -> Callable[[Any], torch.Tensor] | None:
         """Apply the strategy's client config: freeze LoRA A (ffa-lora), add FedProx's proximal term."""

