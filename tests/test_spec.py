@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import ROOT
 
 from fedsilo.spec import SpecError, dump_job, load_job, parse_job
-from tests.conftest import ROOT
 
 
 def _error(doc: dict[str, Any]) -> str:

@@ -8,13 +8,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from tests.aggregator.conftest import AggregatorProcess
+from tests.conftest import job_document
 
 from fedsilo.adapters import from_bytes, sha256, to_bytes
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
 from fedsilo.spec import parse_job
-from tests.aggregator.conftest import AggregatorProcess
-from tests.conftest import job_document
 
 TOKENS = {"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
 

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from fedsilo.operator import manifests, naming
+from fedsilo.operator.handlers import CREATE_ONLY_KINDS
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import Tokens
 from fedsilo.spec import load_job
@@ -254,12 +255,20 @@ def test_cluster_role_is_least_privilege_and_covers_what_the_operator_creates() 
         "PersistentVolumeClaim": "persistentvolumeclaims",
         "Service": "services",
         "Deployment": "deployments",
+        "Job": "jobs",
         "NetworkPolicy": "networkpolicies",
     }
+    assert {"Deployment", "Job"} <= {child["kind"] for child in children}
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
-        for verb in ("create", "get", "list", "watch", "patch", "delete"):
+        verbs = ["create", "get", "list", "watch", "delete"]
+        if child["kind"] not in CREATE_ONLY_KINDS:
+            verbs.append("patch")
+        for verb in verbs:
             assert _rbac_allows(rules, group, plural[child["kind"]], verb), (child["kind"], verb)
+    # Silo agent Jobs are created once and never patched (their pod template is immutable).
+    assert not _rbac_allows(rules, "batch", "jobs", "patch")
+    assert not _rbac_allows(rules, "batch", "jobs", "update")
     for sub in ("federatedjobs", "federatedjobs/status", "federatedjobs/finalizers"):
         assert _rbac_allows(rules, "fedsilo.io", sub, "patch")
     assert _rbac_allows(rules, "", "events", "create")

@@ -232,8 +232,8 @@ EXPECTED = [
     ("v1", "PersistentVolumeClaim", NS, "demo-checkpoints"),
     ("v1", "Service", NS, "demo-aggregator"),
     ("apps/v1", "Deployment", NS, "demo-aggregator"),
-    ("apps/v1", "Deployment", NS, "demo-silo-a"),
-    ("apps/v1", "Deployment", NS_B, "demo-silo-b"),
+    ("batch/v1", "Job", NS, "demo-silo-a"),
+    ("batch/v1", "Job", NS_B, "demo-silo-b"),
     ("v1", "Secret", NS, "demo-silo-a-token"),
     ("v1", "Secret", NS_B, "demo-silo-b-token"),
     ("v1", "Secret", NS, "demo-silo-c-token"),
@@ -241,6 +241,27 @@ EXPECTED = [
     ("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a"),
     ("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b"),
 ]
+
+
+def stale_silo_deployment() -> dict[str, Any]:
+    """A silo agent Deployment as an older operator made it (now replaced by a Job)."""
+    labels = {naming.LABEL_JOB: "demo", naming.LABEL_JOB_NAMESPACE: NS, naming.LABEL_SILO: "a"}
+    container = {"name": "silo-agent", "image": "ghcr.io/fedsilo/fedsilo:0.1.0"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "demo-silo-a", "namespace": NS, "labels": labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+def job_requests(emulator: kmock.KubernetesEmulator, method: str) -> list[Any]:
+    """The requests of one HTTP method the emulator saw on batch/v1 Jobs."""
+    return [r for r in emulator[kmock.resource("batch/v1/jobs")] if r.method == method]
 
 
 async def snapshot(kube: KubeClient) -> dict[tuple[str, ...], Any]:
@@ -263,6 +284,7 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
     settings = OperatorSettings(poll_seconds=0.3)
     async with backend() as cluster, running_operator(cluster, fake, settings):
         kube = cluster.kube
+        await kube.create(stale_silo_deployment())
         await cluster.create_job(job_manifest())
 
         # 1. Every child appears, owned in the job's namespace, labelled in the other.
@@ -270,7 +292,9 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
             return all([await kube.get(a, k, ns, n) for a, k, ns, n in EXPECTED])
 
         await eventually(all_children, "all children")
-        assert await kube.get("apps/v1", "Deployment", NS, "demo-silo-c") is None  # external
+        assert await kube.get("batch/v1", "Job", NS, "demo-silo-c") is None  # external
+        # The silo agent of an older operator version (a Deployment) is pruned.
+        assert await kube.get("apps/v1", "Deployment", NS, "demo-silo-a") is None
         job = await cluster.job()
         assert job is not None
         for (_, ns, _), state in (await snapshot(kube)).items():
@@ -284,6 +308,9 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
         await reconcile(kube, job, settings)
         await reconcile(kube, job, settings)
         assert await snapshot(kube) == before
+        if cluster.emulator is not None:  # a Job's pod template is immutable: never patched
+            assert not job_requests(cluster.emulator, "PATCH")
+            assert len(job_requests(cluster.emulator, "POST")) >= 2 * 3  # 409 on re-runs
         tokens = tokens_from_secret(await kube.get("v1", "Secret", NS, "demo-tokens"))
         assert tokens is not None and set(tokens.silos) == {"a", "b", "c"}
 
@@ -352,6 +379,15 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
             return not left
 
         await eventually(all_gone, "children and job deleted", lambda: left)
+        if cluster.emulator is not None:
+            # Silo Jobs in both namespaces went with their pods (the default would orphan them).
+            deletes = job_requests(cluster.emulator, "DELETE")
+            assert {(r.namespace, r.name) for r in deletes} == {
+                (NS, "demo-silo-a"),
+                (NS_B, "demo-silo-b"),
+            }
+            assert all(r.data["propagationPolicy"] == "Background" for r in deletes)
+            assert not job_requests(cluster.emulator, "PATCH")
 
 
 @pytest.mark.timeout(120)

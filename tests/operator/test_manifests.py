@@ -76,9 +76,10 @@ def test_kinds_and_namespaces() -> None:
     items = children()
     keys = sorted((m["kind"], m["metadata"]["namespace"], m["metadata"]["name"]) for m in items)
     assert ("Deployment", "fl", "demo-aggregator") in keys
-    assert ("Deployment", "fl", "demo-silo-a") in keys
-    assert ("Deployment", "hospital-b", "demo-silo-b") in keys
-    assert not any(k[0] == "Deployment" and k[2] == "demo-silo-c" for k in keys)  # external
+    assert ("Job", "fl", "demo-silo-a") in keys
+    assert ("Job", "hospital-b", "demo-silo-b") in keys
+    assert not any(k[2] == "demo-silo-c" for k in keys if k[0] in ("Job", "Deployment"))  # external
+    assert [k for k in keys if k[0] == "Deployment"] == [("Deployment", "fl", "demo-aggregator")]
     assert ("Secret", "fl", "demo-silo-c-token") in keys
     assert ("Secret", "hospital-b", "demo-silo-b-token") in keys
     assert ("NetworkPolicy", "hospital-b", "demo-silo-b") in keys
@@ -130,12 +131,21 @@ def test_service_port_and_scrape_annotations() -> None:
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
-def test_silo_deployments() -> None:
+def test_silo_jobs() -> None:
     items = children()
-    a = find(items, "Deployment", "demo-silo-a")
-    pod = a["spec"]["template"]["spec"]
+    a = find(items, "Job", "demo-silo-a")
+    assert a["apiVersion"] == "batch/v1"
+    spec = a["spec"]
+    # Runs to completion (the agent exits 0 when the job is done), retried on failure,
+    # no deadline, kept after it finishes; the API server picks the selector.
+    assert spec["backoffLimit"] == 6
+    assert not {"activeDeadlineSeconds", "ttlSecondsAfterFinished", "selector"} & set(spec)
+    assert "replicas" not in spec and "strategy" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure"
     assert pod["nodeSelector"] == {"gpu": "yes"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["containers"][0]["args"] == ["silo-agent"]
     assert pod["containers"][0]["resources"] == {
         "requests": {"cpu": "2"},
         "limits": {"nvidia.com/gpu": "1"},
@@ -144,15 +154,35 @@ def test_silo_deployments() -> None:
         "name": "data",
         "persistentVolumeClaim": {"claimName": "hospital-a-data", "readOnly": True},
     }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     env = container_env(a)
     assert env["FEDSILO_AGGREGATOR_URL"] == "http://demo-aggregator.fl.svc.cluster.local:8080"
     assert env["FEDSILO_SILO"] == "a" and env["FEDSILO_JOB"] == "demo"
     assert env["FEDSILO_DATA_ROOT"] == "/data"
     assert env["FEDSILO_TOKEN"] == {"secretKeyRef": {"name": "demo-silo-a-token", "key": "token"}}
-    b = find(items, "Deployment", "demo-silo-b")
+    template = spec["template"]["metadata"]
+    assert template["annotations"]["prometheus.io/port"] == "9090"
+    b = find(items, "Job", "demo-silo-b")
     assert b["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"] == "/srv/b"
     mount = b["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
     assert mount == {"name": "data", "mountPath": "/data", "readOnly": True}
+
+
+def test_network_policies_select_the_silo_job_pods() -> None:
+    items = children()
+    aggregator = find(items, "NetworkPolicy", "demo-aggregator")["spec"]
+    for silo in ("a", "b"):
+        pod_labels = find(items, "Job", f"demo-silo-{silo}")["spec"]["template"]["metadata"]["labels"]
+        own = find(items, "NetworkPolicy", f"demo-silo-{silo}")["spec"]["podSelector"]["matchLabels"]
+        assert own.items() <= pod_labels.items()
+        admitted = [
+            p["podSelector"]["matchLabels"]
+            for p in aggregator["ingress"][0]["from"]
+            if p.get("podSelector", {}).get("matchLabels", {}).get(naming.LABEL_SILO) == silo
+        ]
+        assert len(admitted) == 1 and admitted[0].items() <= pod_labels.items()
 
 
 def test_network_policies() -> None:

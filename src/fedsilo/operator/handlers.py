@@ -27,6 +27,9 @@ from fedsilo.spec import API_GROUP, API_VERSION, KIND, FederatedJob, SpecError, 
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 EXTERNAL_URL_ANNOTATION = f"{API_GROUP}/external-url"
+# Children created once and never patched: a bound PVC's spec and a Job's pod template are
+# immutable (a patch would be refused), and a finished silo Job must stay as it is.
+CREATE_ONLY_KINDS = frozenset({"PersistentVolumeClaim", "Job"})
 
 
 class Connection:
@@ -126,7 +129,11 @@ def external_silos(job: FederatedJob, url: str) -> list[dict[str, str]]:
 async def reconcile(
     kube: KubeClient, body: Mapping[str, Any], settings: OperatorSettings
 ) -> dict[str, Any]:
-    """Create or patch every child of the job; returns the status fields to set. Idempotent."""
+    """Create or patch every child of the job; returns the status fields to set. Idempotent.
+
+    Kinds in `CREATE_ONLY_KINDS` (the silo Jobs, the PVC) are created when missing and
+    otherwise left as they are.
+    """
     job = job_from_body(body)
     meta = body.get("metadata", {})
     uid = str(meta.get("uid") or "")
@@ -137,8 +144,7 @@ async def reconcile(
         if _key(child) == secret_key:
             continue
         try:
-            # A PVC's spec is immutable once bound: create it, never patch it.
-            await kube.apply(child, patch_existing=child["kind"] != "PersistentVolumeClaim")
+            await kube.apply(child, patch_existing=child["kind"] not in CREATE_ONLY_KINDS)
         except KubeError as exc:
             if exc.status == 404:
                 raise kopf.TemporaryError(
@@ -148,7 +154,8 @@ async def reconcile(
             raise
     await delete_children(kube, job, {_key(c) for c in children})
     internal = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    external = job.spec.aggregator.external_url or (meta.get("annotations") or {}).get(EXTERNAL_URL_ANNOTATION) or internal
+    annotated = (meta.get("annotations") or {}).get(EXTERNAL_URL_ANNOTATION)
+    external = job.spec.aggregator.external_url or annotated or internal
     return {
         "aggregatorUrl": internal,
         "adminSecret": naming.tokens_secret_name(job),

@@ -23,13 +23,16 @@ KINDS: dict[str, tuple[str, bool]] = {
     "Service": ("services", True),
     "PersistentVolumeClaim": ("persistentvolumeclaims", True),
     "Deployment": ("deployments", True),
+    "Job": ("jobs", True),
     "NetworkPolicy": ("networkpolicies", True),
     "Event": ("events", True),
     "FederatedJob": ("federatedjobs", True),
     "Namespace": ("namespaces", False),
     "CustomResourceDefinition": ("customresourcedefinitions", False),
 }
+# The kinds of a job's children, in deletion order (workloads first).
 CHILD_KINDS: list[tuple[str, str]] = [
+    ("batch/v1", "Job"),
     ("apps/v1", "Deployment"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("v1", "Service"),
@@ -206,7 +209,11 @@ class KubeClient:
         return patched or {}
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
-        """Delete an object (background propagation). False when it was already gone."""
+        """Delete an object and, in the background, what it owns (a Job's or Deployment's pods).
+
+        Returns False when it was already gone. Without an explicit propagationPolicy the
+        API server orphans a batch/v1 Job's pods, so the policy is always sent.
+        """
         path = resource_path(api_version, kind, namespace, name)
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         return await self._request("DELETE", path, json=body) is not None

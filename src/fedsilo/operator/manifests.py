@@ -25,6 +25,7 @@ JOB_FILE_KEY = "job.yaml"
 DATA_DIR = "/data"
 CACHE_DIR = "/cache"
 RUN_AS = 10001
+SILO_BACKOFF_LIMIT = 6  # pod retries of a silo agent Job before it is Failed
 
 
 def tokens_secret(job: FederatedJob, uid: str, tokens: Tokens) -> Manifest:
@@ -242,10 +243,15 @@ def data_volume(silo: SiloSpec) -> dict[str, Any] | None:
     return {"name": "data", "emptyDir": {}}
 
 
-def silo_deployment(
-    job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings
-) -> Manifest:
-    """One in-cluster silo's agent, in the silo's namespace, with its data at /data."""
+def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings) -> Manifest:
+    """One in-cluster silo's agent as a batch/v1 Job, in the silo's namespace, data at /data.
+
+    The agent exits 0 once the federated job is done, so it runs to completion (a
+    Deployment would restart it forever); failures are retried up to `SILO_BACKOFF_LIMIT`.
+    No ttlSecondsAfterFinished: the finished Job and its logs stay, and the operator does not
+    re-create (and re-run) a Job that a TTL controller removed. The pod template is immutable:
+    the handlers create this object and never patch it.
+    """
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
     env = [
         {"name": "FEDSILO_AGGREGATOR_URL", "value": url},
@@ -283,6 +289,7 @@ def silo_deployment(
         "volumeMounts": mounts,
     }
     pod: dict[str, Any] = {
+        "restartPolicy": "OnFailure",
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         "containers": [container],
@@ -294,16 +301,25 @@ def silo_deployment(
         pod["tolerations"] = [
             t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in silo.tolerations
         ]
+    # The pods carry the silo selector: the NetworkPolicies select them by it.
     labels = {**naming.job_labels(job), **naming.silo_selector(job, silo)}
     namespace = naming.silo_namespace(job, silo)
-    meta = naming.metadata(job, uid, naming.silo_name(job, silo), namespace, labels)
-    template_labels = dict(labels)
-    deployment = _deployment(meta, naming.silo_selector(job, silo), template_labels, pod)
-    deployment["spec"]["template"]["metadata"]["annotations"] = {
+    annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(settings.silo_metrics_port),
     }
-    return deployment
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": naming.metadata(job, uid, naming.silo_name(job, silo), namespace, labels),
+        "spec": {
+            "backoffLimit": SILO_BACKOFF_LIMIT,
+            "template": {
+                "metadata": {"labels": dict(labels), "annotations": annotations},
+                "spec": pod,
+            },
+        },
+    }
 
 
 def job_children(
@@ -323,5 +339,5 @@ def job_children(
     children.extend(network_policies(job, uid, settings))
     for silo in job.spec.silos:
         if not silo.external:
-            children.append(silo_deployment(job, uid, silo, settings))
+            children.append(silo_job(job, uid, silo, settings))
     return children

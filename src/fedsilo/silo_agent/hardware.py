@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,8 @@ def check_device(training: TrainingSpec, cuda: bool) -> None:
     if training.precision == "fp16" and not cuda:
         raise HardwareError("training.precision fp16 needs a CUDA GPU; this silo has none. "
                             "Use training.precision: bf16 or fp32 on CPU silos.")
-    if training.load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise HardwareError("training.loadIn4bit needs the bitsandbytes package in the silo image") from None
+    if training.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise HardwareError("training.loadIn4bit needs the bitsandbytes package in the silo image")
 
 
 def device(cuda: bool) -> torch.device:
