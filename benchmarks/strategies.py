@@ -20,7 +20,7 @@ a test set of held-out movies (natural label balance, NOT rebalanced: the majori
 is printed) and the rest spread over the silos by Dirichlet(alpha) label proportions. The silo
 files are trained on whole (no validation split: the test set is the held-out measure).
 
-    python benchmarks/strategies.py                       # the default, ~20-25 min on 2 loaded cores
+    python benchmarks/strategies.py --threads 1           # the default size: see results/strategies.md
     python benchmarks/strategies.py --rounds 10 --steps 30 --alphas 0.1 0.3 1.0 \\
         --strategies fedavg lora-exact centralised --param fedadam.eta=0.03
 """
@@ -262,7 +262,7 @@ def curves(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="Local optimizer steps per silo per round.")
+    parser.add_argument("--steps", type=int, default=6, help="Local optimizer steps per silo per round.")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names, plus 'centralised' and 'local-only'.")
@@ -276,7 +276,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.65, 0.70])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; on an oversubscribed machine 1 can be twice as fast as 2.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "strategies.md")
     args = parser.parse_args()
     params = parse_params(args.param)

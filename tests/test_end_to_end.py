@@ -82,3 +82,38 @@ def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path:
     truth = torch.tensor([1 if label == "fresh" else 0 for label in test["label"]])
     accuracy = float((predicted == truth).float().mean())
     assert abs(accuracy - final) < 0.02  # the exported adapter is the evaluated global adapter
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "ranks"),
+    [
+        ("lora-exact", {}, {"south": 4}),  # heterogeneous ranks, exact product + SVD back to r=8
+        ("ffa-lora", {}, {}),  # silos must freeze A: the strategy refuses any A delta
+        ("fedprox", {"mu": 0.1}, {}),  # proximal term on the silo
+    ],
+)
+def test_strategies_with_silo_side_hooks_run_end_to_end(tmp_path: Path, strategy: str, params: dict[str, float],
+                                                        ranks: dict[str, int]) -> None:
+    data = _data(tmp_path)
+    silos = [{"name": n, "data": {"path": f"data/silo-{c}.csv", "maxExamples": 120}, **({"rank": ranks[n]} if n in ranks else {})}
+             for n, c in (("north", "a"), ("south", "b"))]
+    job = {
+        "apiVersion": "fedsilo.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": f"hooks-{strategy}"},
+        "spec": {
+            "baseModel": {"path": str(_minilm())}, "task": {"labels": ["rotten", "fresh"]},
+            "training": {"rounds": 2, "localSteps": 4, "batchSize": 8, "maxLength": 32},
+            "aggregation": {"strategy": strategy, "params": params, "minSilos": 2, "balanceWorkload": True},
+            "silos": silos,
+        },
+    }
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    assert run_local(load_job(job_file), tmp_path, tmp_path / "runs") == 0
+    run = tmp_path / "runs" / f"hooks-{strategy}"
+    rows = list(csv.DictReader((run / "rounds.csv").open()))
+    assert [r["round"] for r in rows] == ["0", "1", "2"] and all(r["updates"] == "2" for r in rows[1:])
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    a_shapes = {tuple(v.shape) for k, v in adapter.items() if "lora_A" in k}
+    assert a_shapes == {(8, 384)}  # the global adapter keeps the global rank
