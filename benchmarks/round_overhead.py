@@ -36,8 +36,10 @@ def main() -> None:
         seconds, train = float(r["round_seconds"]), float(r["max_train_seconds"])
         total_round += seconds
         total_over += seconds - train
-        print(f"| {r['round']} | {seconds:.1f} | {train:.1f} | {seconds - train:.1f} | "
-              f"{100 * (seconds - train) / seconds:.1f} | {int(r['bytes_per_silo']):,} |")
+        print(
+            f"| {r['round']} | {seconds:.1f} | {train:.1f} | {seconds - train:.1f} | "
+            f"{100 * (seconds - train) / seconds:.1f} | {int(r['bytes_per_silo']):,} |"
+        )
     print(f"| all | {total_round:.1f} | | {total_over:.1f} | {100 * total_over / total_round:.1f} | |")
 
 

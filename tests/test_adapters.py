@@ -20,7 +20,10 @@ from fedsilo.adapters import (
 
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"layer.lora_A.weight": torch.randn(4, 16, generator=g), "layer.lora_B.weight": torch.randn(8, 4, generator=g)}
+    return {
+        "layer.lora_A.weight": torch.randn(4, 16, generator=g),
+        "layer.lora_B.weight": torch.randn(8, 4, generator=g),
+    }
 
 
 def test_round_trip_is_exact_and_deterministic() -> None:

@@ -29,8 +29,23 @@ def _minilm() -> Path:
 
 def _data(tmp_path: Path) -> Path:
     out = tmp_path / "data"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "prepare_rotten_tomatoes.py"), "--out", str(out),
-                    "--silos", "2", "--alpha", "5", "--train-examples", "700", "--test-examples", "600"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "prepare_rotten_tomatoes.py"),
+            "--out",
+            str(out),
+            "--silos",
+            "2",
+            "--alpha",
+            "5",
+            "--train-examples",
+            "700",
+            "--test-examples",
+            "600",
+        ],
+        check=True,
+    )
     test = pd.read_csv(out / "test.csv")
     n = min(test["label"].value_counts().min(), 100)
     balanced = pd.concat([g.sample(n=n, random_state=0) for _, g in test.groupby("label")])
@@ -41,7 +56,9 @@ def _data(tmp_path: Path) -> Path:
 def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path: Path) -> None:
     data = _data(tmp_path)
     job = {
-        "apiVersion": "fedsilo.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "tiny"},
+        "apiVersion": "fedsilo.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "tiny"},
         "spec": {
             "baseModel": {"path": str(_minilm())},
             "task": {"labels": ["rotten", "fresh"]},
@@ -92,15 +109,25 @@ def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path:
         ("fedprox", {"mu": 0.1}, {}),  # proximal term on the silo
     ],
 )
-def test_strategies_with_silo_side_hooks_run_end_to_end(tmp_path: Path, strategy: str, params: dict[str, float],
-                                                        ranks: dict[str, int]) -> None:
-    data = _data(tmp_path)
-    silos = [{"name": n, "data": {"path": f"data/silo-{c}.csv", "maxExamples": 120}, **({"rank": ranks[n]} if n in ranks else {})}
-             for n, c in (("north", "a"), ("south", "b"))]
+def test_strategies_with_silo_side_hooks_run_end_to_end(
+    tmp_path: Path, strategy: str, params: dict[str, float], ranks: dict[str, int]
+) -> None:
+    _data(tmp_path)
+    silos = [
+        {
+            "name": n,
+            "data": {"path": f"data/silo-{c}.csv", "maxExamples": 120},
+            **({"rank": ranks[n]} if n in ranks else {}),
+        }
+        for n, c in (("north", "a"), ("south", "b"))
+    ]
     job = {
-        "apiVersion": "fedsilo.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": f"hooks-{strategy}"},
+        "apiVersion": "fedsilo.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": f"hooks-{strategy}"},
         "spec": {
-            "baseModel": {"path": str(_minilm())}, "task": {"labels": ["rotten", "fresh"]},
+            "baseModel": {"path": str(_minilm())},
+            "task": {"labels": ["rotten", "fresh"]},
             "training": {"rounds": 2, "localSteps": 4, "batchSize": 8, "maxLength": 32},
             "aggregation": {"strategy": strategy, "params": params, "minSilos": 2, "balanceWorkload": True},
             "silos": silos,

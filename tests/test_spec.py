@@ -35,8 +35,12 @@ def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
         (lambda d: d["spec"]["silos"][0].update(name="Bad_Name"), "spec.silos.0.name"),
         (lambda d: d["spec"]["silos"][1].update(name="alpha"), "duplicate silo names ['alpha']"),
         (lambda d: d["spec"]["task"].update(labels=["only"]), "task.labels needs at least two"),
-        (lambda d: d["spec"]["peft"].__class__ if "peft" in d["spec"] else d["spec"].update(peft={"method": "adalora"}),
-         "spec.peft.method"),
+        (
+            lambda d: (
+                d["spec"]["peft"].__class__ if "peft" in d["spec"] else d["spec"].update(peft={"method": "adalora"})
+            ),
+            "spec.peft.method",
+        ),
         (lambda d: d["spec"]["aggregation"].update(minSilos=3), "exceeds the 2 trainer silos"),
         (lambda d: d["spec"]["silos"][0].update(role="auditor"), "spec.silos.0.role"),
         (lambda d: d["spec"]["silos"][0].update(volume={"hostPath": "/x", "emptyDir": True}), "exactly one of"),
@@ -61,7 +65,7 @@ def test_format_inferred_from_suffix_or_refused(job_doc: dict[str, Any]) -> None
     job = parse_job(job_doc)
     assert job.spec.silos[0].data.resolved_format() == "csv"
     job_doc["spec"]["silos"][0]["data"]["path"] = "alpha.txt"
-    with pytest.raises(ValueError, match="set data.format"):
+    with pytest.raises(ValueError, match=r"set data\.format"):
         parse_job(job_doc).spec.silos[0].data.resolved_format()
 
 

@@ -39,23 +39,21 @@ def _dns_label(value: str) -> str:
     return value
 
 
-DnsLabel = Annotated[
-    str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pattern), AfterValidator(_dns_label)
-]
+DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pattern), AfterValidator(_dns_label)]
 
 
 class Model(BaseModel):
     """Base of every spec model: camelCase in YAML, unknown fields rejected."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class BaseModelSpec(Model):
     """The pretrained model every silo starts from. It is loaded offline, never downloaded."""
 
-    path: str = Field(min_length=1, description="Local folder of a Hugging Face model, or a hub id already in the local cache.")
+    path: str = Field(
+        min_length=1, description="Local folder of a Hugging Face model, or a hub id already in the local cache."
+    )
     revision: str | None = Field(default=None, description="Hub revision, when `path` is a hub id.")
     gguf_file: str | None = Field(default=None, description="GGUF file inside `path` to dequantise (causal LM only).")
 
@@ -143,7 +141,9 @@ class TrainingSpec(Model):
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more time."
     )
     load_in_4bit: bool = Field(
-        default=False, alias="loadIn4bit", description="QLoRA: quantise the frozen base model to 4-bit NF4 (bitsandbytes, CUDA only)."
+        default=False,
+        alias="loadIn4bit",
+        description="QLoRA: quantise the frozen base model to 4-bit NF4 (bitsandbytes, CUDA only).",
     )
 
 
@@ -151,7 +151,9 @@ class AggregationSpec(Model):
     """How the aggregator combines silo updates and paces rounds."""
 
     strategy: str = Field(default="fedavg", min_length=1, description="Registered strategy name, e.g. fedavg.")
-    params: dict[str, float] = Field(default_factory=dict, description="Strategy parameters (server learning rate, betas, trim ratio ...).")
+    params: dict[str, float] = Field(
+        default_factory=dict, description="Strategy parameters (server learning rate, betas, trim ratio ...)."
+    )
     min_silos: int = Field(default=1, ge=1, description="Updates needed to close a round at its deadline.")
     fraction: float = Field(default=1.0, gt=0, le=1, description="Fraction of joined trainers sampled per round.")
     round_timeout_seconds: float = Field(default=3600, gt=0, description="Deadline of a round; late silos are skipped.")
@@ -165,8 +167,14 @@ class AggregationSpec(Model):
 class DataSpec(Model):
     """Where a silo's own examples live. Paths are read inside the silo, never sent."""
 
-    path: str = Field(min_length=1, description="CSV, JSONL or Parquet file; relative paths resolve against the job file's folder (local) or /data (cluster).")
-    format: Literal["csv", "jsonl", "parquet"] | None = Field(default=None, description="File format; inferred from the suffix when omitted.")
+    path: str = Field(
+        min_length=1,
+        description="CSV, JSONL or Parquet file; relative paths resolve against the job file's folder (local) "
+        "or /data (cluster).",
+    )
+    format: Literal["csv", "jsonl", "parquet"] | None = Field(
+        default=None, description="File format; inferred from the suffix when omitted."
+    )
     text_field: str = Field(default="text", min_length=1, description="Column with the input text.")
     text_pair_field: str | None = Field(default=None, description="Optional second text column (sentence pairs).")
     label_field: str = Field(default="label", min_length=1, description="Column with the class name.")
@@ -192,7 +200,14 @@ class DataSpec(Model):
         if self.format:
             return self.format
         suffix = Path(self.path).suffix.lower().lstrip(".")
-        formats = {"csv": "csv", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "parquet": "parquet", "pq": "parquet"}
+        formats = {
+            "csv": "csv",
+            "jsonl": "jsonl",
+            "json": "jsonl",
+            "ndjson": "jsonl",
+            "parquet": "parquet",
+            "pq": "parquet",
+        }
         if suffix not in formats:
             raise ValueError(f"cannot infer the format of {self.path!r}; set data.format to csv, jsonl or parquet")
         return formats[suffix]
@@ -201,7 +216,9 @@ class DataSpec(Model):
 class VolumeSpec(Model):
     """The Kubernetes volume that holds a silo's data (exactly one source)."""
 
-    persistent_volume_claim: str | None = Field(default=None, description="Name of an existing PVC in the silo's namespace.")
+    persistent_volume_claim: str | None = Field(
+        default=None, description="Name of an existing PVC in the silo's namespace."
+    )
     host_path: str | None = Field(default=None, description="Folder on the node.")
     empty_dir: bool = Field(default=False, description="Scratch volume (tests, demos).")
     read_only: bool = Field(default=True, description="Mount read-only.")
@@ -255,10 +272,13 @@ class AggregatorSpec(Model):
 
     image: str | None = Field(default=None, description="Container image (default: the operator's own).")
     resources: Resources = Field(default_factory=Resources)
-    database_secret: str | None = Field(default=None, description="Secret with key `url`: PostgreSQL URL. Default SQLite on the checkpoint volume.")
+    database_secret: str | None = Field(
+        default=None, description="Secret with key `url`: PostgreSQL URL. Default SQLite on the checkpoint volume."
+    )
     storage_size: str = Field(default="1Gi", description="Checkpoint volume size.")
     external_url: str | None = Field(
-        default=None, description="URL external silos (other clusters) use to reach the aggregator, e.g. behind an Ingress."
+        default=None,
+        description="URL external silos (other clusters) use to reach the aggregator, e.g. behind an Ingress.",
     )
 
 
@@ -287,7 +307,9 @@ class FederatedJobSpec(Model):
                 f"aggregation.minSilos={self.aggregation.min_silos} exceeds the {len(trainers)} trainer silos"
             )
         if all(t.rank not in (None, self.peft.r) for t in trainers):
-            raise ValueError("silos: at least one trainer must train the global rank peft.r (it sends the first adapter)")
+            raise ValueError(
+                "silos: at least one trainer must train the global rank peft.r (it sends the first adapter)"
+            )
         for silo in self.silos:
             if silo.rank is not None and silo.rank > self.peft.r:
                 raise ValueError(f"silos[{silo.name}].rank={silo.rank} exceeds the global peft.r={self.peft.r}")

@@ -31,11 +31,21 @@ class AggregatorProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "FEDSILO_ADMIN_TOKEN": self.admin, "FEDSILO_DATABASE_URL": self.database_url,
-               "FEDSILO_CHECKPOINT_DIR": str(self.checkpoint_dir), "FEDSILO_HOST": "127.0.0.1",
-               "FEDSILO_PORT": self.url.rsplit(":", 1)[1], "FEDSILO_TICK_SECONDS": "0.2"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedsilo", "aggregator"], env=env,
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "FEDSILO_ADMIN_TOKEN": self.admin,
+            "FEDSILO_DATABASE_URL": self.database_url,
+            "FEDSILO_CHECKPOINT_DIR": str(self.checkpoint_dir),
+            "FEDSILO_HOST": "127.0.0.1",
+            "FEDSILO_PORT": self.url.rsplit(":", 1)[1],
+            "FEDSILO_TICK_SECONDS": "0.2",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedsilo", "aggregator"],
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -67,12 +77,14 @@ def postgres_database() -> str:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def aggregator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AggregatorProcess]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fedsilo.db'}"
-    else:
-        url = postgres_database()
-    agg = AggregatorProcess(f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24), url,
-                            tmp_path / "checkpoints", tmp_path / "aggregator.log")
+    url = f"sqlite:///{tmp_path / 'fedsilo.db'}" if request.param == "sqlite" else postgres_database()
+    agg = AggregatorProcess(
+        f"http://127.0.0.1:{free_port()}",
+        secrets.token_urlsafe(24),
+        url,
+        tmp_path / "checkpoints",
+        tmp_path / "aggregator.log",
+    )
     agg.start()
     yield agg
     agg.stop()

@@ -21,18 +21,33 @@ TOKENS = {"alpha": "alpha-token-0123456789", "beta": "beta-token-0123456789"}
 
 def _v0() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.zeros(5, 4),
-            "classifier.weight": torch.randn(2, 6, generator=g)}
+    return {
+        "m.lora_A.weight": torch.randn(4, 6, generator=g),
+        "m.lora_B.weight": torch.zeros(5, 4),
+        "classifier.weight": torch.randn(2, 6, generator=g),
+    }
 
 
 def _delta(scale: float) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, scale) for k, v in _v0().items()}
 
 
-def _put(agg: AggregatorProcess, silo: str, round_: int, data: bytes, *, token: str | None = None,
-         examples: str = "10", digest: str | None = None) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token or TOKENS[silo]}", "X-Fedsilo-Examples": examples,
-               "X-Fedsilo-Sha256": digest or sha256(data), "Content-Type": "application/octet-stream"}
+def _put(
+    agg: AggregatorProcess,
+    silo: str,
+    round_: int,
+    data: bytes,
+    *,
+    token: str | None = None,
+    examples: str = "10",
+    digest: str | None = None,
+) -> httpx.Response:
+    headers = {
+        "Authorization": f"Bearer {token or TOKENS[silo]}",
+        "X-Fedsilo-Examples": examples,
+        "X-Fedsilo-Sha256": digest or sha256(data),
+        "Content-Type": "application/octet-stream",
+    }
     return httpx.put(f"{agg.url}/v1/jobs/demo/rounds/{round_}/updates/{silo}", content=data, headers=headers)
 
 
@@ -83,7 +98,7 @@ def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> N
 
 
 def test_bad_uploads_are_refused_and_nothing_is_stored(aggregator: AggregatorProcess) -> None:
-    admin, a, b = _setup(aggregator)
+    admin, a, _ = _setup(aggregator)
     a.put_initial(to_bytes(_v0()))
     good = to_bytes(_delta(1.0))
 
@@ -133,8 +148,11 @@ def test_auth_and_job_admin(aggregator: AggregatorProcess) -> None:
         admin.create_job(parse_job(job_document(aggregation={"strategy": "nonsense"})), {})
     assert info.value.status == 422 and "nonsense" in info.value.detail
 
-    response = httpx.post(f"{aggregator.url}/v1/jobs", json={"job": {"kind": "FederatedJob"}},
-                          headers={"Authorization": f"Bearer {aggregator.admin}"})
+    response = httpx.post(
+        f"{aggregator.url}/v1/jobs",
+        json={"job": {"kind": "FederatedJob"}},
+        headers={"Authorization": f"Bearer {aggregator.admin}"},
+    )
     assert response.status_code == 422 and "apiVersion" in response.json()["detail"]
     assert admin.patch_job(rounds=5).rounds == 5
     assert httpx.get(f"{aggregator.url}/openapi.json").json()["info"]["version"] == "v1"

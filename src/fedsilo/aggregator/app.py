@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedsilo.aggregator.metrics import Metrics
-from fedsilo.aggregator.rounds import ApiError, Engine
+from fedsilo.aggregator.rounds import ApiError, Engine, Incoming
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.aggregator.store import Blobs, make_sessions
 from fedsilo.api import models as m
@@ -51,8 +51,13 @@ def require_silo(job: str, silo: str, engine: EngineDep, creds: Credentials) -> 
     engine.authenticate(job, silo, creds.credentials)
 
 
-def require_reader(job: str, request: Request, engine: EngineDep, creds: Credentials,
-                   x_fedsilo_silo: Annotated[str | None, Header()] = None) -> None:
+def require_reader(
+    job: str,
+    request: Request,
+    engine: EngineDep,
+    creds: Credentials,
+    x_fedsilo_silo: Annotated[str | None, Header()] = None,
+) -> None:
     """The admin, or a silo of this job naming itself in X-Fedsilo-Silo."""
     if creds is not None and hmac.compare_digest(creds.credentials, request.app.state.settings.admin_token):
         return
@@ -102,8 +107,9 @@ def get_evaluations(job: str, engine: EngineDep) -> list[dict[str, object]]:
 
 
 @jobs.get("/{job}/adapters/{version}", dependencies=[Reader], responses={200: SAFETENSORS})
-def get_adapter(job: str, version: int, engine: EngineDep,
-                if_none_match: Annotated[str | None, Header()] = None) -> Response:
+def get_adapter(
+    job: str, version: int, engine: EngineDep, if_none_match: Annotated[str | None, Header()] = None
+) -> Response:
     data, digest = engine.adapter(job, version)
     etag = f'"{digest}"'
     if if_none_match == etag:
@@ -136,14 +142,21 @@ async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) 
 
 @silos.put("/rounds/{round}/updates/{silo}", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
 async def put_update(
-    job: str, round: int, silo: str, request: Request, engine: EngineDep,
-    x_fedsilo_examples: Annotated[int, Header()], x_fedsilo_sha256: Annotated[str, Header()],
+    job: str,
+    round: int,
+    silo: str,
+    request: Request,
+    engine: EngineDep,
+    x_fedsilo_examples: Annotated[int, Header()],
+    x_fedsilo_sha256: Annotated[str, Header()],
     x_fedsilo_train_seconds: Annotated[float | None, Header()] = None,
     x_fedsilo_examples_seen: Annotated[int | None, Header()] = None,
 ) -> m.UpdateAccepted:
     data = await _read_body(request, engine, job)
-    return await asyncio.to_thread(engine.submit_update, job, silo, round, data, x_fedsilo_sha256,
-                                   x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen)
+    update = Incoming(
+        silo, round, data, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
+    )
+    return await asyncio.to_thread(engine.submit_update, job, update)
 
 
 async def _read_body(request: Request, engine: Engine, job: str) -> bytes:

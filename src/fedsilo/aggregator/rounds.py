@@ -57,6 +57,19 @@ def token_hash(token: str) -> str:
     return sha256(token.encode())
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """One silo's upload for one round, as it arrived (before any validation)."""
+
+    silo: str
+    round: int
+    data: bytes
+    claimed_sha256: str
+    n_examples: int
+    train_seconds: float | None = None
+    examples_seen: int | None = None
+
+
 @dataclass
 class Live:
     """Per-job caches; always rebuildable from the store."""
@@ -70,8 +83,9 @@ class Live:
 
 
 class Engine:
-    def __init__(self, sessions: sessionmaker[Session], blobs: Blobs, metrics: Metrics,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], blobs: Blobs, metrics: Metrics, clock: Callable[[], datetime] = utcnow
+    ) -> None:
         self.sessions = sessions
         self.blobs = blobs
         self.metrics = metrics
@@ -122,7 +136,9 @@ class Engine:
             row = self._job(s, name)
             if patch.rounds is not None:
                 if patch.rounds < row.current_round:
-                    raise ApiError(422, f"rounds={patch.rounds} is below the current round {row.current_round}", "invalid")
+                    raise ApiError(
+                        422, f"rounds={patch.rounds} is below the current round {row.current_round}", "invalid"
+                    )
                 row.rounds = patch.rounds
                 if row.phase == "Succeeded" and row.version < row.rounds:
                     row.phase, row.finished_at = "Running", None
@@ -157,7 +173,9 @@ class Engine:
             v0 = s.get(VersionRow, (row.name, 0))
             assert v0 is not None
             live.schema = schema_of(from_bytes(self.blobs.get(v0.sha256)))
-        if (row.phase == "Running" and live.acc is None) or (live.acc is not None and live.acc_round != row.current_round):
+        if (row.phase == "Running" and live.acc is None) or (
+            live.acc is not None and live.acc_round != row.current_round
+        ):
             live.acc, live.acc_round = self._rebuild_accumulator(s, row, live), row.current_round
         return live
 
@@ -217,8 +235,11 @@ class Engine:
 
     def _evaluated(self, s: Session, job: str, silo: str, version: int) -> bool:
         return any(
-            s.scalars(select(EvaluationRow.split).where(
-                EvaluationRow.job == job, EvaluationRow.silo == silo, EvaluationRow.version == version))
+            s.scalars(
+                select(EvaluationRow.split).where(
+                    EvaluationRow.job == job, EvaluationRow.silo == silo, EvaluationRow.version == version
+                )
+            )
         )
 
     def _task(self, s: Session, row: JobRow, silo: SiloRow) -> m.Task:
@@ -236,11 +257,21 @@ class Engine:
             return m.Task(action="done" if row.phase == "Succeeded" else "wait", version=row.version)
         if row.phase == "Running":
             rnd = s.get(RoundRow, (row.name, row.current_round))
-            if rnd is not None and rnd.state == "open" and silo.name in rnd.participants:
-                if s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None:
-                    return m.Task(action="train", round=rnd.number, version=rnd.number - 1, deadline=aware(rnd.deadline),
-                                  client_config=live.strategy.client_config(), rank=silo_spec.rank,
-                                  local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name))
+            if (
+                rnd is not None
+                and rnd.state == "open"
+                and silo.name in rnd.participants
+                and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
+            ):
+                return m.Task(
+                    action="train",
+                    round=rnd.number,
+                    version=rnd.number - 1,
+                    deadline=aware(rnd.deadline),
+                    client_config=live.strategy.client_config(),
+                    rank=silo_spec.rank,
+                    local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
+                )
         if row.phase == "Succeeded":
             if silo.n_eval_examples > 0 and not self._evaluated(s, row.name, silo.name, row.version):
                 return m.Task(action="evaluate", version=row.version)
@@ -280,21 +311,19 @@ class Engine:
         self.metrics.sent_bytes.labels(job).inc(len(data))
         return data, v.sha256
 
-    def submit_update(self, job: str, silo: str, round_: int, data: bytes, claimed_sha: str,
-                      n_examples: int, train_seconds: float | None, examples_seen: int | None = None) -> m.UpdateAccepted:
+    def submit_update(self, job: str, update: Incoming) -> m.UpdateAccepted:
         with self._tx() as s:
             row = self._job(s, job)
             live = self._live_for(s, row)
             try:
-                return self._accept(s, row, live, silo, round_, data, claimed_sha, n_examples, train_seconds,
-                                    examples_seen)
+                return self._accept(s, row, live, update)
             except ApiError as exc:
                 self.metrics.updates_rejected.labels(job, exc.reason or "invalid").inc()
                 raise
 
-    def _accept(self, s: Session, row: JobRow, live: Live, silo: str, round_: int, data: bytes,
-                claimed_sha: str, n_examples: int, train_seconds: float | None,
-                examples_seen: int | None) -> m.UpdateAccepted:
+    def _accept(self, s: Session, row: JobRow, live: Live, update: Incoming) -> m.UpdateAccepted:
+        silo, round_, data, claimed_sha = update.silo, update.round, update.data, update.claimed_sha256
+        n_examples, train_seconds, examples_seen = update.n_examples, update.train_seconds, update.examples_seen
         previous = s.get(UpdateRow, (row.name, round_, silo))
         if previous is not None:
             if previous.sha256 == claimed_sha.lower():
@@ -302,7 +331,9 @@ class Engine:
             raise ApiError(409, f"silo {silo!r} already sent a different update for round {round_}", "duplicate")
         rnd = s.get(RoundRow, (row.name, round_))
         if row.phase != "Running" or rnd is None or rnd.state != "open" or round_ != row.current_round:
-            raise ApiError(409, f"round {round_} is not open (current round {row.current_round}, {row.phase})", "wrong_round")
+            raise ApiError(
+                409, f"round {round_} is not open (current round {row.current_round}, {row.phase})", "wrong_round"
+            )
         if silo not in rnd.participants:
             raise ApiError(403, f"silo {silo!r} is not sampled for round {round_}", "not_participant")
         if n_examples < 1:
@@ -319,8 +350,18 @@ class Engine:
         except ValueError as exc:
             raise ApiError(422, str(exc), "rejected_by_strategy") from None
         digest = self.blobs.put(data)
-        s.add(UpdateRow(job=row.name, round=round_, silo=silo, sha256=digest, n_examples=n_examples,
-                        n_bytes=len(data), train_seconds=train_seconds, received_at=self.clock()))
+        s.add(
+            UpdateRow(
+                job=row.name,
+                round=round_,
+                silo=silo,
+                sha256=digest,
+                n_examples=n_examples,
+                n_bytes=len(data),
+                train_seconds=train_seconds,
+                received_at=self.clock(),
+            )
+        )
         silo_row = s.get(SiloRow, (row.name, silo))
         assert silo_row is not None
         silo_row.state, silo_row.rounds_completed = "uploaded", silo_row.rounds_completed + 1
@@ -353,19 +394,33 @@ class Engine:
 
     def _open_round(self, s: Session, row: JobRow, number: int) -> None:
         spec = parse_job(row.document).spec
-        joined = s.scalars(select(SiloRow.name).where(
-            SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.joined_at.is_not(None))).all()
-        participants = strategies.sample_silos(list(joined), spec.aggregation.fraction, spec.aggregation.min_silos,
-                                           spec.training.seed, number)
+        joined = s.scalars(
+            select(SiloRow.name).where(
+                SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.joined_at.is_not(None)
+            )
+        ).all()
+        participants = strategies.sample_silos(
+            list(joined), spec.aggregation.fraction, spec.aggregation.min_silos, spec.training.seed, number
+        )
         now = self.clock()
         deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
         plan: dict[str, Any] = {}
         if spec.aggregation.balance_workload and spec.training.local_steps:
             rows = s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.name.in_(participants))).all()
-            plan["steps"] = strategies.assign_steps({r.name: r.throughput for r in rows}, spec.training.local_steps,
-                                                    spec.training.batch_size)
-        s.add(RoundRow(job=row.name, number=number, state="open", participants=participants,
-                       opened_at=now, deadline=deadline, metrics=plan))
+            plan["steps"] = strategies.assign_steps(
+                {r.name: r.throughput for r in rows}, spec.training.local_steps, spec.training.batch_size
+            )
+        s.add(
+            RoundRow(
+                job=row.name,
+                number=number,
+                state="open",
+                participants=participants,
+                opened_at=now,
+                deadline=deadline,
+                metrics=plan,
+            )
+        )
         row.current_round = number
         live = self._live.get(row.name)
         if live is not None and live.global_state is not None:
@@ -413,7 +468,9 @@ class Engine:
                 rnd = s.get(RoundRow, (name, row.current_round))
                 if rnd is None or rnd.state != "open" or self.clock() < aware(rnd.deadline):  # type: ignore[operator]
                     continue
-                received = s.scalars(select(UpdateRow.silo).where(UpdateRow.job == name, UpdateRow.round == rnd.number)).all()
+                received = s.scalars(
+                    select(UpdateRow.silo).where(UpdateRow.job == name, UpdateRow.round == rnd.number)
+                ).all()
                 spec = parse_job(row.document).spec
                 for silo in set(rnd.participants) - set(received):
                     late = s.get(SiloRow, (name, silo))
@@ -423,8 +480,10 @@ class Engine:
                     self._close_round(s, row, self._live_for(s, row), rnd)
                 else:
                     row.phase, row.finished_at = "Failed", self.clock()
-                    row.message = (f"round {rnd.number}: {len(received)} update(s) by the deadline, "
-                                   f"aggregation.minSilos is {spec.aggregation.min_silos}")
+                    row.message = (
+                        f"round {rnd.number}: {len(received)} update(s) by the deadline, "
+                        f"aggregation.minSilos is {spec.aggregation.min_silos}"
+                    )
 
     # ---- evaluations ----------------------------------------------------------------
 
@@ -436,10 +495,19 @@ class Engine:
             key = (job, report.version, silo, report.split)
             existing = s.get(EvaluationRow, key)
             if existing is None:
-                s.add(EvaluationRow(job=job, version=report.version, silo=silo, split=report.split, loss=report.loss,
-                                    accuracy=report.accuracy, n_examples=report.n_examples,
-                                    extra={**report.extra, **({"generations": report.generations} if report.generations else {})},
-                                    at=self.clock()))
+                s.add(
+                    EvaluationRow(
+                        job=job,
+                        version=report.version,
+                        silo=silo,
+                        split=report.split,
+                        loss=report.loss,
+                        accuracy=report.accuracy,
+                        n_examples=report.n_examples,
+                        extra={**report.extra, **({"generations": report.generations} if report.generations else {})},
+                        at=self.clock(),
+                    )
+                )
             silo_row = s.get(SiloRow, (job, silo))
             if silo_row is not None and silo_row.state == "evaluating":
                 silo_row.state = "joined"
@@ -473,8 +541,15 @@ class Engine:
                         if isinstance(v, int | float):
                             extra[k] = extra.get(k, 0.0) + v * r.n_examples / n
                 generations = {r.silo: r.extra["generations"] for r in chosen if "generations" in (r.extra or {})}
-                return {"split": split, "loss": loss, "accuracy": acc, "n_examples": n, "silos": len(chosen),
-                        "extra": extra, "generations": generations}
+                return {
+                    "split": split,
+                    "loss": loss,
+                    "accuracy": acc,
+                    "n_examples": n,
+                    "silos": len(chosen),
+                    "extra": extra,
+                    "generations": generations,
+                }
         return None
 
     # ---- read models ----------------------------------------------------------------
@@ -486,12 +561,27 @@ class Engine:
             summary = self._version_summary(s, job, latest) if latest >= 0 else None
             silos = s.scalars(select(SiloRow).where(SiloRow.job == job).order_by(SiloRow.name)).all()
             return m.JobStatus(
-                name=row.name, phase=row.phase, message=row.message, round=row.current_round,  # type: ignore[arg-type]
-                rounds=row.rounds, version=row.version,
-                accuracy=summary["accuracy"] if summary else None, loss=summary["loss"] if summary else None,
-                silos=[m.SiloStatus(name=x.name, role=x.role, state=x.state, joined=x.joined_at is not None,
-                                    last_seen=aware(x.last_seen), rounds_completed=x.rounds_completed) for x in silos],
-                created_at=aware(row.created_at), started_at=aware(row.started_at),  # type: ignore[arg-type]
+                name=row.name,
+                phase=row.phase,
+                message=row.message,
+                round=row.current_round,  # type: ignore[arg-type]
+                rounds=row.rounds,
+                version=row.version,
+                accuracy=summary["accuracy"] if summary else None,
+                loss=summary["loss"] if summary else None,
+                silos=[
+                    m.SiloStatus(
+                        name=x.name,
+                        role=x.role,
+                        state=x.state,
+                        joined=x.joined_at is not None,
+                        last_seen=aware(x.last_seen),
+                        rounds_completed=x.rounds_completed,
+                    )
+                    for x in silos
+                ],
+                created_at=aware(row.created_at),
+                started_at=aware(row.started_at),  # type: ignore[arg-type]
                 finished_at=aware(row.finished_at),
             )
 
@@ -504,16 +594,25 @@ class Engine:
                 summary = self._version_summary(s, job, r.number) if r.state == "closed" else None
                 closed, opened = aware(r.closed_at), aware(r.opened_at)
                 trains = [u.train_seconds for u in ups if u.train_seconds is not None]
-                out.append(m.RoundInfo(
-                    round=r.number, state=r.state, participants=list(r.participants), updates=len(ups),  # type: ignore[arg-type]
-                    examples=sum(u.n_examples for u in ups), bytes_received=sum(u.n_bytes for u in ups),
-                    opened_at=opened, closed_at=closed,  # type: ignore[arg-type]
-                    duration_seconds=(closed - opened).total_seconds() if closed and opened else None,
-                    aggregation_seconds=r.aggregation_seconds, max_train_seconds=max(trains, default=None),
-                    accuracy=summary["accuracy"] if summary else None, loss=summary["loss"] if summary else None,
-                    split=summary["split"] if summary else None,
-                    metrics={**(r.metrics or {}), **(summary["extra"] if summary else {})},
-                ))
+                out.append(
+                    m.RoundInfo(
+                        round=r.number,
+                        state=r.state,
+                        participants=list(r.participants),
+                        updates=len(ups),  # type: ignore[arg-type]
+                        examples=sum(u.n_examples for u in ups),
+                        bytes_received=sum(u.n_bytes for u in ups),
+                        opened_at=opened,
+                        closed_at=closed,  # type: ignore[arg-type]
+                        duration_seconds=(closed - opened).total_seconds() if closed and opened else None,
+                        aggregation_seconds=r.aggregation_seconds,
+                        max_train_seconds=max(trains, default=None),
+                        accuracy=summary["accuracy"] if summary else None,
+                        loss=summary["loss"] if summary else None,
+                        split=summary["split"] if summary else None,
+                        metrics={**(r.metrics or {}), **(summary["extra"] if summary else {})},
+                    )
+                )
             return out
 
     def evaluations(self, job: str) -> list[dict[str, Any]]:

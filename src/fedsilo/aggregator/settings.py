@@ -12,7 +12,9 @@ class AggregatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDSILO_", extra="ignore")
 
     admin_token: str = Field(min_length=16, description="Bearer token for creating and administering jobs.")
-    database_url: str = Field(default="sqlite:///fedsilo.db", description="SQLAlchemy URL: SQLite file or postgresql+psycopg://...")
+    database_url: str = Field(
+        default="sqlite:///fedsilo.db", description="SQLAlchemy URL: SQLite file or postgresql+psycopg://..."
+    )
     checkpoint_dir: Path = Field(default=Path("checkpoints"), description="Content-addressed adapter files.")
     host: str = Field(default="0.0.0.0", description="Bind address.")
     port: int = Field(default=8080, ge=0, le=65535, description="HTTP port (0: pick a free one).")

@@ -30,15 +30,25 @@ class ClientError(RuntimeError):
 class Client:
     """One job's view of the aggregator, as the admin or as one silo."""
 
-    def __init__(self, base_url: str, job: str, token: str, silo: str | None = None, *,
-                 retries: int = 8, ca_bundle: Path | None = None, timeout: float = 300.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        job: str,
+        token: str,
+        silo: str | None = None,
+        *,
+        retries: int = 8,
+        ca_bundle: Path | None = None,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         if silo:
             headers["X-Fedsilo-Silo"] = silo
         verify: Any = str(ca_bundle) if ca_bundle else True
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                                 verify=verify, transport=transport)
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify, transport=transport
+        )
         self.job, self.silo, self.retries = job, silo, retries
 
     def close(self) -> None:
@@ -52,14 +62,23 @@ class Client:
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise
-                log.warning("%s %s failed (%s); retry %d/%d in %.1fs", method, url, exc, attempt + 1, self.retries, delay)
+                log.warning(
+                    "%s %s failed (%s); retry %d/%d in %.1fs", method, url, exc, attempt + 1, self.retries, delay
+                )
             else:
                 if response.status_code < 400:
                     return response
                 if (response.status_code != 429 and response.status_code < 500) or attempt == self.retries:
                     raise _error(response)
-                log.warning("%s %s -> %d; retry %d/%d in %.1fs", method, url, response.status_code,
-                            attempt + 1, self.retries, delay)
+                log.warning(
+                    "%s %s -> %d; retry %d/%d in %.1fs",
+                    method,
+                    url,
+                    response.status_code,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
@@ -70,7 +89,9 @@ class Client:
         return m.JobCreated.model_validate(self._request("POST", "/v1/jobs", json=body).json())
 
     def patch_job(self, rounds: int) -> m.JobStatus:
-        return m.JobStatus.model_validate(self._request("PATCH", f"/v1/jobs/{self.job}", json={"rounds": rounds}).json())
+        return m.JobStatus.model_validate(
+            self._request("PATCH", f"/v1/jobs/{self.job}", json={"rounds": rounds}).json()
+        )
 
     # readers
     def status(self) -> m.JobStatus:
@@ -98,23 +119,37 @@ class Client:
         return f"/v1/jobs/{self.job}/silos/{self.silo}"
 
     def join(self, request: m.JoinRequest) -> m.JoinResponse:
-        return m.JoinResponse.model_validate(self._request("POST", f"{self._silo_path()}/join", json=request.model_dump()).json())
+        return m.JoinResponse.model_validate(
+            self._request("POST", f"{self._silo_path()}/join", json=request.model_dump()).json()
+        )
 
     def task(self) -> m.Task:
         return m.Task.model_validate(self._request("GET", f"{self._silo_path()}/task").json())
 
     def put_initial(self, data: bytes) -> str:
-        return str(self._request("PUT", f"{self._silo_path()}/adapters/0", content=data,
-                                 headers={"Content-Type": m.SAFETENSORS_MEDIA_TYPE}).json()["sha256"])
+        return str(
+            self._request(
+                "PUT",
+                f"{self._silo_path()}/adapters/0",
+                content=data,
+                headers={"Content-Type": m.SAFETENSORS_MEDIA_TYPE},
+            ).json()["sha256"]
+        )
 
-    def put_update(self, round_: int, data: bytes, n_examples: int, train_seconds: float,
-                   examples_seen: int | None = None) -> m.UpdateAccepted:
-        headers = {"Content-Type": m.SAFETENSORS_MEDIA_TYPE, m.HEADER_EXAMPLES: str(n_examples),
-                   m.HEADER_SHA256: sha256(data), m.HEADER_TRAIN_SECONDS: f"{train_seconds:.4f}"}
+    def put_update(
+        self, round_: int, data: bytes, n_examples: int, train_seconds: float, examples_seen: int | None = None
+    ) -> m.UpdateAccepted:
+        headers = {
+            "Content-Type": m.SAFETENSORS_MEDIA_TYPE,
+            m.HEADER_EXAMPLES: str(n_examples),
+            m.HEADER_SHA256: sha256(data),
+            m.HEADER_TRAIN_SECONDS: f"{train_seconds:.4f}",
+        }
         if examples_seen:
             headers["X-Fedsilo-Examples-Seen"] = str(examples_seen)
-        response = self._request("PUT", f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}",
-                                 content=data, headers=headers)
+        response = self._request(
+            "PUT", f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}", content=data, headers=headers
+        )
         return m.UpdateAccepted.model_validate(response.json())
 
     def post_metrics(self, report: m.MetricsReport) -> None:

@@ -10,8 +10,19 @@ from rich.table import Table
 
 from fedsilo.api.models import RoundInfo
 
-COLUMNS = ["round", "split", "accuracy", "loss", "round_seconds", "max_train_seconds", "overhead_seconds",
-           "aggregation_seconds", "updates", "bytes_up", "bytes_per_silo"]
+COLUMNS = [
+    "round",
+    "split",
+    "accuracy",
+    "loss",
+    "round_seconds",
+    "max_train_seconds",
+    "overhead_seconds",
+    "aggregation_seconds",
+    "updates",
+    "bytes_up",
+    "bytes_per_silo",
+]
 
 
 def rows(history: list[RoundInfo], evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -19,20 +30,36 @@ def rows(history: list[RoundInfo], evaluations: list[dict[str, Any]]) -> list[di
     by_version = {e["version"]: e for e in evaluations}
     out = []
     base = by_version.get(0)
-    out.append({"round": 0, "split": base["split"] if base else None,
-                "accuracy": base["accuracy"] if base else None, "loss": base["loss"] if base else None})
+    out.append(
+        {
+            "round": 0,
+            "split": base["split"] if base else None,
+            "accuracy": base["accuracy"] if base else None,
+            "loss": base["loss"] if base else None,
+        }
+    )
     for r in history:
         ev = by_version.get(r.round)
-        overhead = (r.duration_seconds - r.max_train_seconds
-                    if r.duration_seconds is not None and r.max_train_seconds is not None else None)
-        out.append({
-            "round": r.round, "split": ev["split"] if ev else None,
-            "accuracy": ev["accuracy"] if ev else None, "loss": ev["loss"] if ev else None,
-            "round_seconds": r.duration_seconds, "max_train_seconds": r.max_train_seconds,
-            "overhead_seconds": overhead, "aggregation_seconds": r.aggregation_seconds,
-            "updates": r.updates, "bytes_up": r.bytes_received,
-            "bytes_per_silo": r.bytes_received // r.updates if r.updates else None,
-        })
+        overhead = (
+            r.duration_seconds - r.max_train_seconds
+            if r.duration_seconds is not None and r.max_train_seconds is not None
+            else None
+        )
+        out.append(
+            {
+                "round": r.round,
+                "split": ev["split"] if ev else None,
+                "accuracy": ev["accuracy"] if ev else None,
+                "loss": ev["loss"] if ev else None,
+                "round_seconds": r.duration_seconds,
+                "max_train_seconds": r.max_train_seconds,
+                "overhead_seconds": overhead,
+                "aggregation_seconds": r.aggregation_seconds,
+                "updates": r.updates,
+                "bytes_up": r.bytes_received,
+                "bytes_per_silo": r.bytes_received // r.updates if r.updates else None,
+            }
+        )
     return out
 
 
@@ -56,9 +83,15 @@ def rich_table(table: list[dict[str, Any]], title: str) -> Table:
         overhead = row.get("overhead_seconds")
         seconds = row.get("round_seconds")
         pct = f"{overhead:.1f}s ({100 * overhead / seconds:.1f}%)" if overhead is not None and seconds else "-"
-        out.add_row(str(row["round"]), _fmt(row.get("accuracy"), ".4f"), _fmt(row.get("loss"), ".4f"),
-                    _fmt(seconds, ".1f"), _fmt(row.get("max_train_seconds"), ".1f"), pct,
-                    _fmt(row.get("bytes_per_silo"), ","))
+        out.add_row(
+            str(row["round"]),
+            _fmt(row.get("accuracy"), ".4f"),
+            _fmt(row.get("loss"), ".4f"),
+            _fmt(seconds, ".1f"),
+            _fmt(row.get("max_train_seconds"), ".1f"),
+            pct,
+            _fmt(row.get("bytes_per_silo"), ","),
+        )
     return out
 
 

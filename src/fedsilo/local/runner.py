@@ -48,8 +48,13 @@ class Processes:
     def start(self, name: str, env: dict[str, str], log_path: Path, command: str) -> None:
         log = log_path.open("wb")
         self.logs.append(log)
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedsilo", command], env={**os.environ, **env},
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fedsilo", command],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def failed(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs.items() if p.poll() not in (None, 0)]
@@ -97,23 +102,43 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0) -> int
     procs = Processes()
     started = time.monotonic()
     try:
-        procs.start("aggregator", {
-            "FEDSILO_ADMIN_TOKEN": admin, "FEDSILO_HOST": "127.0.0.1", "FEDSILO_PORT": str(port),
-            "FEDSILO_DATABASE_URL": f"sqlite:///{run_dir / 'state' / 'fedsilo.db'}",
-            "FEDSILO_CHECKPOINT_DIR": str(run_dir / "state"), "FEDSILO_JOB_FILE": str(run_dir / "job.json"),
-            "FEDSILO_SILO_TOKENS_FILE": str(tokens_file), "FEDSILO_LOG_LEVEL": "warning",
-        }, run_dir / "logs" / "aggregator.log", "aggregator")
+        procs.start(
+            "aggregator",
+            {
+                "FEDSILO_ADMIN_TOKEN": admin,
+                "FEDSILO_HOST": "127.0.0.1",
+                "FEDSILO_PORT": str(port),
+                "FEDSILO_DATABASE_URL": f"sqlite:///{run_dir / 'state' / 'fedsilo.db'}",
+                "FEDSILO_CHECKPOINT_DIR": str(run_dir / "state"),
+                "FEDSILO_JOB_FILE": str(run_dir / "job.json"),
+                "FEDSILO_SILO_TOKENS_FILE": str(tokens_file),
+                "FEDSILO_LOG_LEVEL": "warning",
+            },
+            run_dir / "logs" / "aggregator.log",
+            "aggregator",
+        )
         _wait_ready(url, procs)
         console.print(f"aggregator on {url}  (Prometheus metrics: {url}/metrics, logs: {run_dir / 'logs'})")
         threads = max(1, (os.cpu_count() or 1) // len(job.spec.silos))
         model_path = resolve_model_path(job.spec.base_model.path, job_dir)
         for silo in job.spec.silos:
-            procs.start(silo.name, {
-                "FEDSILO_AGGREGATOR_URL": url, "FEDSILO_JOB": name, "FEDSILO_SILO": silo.name,
-                "FEDSILO_TOKEN": tokens[silo.name], "FEDSILO_DATA_ROOT": str(job_dir),
-                "FEDSILO_MODEL_PATH": model_path, "FEDSILO_TORCH_THREADS": str(threads),
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            }, run_dir / "logs" / f"{silo.name}.log", "silo-agent")
+            procs.start(
+                silo.name,
+                {
+                    "FEDSILO_AGGREGATOR_URL": url,
+                    "FEDSILO_JOB": name,
+                    "FEDSILO_SILO": silo.name,
+                    "FEDSILO_TOKEN": tokens[silo.name],
+                    "FEDSILO_DATA_ROOT": str(job_dir),
+                    "FEDSILO_MODEL_PATH": model_path,
+                    "FEDSILO_TORCH_THREADS": str(threads),
+                    "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                },
+                run_dir / "logs" / f"{silo.name}.log",
+                "silo-agent",
+            )
         client = Client(url, name, admin, retries=3)
         ok = _follow(client, procs, run_dir, job)
         if not ok:
@@ -134,7 +159,9 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0) -> int
     _save_adapter(job, model_path, adapter, run_dir / "adapter")
     _write_generations(evaluations, run_dir / "generations.jsonl")
     console.print(report.rich_table(table, f"{name}: {len(history)} rounds in {time.monotonic() - started:.0f}s"))
-    console.print(f"final PEFT adapter: {run_dir / 'adapter'}   table: {run_dir / 'rounds.csv'}   plot: {run_dir / 'rounds.png'}")
+    console.print(
+        f"final PEFT adapter: {run_dir / 'adapter'}   table: {run_dir / 'rounds.csv'}   plot: {run_dir / 'rounds.png'}"
+    )
     return 0
 
 
@@ -146,9 +173,12 @@ def _save_adapter(job: FederatedJob, model_path: str, adapter: dict, folder: Pat
 
 def _write_generations(evaluations: list[dict], path: Path) -> None:  # type: ignore[type-arg]
     """Causal LM: one line per (version, silo, prompt) with the greedy answer, when any were recorded."""
-    lines = [json.dumps({"version": e["version"], "silo": silo, "prompt": prompt, "generation": text})
-             for e in evaluations for silo, answers in (e.get("generations") or {}).items()
-             for prompt, text in answers.items()]
+    lines = [
+        json.dumps({"version": e["version"], "silo": silo, "prompt": prompt, "generation": text})
+        for e in evaluations
+        for silo, answers in (e.get("generations") or {}).items()
+        for prompt, text in answers.items()
+    ]
     if lines:
         path.write_text("\n".join(lines) + "\n")
 

@@ -29,7 +29,9 @@ class AgentMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.round = Gauge("fedsilo_silo_agent_round", "Round this silo last trained", registry=r)
-        self.train_seconds = Gauge("fedsilo_silo_agent_train_seconds", "Local training time of the last round", registry=r)
+        self.train_seconds = Gauge(
+            "fedsilo_silo_agent_train_seconds", "Local training time of the last round", registry=r
+        )
         self.train_loss = Gauge("fedsilo_silo_agent_train_loss", "Mean training loss of the last round", registry=r)
         self.examples = Counter("fedsilo_silo_agent_examples_total", "Training examples processed", registry=r)
         self.bytes_sent = Counter("fedsilo_silo_agent_bytes_sent_total", "Update bytes uploaded", registry=r)
@@ -47,8 +49,11 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
     model = wrap(model, peft_config(spec, model_path, silo.rank), spec.training.seed)
     model = hardware.autocast_forward(model, spec.training, cuda)
     causal = spec.task.type == "causal-lm"
-    encoded: Encoded = (encode_causal_lm(frame, silo.data, tokenizer, spec.training.max_length) if causal else
-                        encode_classification(frame, silo.data, spec.task.labels, tokenizer, spec.training.max_length))
+    encoded: Encoded = (
+        encode_causal_lm(frame, silo.data, tokenizer, spec.training.max_length)
+        if causal
+        else encode_classification(frame, silo.data, spec.task.labels, tokenizer, spec.training.max_length)
+    )
     if silo.role == "evaluator":
         train_idx, eval_idx = [], list(range(len(encoded)))
     else:
@@ -56,14 +61,28 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
     log.info("memory estimate on %s: %s", hardware.device(cuda), hardware.estimate_for(model, spec.training).describe())
     train, evaluation = encoded.subset(train_idx), encoded.subset(eval_idx)
     if causal:
-        return CausalLMTrainer(model, tokenizer, spec.training, train, evaluation,
-                               prompts=generation_prompts(spec, silo), max_new_tokens=spec.task.max_new_tokens)
+        return CausalLMTrainer(
+            model,
+            tokenizer,
+            spec.training,
+            train,
+            evaluation,
+            prompts=generation_prompts(spec, silo),
+            max_new_tokens=spec.task.max_new_tokens,
+        )
     return Trainer(model, tokenizer, spec.training, train, evaluation)
 
 
 class Agent:
-    def __init__(self, client: Client, trainer: Trainer, silo: SiloSpec, settings: SiloSettings,
-                 metrics: AgentMetrics, global_rank: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        trainer: Trainer,
+        silo: SiloSpec,
+        settings: SiloSettings,
+        metrics: AgentMetrics,
+        global_rank: int,
+    ) -> None:
         self.client, self.trainer, self.silo, self.settings, self.metrics = client, trainer, silo, settings, metrics
         self.loaded_version: int | None = None
         self.global_state: dict[str, torch.Tensor] = {}
@@ -85,15 +104,29 @@ class Agent:
             return
         self._load_version(version)
         result = self.trainer.evaluate()
-        self.client.post_metrics(m.MetricsReport(version=version, split=self.split, loss=result.loss,  # type: ignore[arg-type]
-                                                 accuracy=result.accuracy, n_examples=result.n_examples,
-                                                 extra={"eval_seconds": result.seconds, **result.extra},
-                                                 generations=result.generations))
+        self.client.post_metrics(
+            m.MetricsReport(
+                version=version,
+                split=self.split,
+                loss=result.loss,  # type: ignore[arg-type]
+                accuracy=result.accuracy,
+                n_examples=result.n_examples,
+                extra={"eval_seconds": result.seconds, **result.extra},
+                generations=result.generations,
+            )
+        )
         self.evaluated.add(version)
         self.metrics.eval_loss.set(result.loss)
         acc = f"{result.accuracy:.4f}" if result.accuracy is not None else "-"
-        log.info("version %d on %s: loss %.4f accuracy %s (%d examples, %.1fs)", version, self.split,
-                 result.loss, acc, result.n_examples, result.seconds)
+        log.info(
+            "version %d on %s: loss %.4f accuracy %s (%d examples, %.1fs)",
+            version,
+            self.split,
+            result.loss,
+            acc,
+            result.n_examples,
+            result.seconds,
+        )
         for prompt, text in result.generations.items():
             log.info("version %d generation: %r -> %r", version, prompt, text)
 
@@ -104,15 +137,23 @@ class Agent:
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
         data = to_bytes(delta(trained, self.global_state))
-        accepted = self.client.put_update(task.round, data, len(self.trainer.train_data), result.seconds,
-                                          result.examples_seen)
+        accepted = self.client.put_update(
+            task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
+        )
         self.metrics.round.set(task.round)
         self.metrics.train_seconds.set(result.seconds)
         self.metrics.train_loss.set(result.loss)
         self.metrics.examples.inc(result.examples_seen)
         self.metrics.bytes_sent.inc(len(data))
-        log.info("round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s", task.round, result.steps,
-                 result.loss, result.seconds, len(data), " (duplicate)" if accepted.duplicate else "")
+        log.info(
+            "round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s",
+            task.round,
+            result.steps,
+            result.loss,
+            result.seconds,
+            len(data),
+            " (duplicate)" if accepted.duplicate else "",
+        )
         # Validate the adapter this round started from while the slower silos still train:
         # off the round's critical path for every silo but the last.
         self.evaluate(task.version)
@@ -161,16 +202,29 @@ def run_agent(settings: SiloSettings) -> int:
     metrics = AgentMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
-    client = Client(settings.aggregator_url, settings.job, settings.token, settings.silo,
-                    retries=settings.request_retries, ca_bundle=settings.ca_bundle)
+    client = Client(
+        settings.aggregator_url,
+        settings.job,
+        settings.token,
+        settings.silo,
+        retries=settings.request_retries,
+        ca_bundle=settings.ca_bundle,
+    )
     try:
         job = client.spec()
         silo = job.spec.silo(settings.silo)
         trainer = build_trainer(job, silo, settings)
-        joined = client.join(m.JoinRequest(n_train_examples=len(trainer.train_data),
-                                           n_eval_examples=len(trainer.eval_data)))
-        log.info("joined job %s as %s: %d train / %d %s examples", settings.job, joined.role,
-                 len(trainer.train_data), len(trainer.eval_data), "test" if silo.role == "evaluator" else "validation")
+        joined = client.join(
+            m.JoinRequest(n_train_examples=len(trainer.train_data), n_eval_examples=len(trainer.eval_data))
+        )
+        log.info(
+            "joined job %s as %s: %d train / %d %s examples",
+            settings.job,
+            joined.role,
+            len(trainer.train_data),
+            len(trainer.eval_data),
+            "test" if silo.role == "evaluator" else "validation",
+        )
         return Agent(client, trainer, silo, settings, metrics, job.spec.peft.r).run()
     except (DataError, ModelError, hardware.HardwareError, KeyError) as exc:
         log.error("%s", exc)

@@ -90,8 +90,9 @@ class Encoded:
         return Encoded([self.features[i] for i in indices], [self.labels[i] for i in indices])
 
 
-def encode_classification(frame: pd.DataFrame, data: DataSpec, labels: list[str], tokenizer: Any,
-                          max_length: int) -> Encoded:
+def encode_classification(
+    frame: pd.DataFrame, data: DataSpec, labels: list[str], tokenizer: Any, max_length: int
+) -> Encoded:
     columns = [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
     require_columns(frame, columns, data.path)
     frame = frame.dropna(subset=columns)
@@ -105,12 +106,14 @@ def encode_classification(frame: pd.DataFrame, data: DataSpec, labels: list[str]
     return Encoded(features, label_ids(frame[data.label_field], labels, data.path))
 
 
-def batches(data: Encoded, batch_size: int, tokenizer: Any, order: list[int] | None = None) -> list[dict[str, torch.Tensor]]:
+def batches(
+    data: Encoded, batch_size: int, tokenizer: Any, order: list[int] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Pad each batch to its own longest example; `order` shuffles (train) or groups by length."""
     order = order if order is not None else sorted(range(len(data)), key=lambda i: len(data.features[i]["input_ids"]))
     out = []
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = tokenizer.pad([data.features[i] for i in idx], return_tensors="pt")
         batch["labels"] = torch.tensor([data.labels[i] for i in idx])
         out.append(dict(batch))
