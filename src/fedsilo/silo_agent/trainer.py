@@ -87,13 +87,16 @@ class Trainer:
         self.model.train()
         started, total_loss, seen = time.perf_counter(), 0.0, 0
         stream = self._train_batches()
+        # fp16 gradients underflow without loss scaling; for fp32/bf16 the scaler is a no-op
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.training.precision == "fp16")
         for _ in range(steps):
             batch = next(stream)
             loss = self.model(**batch).loss
             if extra_loss is not None:
                 loss = loss + extra_loss(self.model)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             total_loss += float(loss.detach())
             seen += int(batch["labels"].shape[0])
