@@ -101,6 +101,7 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0) -> int
 
     procs = Processes()
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, like Ctrl-C
     try:
         procs.start(
             "aggregator",
@@ -163,6 +164,10 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0) -> int
         f"final PEFT adapter: {run_dir / 'adapter'}   table: {run_dir / 'rounds.csv'}   plot: {run_dir / 'rounds.png'}"
     )
     return 0
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _save_adapter(job: FederatedJob, model_path: str, adapter: dict, folder: Path) -> None:  # type: ignore[type-arg]
