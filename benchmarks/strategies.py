@@ -261,8 +261,8 @@ def curves(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6, help="Local optimizer steps per silo per round.")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10, help="Local optimizer steps per silo per round.")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names, plus 'centralised' and 'local-only'.")

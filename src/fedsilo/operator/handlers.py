@@ -284,7 +284,7 @@ def build_registry(
         for event in events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
-    @kopf.on.delete(**resource, id="cleanup")
+    @kopf.on.delete(**resource, id="cleanup", backoff=5)
     async def delete_job(body: kopf.Body, **_: Any) -> None:
         try:
             job = job_from_body(body)
