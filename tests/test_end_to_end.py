@@ -107,6 +107,7 @@ def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path:
         ("lora-exact", {}, {"south": 4}),  # heterogeneous ranks, exact product + SVD back to r=8
         ("ffa-lora", {}, {}),  # silos must freeze A: the strategy refuses any A delta
         ("fedprox", {"mu": 0.1}, {}),  # proximal term on the silo
+        ("fedkd", {"teacher_rank": 4}, {"south": 4}),  # private teacher adapter distils into the student
     ],
 )
 def test_strategies_with_silo_side_hooks_run_end_to_end(

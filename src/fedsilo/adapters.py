@@ -87,7 +87,7 @@ def apply_delta(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Ten
 
 
 def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((t.float() ** 2).sum() for t in state.values())))
+    return float(torch.sqrt(torch.stack([(t.float() ** 2).sum() for t in state.values()]).sum()))
 
 
 @dataclass(frozen=True)

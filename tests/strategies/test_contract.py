@@ -29,6 +29,7 @@ class Case:
 CASES = [
     Case("fedavg"),
     Case("fedprox", {"mu": 0.1}),
+    Case("fedkd", {"temperature": 3.0, "alpha": 0.3, "teacher_rank": 8}),
     Case("fedadam", mean_like=False),
     Case("fedyogi", mean_like=False),
     Case("fedadagrad", mean_like=False),

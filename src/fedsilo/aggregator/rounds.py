@@ -534,7 +534,9 @@ class Engine:
                 n = sum(r.n_examples for r in chosen)
                 loss = sum(r.loss * r.n_examples for r in chosen) / n
                 accs = [r for r in chosen if r.accuracy is not None]
-                acc = sum(r.accuracy * r.n_examples for r in accs) / sum(r.n_examples for r in accs) if accs else None  # type: ignore[operator]
+                acc = None
+                if accs:
+                    acc = sum((r.accuracy or 0.0) * r.n_examples for r in accs) / sum(r.n_examples for r in accs)
                 extra: dict[str, float] = {}
                 for r in chosen:
                     for k, v in (r.extra or {}).items():
@@ -560,29 +562,31 @@ class Engine:
             latest = self._latest_evaluated(s, job)
             summary = self._version_summary(s, job, latest) if latest >= 0 else None
             silos = s.scalars(select(SiloRow).where(SiloRow.job == job).order_by(SiloRow.name)).all()
-            return m.JobStatus(
-                name=row.name,
-                phase=row.phase,
-                message=row.message,
-                round=row.current_round,  # type: ignore[arg-type]
-                rounds=row.rounds,
-                version=row.version,
-                accuracy=summary["accuracy"] if summary else None,
-                loss=summary["loss"] if summary else None,
-                silos=[
-                    m.SiloStatus(
-                        name=x.name,
-                        role=x.role,
-                        state=x.state,
-                        joined=x.joined_at is not None,
-                        last_seen=aware(x.last_seen),
-                        rounds_completed=x.rounds_completed,
-                    )
-                    for x in silos
-                ],
-                created_at=aware(row.created_at),
-                started_at=aware(row.started_at),  # type: ignore[arg-type]
-                finished_at=aware(row.finished_at),
+            return m.JobStatus.model_validate(
+                dict(
+                    name=row.name,
+                    phase=row.phase,
+                    message=row.message,
+                    round=row.current_round,
+                    rounds=row.rounds,
+                    version=row.version,
+                    accuracy=summary["accuracy"] if summary else None,
+                    loss=summary["loss"] if summary else None,
+                    silos=[
+                        m.SiloStatus(
+                            name=x.name,
+                            role=x.role,
+                            state=x.state,
+                            joined=x.joined_at is not None,
+                            last_seen=aware(x.last_seen),
+                            rounds_completed=x.rounds_completed,
+                        )
+                        for x in silos
+                    ],
+                    created_at=aware(row.created_at),
+                    started_at=aware(row.started_at),
+                    finished_at=aware(row.finished_at),
+                )
             )
 
     def history(self, job: str) -> list[m.RoundInfo]:
@@ -595,22 +599,24 @@ class Engine:
                 closed, opened = aware(r.closed_at), aware(r.opened_at)
                 trains = [u.train_seconds for u in ups if u.train_seconds is not None]
                 out.append(
-                    m.RoundInfo(
-                        round=r.number,
-                        state=r.state,
-                        participants=list(r.participants),
-                        updates=len(ups),  # type: ignore[arg-type]
-                        examples=sum(u.n_examples for u in ups),
-                        bytes_received=sum(u.n_bytes for u in ups),
-                        opened_at=opened,
-                        closed_at=closed,  # type: ignore[arg-type]
-                        duration_seconds=(closed - opened).total_seconds() if closed and opened else None,
-                        aggregation_seconds=r.aggregation_seconds,
-                        max_train_seconds=max(trains, default=None),
-                        accuracy=summary["accuracy"] if summary else None,
-                        loss=summary["loss"] if summary else None,
-                        split=summary["split"] if summary else None,
-                        metrics={**(r.metrics or {}), **(summary["extra"] if summary else {})},
+                    m.RoundInfo.model_validate(
+                        dict(
+                            round=r.number,
+                            state=r.state,
+                            participants=list(r.participants),
+                            updates=len(ups),
+                            examples=sum(u.n_examples for u in ups),
+                            bytes_received=sum(u.n_bytes for u in ups),
+                            opened_at=opened,
+                            closed_at=closed,
+                            duration_seconds=(closed - opened).total_seconds() if closed and opened else None,
+                            aggregation_seconds=r.aggregation_seconds,
+                            max_train_seconds=max(trains, default=None),
+                            accuracy=summary["accuracy"] if summary else None,
+                            loss=summary["loss"] if summary else None,
+                            split=summary["split"] if summary else None,
+                            metrics={**(r.metrics or {}), **(summary["extra"] if summary else {})},
+                        )
                     )
                 )
             return out

@@ -51,7 +51,7 @@ def _factory_defaults(schema: Schema, model: type[BaseModel]) -> Schema:
             properties[alias].setdefault("default", {})
             continue
         value = field.default_factory()  # type: ignore[call-arg]
-        if value:
+        if value and annotation is not None:
             dumped = TypeAdapter(annotation).dump_python(value, mode="json", by_alias=True)
             properties[alias].setdefault("default", dumped)
     return schema

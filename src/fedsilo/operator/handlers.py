@@ -208,7 +208,7 @@ def build_registry(
     """A kopf registry with every FederatedJob handler, bound to `settings`."""
     registry = kopf.OperatorRegistry()
     connection = Connection()
-    resource = {"group": API_GROUP, "version": API_VERSION, "plural": PLURAL, "registry": registry}
+    resource: dict[str, Any] = {"group": API_GROUP, "version": API_VERSION, "plural": PLURAL, "registry": registry}
     login_fn: LoginFn = login or kopf.login_via_client
     operator_settings = settings
 

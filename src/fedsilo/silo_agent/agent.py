@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -16,6 +16,7 @@ from fedsilo.api.client import Client, ClientError
 from fedsilo.silo_agent import hardware
 from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, generation_prompts
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
+from fedsilo.silo_agent.distill import DistillConfig, Distiller
 from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer
@@ -55,7 +56,8 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
         else encode_classification(frame, silo.data, spec.task.labels, tokenizer, spec.training.max_length)
     )
     if silo.role == "evaluator":
-        train_idx, eval_idx = [], list(range(len(encoded)))
+        train_idx: list[int] = []
+        eval_idx = list(range(len(encoded)))
     else:
         train_idx, eval_idx = split_indices(len(encoded), silo.data.validation_split, spec.training.seed)
     log.info("memory estimate on %s: %s", hardware.device(cuda), hardware.estimate_for(model, spec.training).describe())
@@ -87,9 +89,10 @@ class Agent:
         self.loaded_version: int | None = None
         self.global_state: dict[str, torch.Tensor] = {}
         self.evaluated: set[int] = set()
-        self.split = "test" if silo.role == "evaluator" else "validation"
+        self.split: Literal["validation", "test"] = "test" if silo.role == "evaluator" else "validation"
         self.global_rank = global_rank
         self.rank = silo.rank if silo.rank not in (None, global_rank) else None
+        self.distiller: Distiller | None = None  # FedKD's private teacher, kept across rounds
 
     def _load_version(self, version: int) -> None:
         if self.loaded_version != version:
@@ -132,7 +135,11 @@ class Agent:
 
     def train(self, task: m.Task) -> None:
         self._load_version(task.version)
-        result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task))
+        if self.distiller is None and "distill_alpha" in task.client_config:
+            config = DistillConfig.from_client_config(task.client_config)
+            self.distiller = Distiller(self.trainer.model, config, self.trainer.training)
+        step_fn = self.distiller.step if self.distiller is not None else None
+        result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task), step_fn=step_fn)
         trained = self.trainer.state()
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)

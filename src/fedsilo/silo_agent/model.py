@@ -29,7 +29,8 @@ def peft_config(spec: FederatedJobSpec, model_path: str, rank: int | None = None
         r = rank or p.r
         # A silo with a smaller rank keeps alpha/r equal to the global scale.
         alpha = p.alpha * r / p.r
-        return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=p.dropout,
+        # peft annotates lora_alpha as int but computes alpha / r in floats: a float keeps the scale exact
+        return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=p.dropout,  # type: ignore[arg-type]
                           target_modules=list(p.target_modules), use_dora=p.method == "dora",
                           base_model_name_or_path=model_path)
     if p.method == "ia3":

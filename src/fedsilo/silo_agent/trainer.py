@@ -39,6 +39,7 @@ class EvalResult:
 
 
 Batcher = Callable[..., list[dict[str, torch.Tensor]]]
+StepFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Trainer:
@@ -77,8 +78,13 @@ class Trainer:
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch if self.device.type == "cpu" else {k: v.to(self.device) for k, v in batch.items()}
 
-    def train(self, local_steps: int | None = None, extra_loss: Any = None) -> TrainResult:
-        """Run the round's optimizer steps; `extra_loss(model)` adds e.g. FedProx's proximal term."""
+    def train(
+        self, local_steps: int | None = None, extra_loss: Any = None, step_fn: StepFn | None = None
+    ) -> TrainResult:
+        """Run the round's optimizer steps; `extra_loss(model)` adds e.g. FedProx's proximal term.
+
+        `step_fn(model, batch)` replaces the default `model(**batch).loss` (e.g. FedKD's distillation).
+        """
         if not len(self.train_data):
             raise ValueError("this silo has no training examples")
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -91,7 +97,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.training.precision == "fp16")
         for _ in range(steps):
             batch = next(stream)
-            loss = self.model(**batch).loss
+            loss = step_fn(self.model, batch) if step_fn is not None else self.model(**batch).loss
             if extra_loss is not None:
                 loss = loss + extra_loss(self.model)
             scaler.scale(loss).backward()

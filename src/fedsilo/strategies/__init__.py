@@ -12,6 +12,7 @@ from fedsilo.strategies.clipped_fedavg import ClippedFedAvg
 from fedsilo.strategies.fedadagrad import FedAdagrad
 from fedsilo.strategies.fedadam import FedAdam
 from fedsilo.strategies.fedavg import FedAvg
+from fedsilo.strategies.fedkd import FedKD
 from fedsilo.strategies.fedprox import FedProx, proximal_term
 from fedsilo.strategies.fedyogi import FedYogi
 from fedsilo.strategies.ffa_lora import FfaLora, is_lora_a
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Strategy[Any]]] = {
     for cls in (
         FedAvg,
         FedProx,
+        FedKD,
         FedAdam,
         FedYogi,
         FedAdagrad,
