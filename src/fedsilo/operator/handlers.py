@@ -148,7 +148,7 @@ async def reconcile(
         except KubeError as exc:
             if exc.status == 404:
                 raise kopf.TemporaryError(
-                    f"cannot create {child['kind']} {'/'.join(_key(child)[1:])}: {exc.message}",
+                    f"cannot create {child['kind']} {'/'.join(str(part) for part in _key(child)[1:])}: {exc.message}",
                     delay=15,
                 ) from exc
             raise
