@@ -43,6 +43,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/lint-imports
+	$(BIN)/mypy src/fedsilo --ignore-missing-imports
 
 crds: setup
 	$(BIN)/fedsilo crds

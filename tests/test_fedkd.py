@@ -153,3 +153,29 @@ def test_teacher_needs_lora() -> None:
 
     with pytest.raises(ModelError, match="LoRA"):
         teacher_config(IA3Config(target_modules=["query"]), 8)
+
+
+def test_causal_lm_distils_on_answer_tokens() -> None:
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedsilo.silo_agent.model import adapter_state
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    start = adapter_state(model)
+    distiller = Distiller(model, DistillConfig(2.0, 1.0, 4), TrainingSpec.model_validate({"learningRate": 0.05}))
+    input_ids = torch.randint(0, 50, (2, 8))
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # only the "answer" half is scored
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    teacher0 = _teacher(distiller)
+    loss = distiller.step(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and _changed(teacher0, _teacher(distiller))
+    assert all(p.grad is None for p in distiller.teacher_params.values())
+    assert any(p.grad is not None for n, p in model.named_parameters() if ".default." in n)
+    assert schema_of(adapter_state(model)) == schema_of(start)

@@ -138,6 +138,7 @@ class Agent:
         if self.distiller is None and "distill_alpha" in task.client_config:
             config = DistillConfig.from_client_config(task.client_config)
             self.distiller = Distiller(self.trainer.model, config, self.trainer.training)
+            log.info("fedkd: private teacher adapter of rank %d created (never uploaded)", config.teacher_rank)
         step_fn = self.distiller.step if self.distiller is not None else None
         result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task), step_fn=step_fn)
         trained = self.trainer.state()

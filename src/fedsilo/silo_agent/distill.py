@@ -93,7 +93,7 @@ def teacher_config(student: PeftConfig, rank: int) -> LoraConfig:
     if not isinstance(student, LoraConfig):
         raise ModelError(f"fedkd needs a LoRA or DoRA adapter (peft.method), not {student.peft_type}")
     config = copy.deepcopy(student)
-    config.lora_alpha = student.lora_alpha * rank / student.r
+    config.lora_alpha = student.lora_alpha * rank / student.r  # type: ignore[assignment]  # float is fine
     config.r = rank
     config.inference_mode = False
     return config
