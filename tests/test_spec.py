@@ -35,11 +35,11 @@ def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
         (lambda d: d["spec"]["silos"][0].update(name="Bad_Name"), "spec.silos.0.name"),
         (lambda d: d["spec"]["silos"][1].update(name="alpha"), "duplicate silo names ['alpha']"),
         (lambda d: d["spec"]["task"].update(labels=["only"]), "task.labels needs at least two"),
+        (lambda d: d["spec"].update(peft={"method": "adalora"}), "spec.peft.method"),
         (
-            lambda d: (
-                d["spec"]["peft"].__class__ if "peft" in d["spec"] else d["spec"].update(peft={"method": "adalora"})
-            ),
-            "spec.peft.method",
+            lambda d: d["spec"].update(peft={"method": "ia3", "targetModules": ["key"], "feedforwardModules": []})
+            or d["spec"]["aggregation"].update(strategy="fedkd"),
+            "needs peft.method lora or dora",
         ),
         (lambda d: d["spec"]["aggregation"].update(minSilos=3), "exceeds the 2 trainer silos"),
         (lambda d: d["spec"]["silos"][0].update(role="auditor"), "spec.silos.0.role"),
