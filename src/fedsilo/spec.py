@@ -306,10 +306,9 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 f"aggregation.minSilos={self.aggregation.min_silos} exceeds the {len(trainers)} trainer silos"
             )
-        if self.aggregation.strategy in ("fedkd", "ffa-lora", "lora-exact") and self.peft.method not in ("lora", "dora"):
-            raise ValueError(
-                f"aggregation.strategy {self.aggregation.strategy} needs peft.method lora or dora, not {self.peft.method}"
-            )
+        strategy, method = self.aggregation.strategy, self.peft.method
+        if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
+            raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")
         if all(t.rank not in (None, self.peft.r) for t in trainers):
             raise ValueError(
                 "silos: at least one trainer must train the global rank peft.r (it sends the first adapter)"
