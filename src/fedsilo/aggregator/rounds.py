@@ -40,7 +40,7 @@ from fedsilo.aggregator.store import (
 )
 from fedsilo.aggregator.uploads import validate_initial, validate_update
 from fedsilo.api import models as m
-from fedsilo.spec import FederatedJob, SpecError, parse_job
+from fedsilo.spec import FederatedJob, FederatedJobSpec, SpecError, parse_job
 
 
 class ApiError(Exception):
@@ -159,6 +159,11 @@ class Engine:
         if row is None:
             raise ApiError(404, f"no job named {name!r}", "not_found")
         return row
+
+    def _spec(self, row: JobRow) -> FederatedJobSpec:
+        """The job's spec, parsed once per process (the stored document never changes)."""
+        live = self._live.get(row.name)
+        return live.job.spec if live is not None else parse_job(row.document).spec
 
     def _live_for(self, s: Session, row: JobRow) -> Live:
         live = self._live.get(row.name)
@@ -383,7 +388,7 @@ class Engine:
     def _maybe_start(self, s: Session, row: JobRow) -> None:
         if row.phase != "Pending" or row.version < 0:
             return
-        spec = parse_job(row.document).spec
+        spec = self._spec(row)
         trainers = s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.role == "trainer")).all()
         joined = [t for t in trainers if t.joined_at is not None]
         waited = (self.clock() - aware(row.created_at)).total_seconds()  # type: ignore[operator]
@@ -393,7 +398,7 @@ class Engine:
             self._open_round(s, row, 1)
 
     def _open_round(self, s: Session, row: JobRow, number: int) -> None:
-        spec = parse_job(row.document).spec
+        spec = self._spec(row)
         joined = s.scalars(
             select(SiloRow.name).where(
                 SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.joined_at.is_not(None)
@@ -471,7 +476,7 @@ class Engine:
                 received = s.scalars(
                     select(UpdateRow.silo).where(UpdateRow.job == name, UpdateRow.round == rnd.number)
                 ).all()
-                spec = parse_job(row.document).spec
+                spec = self._spec(row)
                 for silo in set(rnd.participants) - set(received):
                     late = s.get(SiloRow, (name, silo))
                     if late is not None:
