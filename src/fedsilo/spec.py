@@ -162,6 +162,26 @@ class AggregationSpec(Model):
         default=False,
         description="After round 1, give each silo the local steps that fit a common round time (needs localSteps).",
     )
+    mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="sync: rounds wait for the sampled silos (or the deadline). async: buffered asynchronous "
+        "aggregation (FedBuff): a new global adapter every bufferSize updates, stale updates down-weighted.",
+    )
+    buffer_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="async: updates per aggregation (default: minSilos).",
+    )
+    max_staleness: int = Field(
+        default=4,
+        ge=0,
+        description="async: updates trained from a global adapter more than this many versions old are refused.",
+    )
+    staleness_exponent: float = Field(
+        default=0.5,
+        ge=0,
+        description="async: an update s versions stale is weighted by n_examples / (1 + s) ** stalenessExponent.",
+    )
 
 
 class DataSpec(Model):

@@ -38,9 +38,21 @@ class JobCreated(Wire):
 
 
 class PatchJob(Wire):
-    """Mutable fields of a running job."""
+    """Change a job. Every field is optional; a patch is applied as one transaction.
+
+    `job`: a new FederatedJob document for the same job. Silos it adds are admitted
+    with their tokens from `silo_tokens` (required for each added silo), silos it
+    removes are revoked at once, and changes to `aggregation`
+    (strategy, params, minSilos, fraction, timeout, mode) apply from the next round.
+    Changes the running silos could not pick up (model, task, PEFT recipe, local
+    training) are refused with 422 `immutable`.
+    `resume`: a Failed job runs again from the round it failed in, with a new deadline.
+    """
 
     rounds: int | None = Field(default=None, ge=1, le=10_000)
+    resume: bool = False
+    job: FederatedJob | None = None
+    silo_tokens: dict[str, str] = Field(default_factory=dict)
 
 
 class JoinRequest(Wire):
