@@ -2,10 +2,15 @@
 
 The model is loaded once per process and the data tokenised once; a round only swaps
 adapter tensors in, trains, and takes the delta out.
+
+A round's training is a pure function of (job seed, silo, round, starting adapter): its data
+order and dropout come from a seed derived from those alone, and its optimizer is fresh. A
+silo agent killed mid-round and restarted therefore uploads the bit-identical update.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -14,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedsilo.adapters import State
+from fedsilo.adapters import State, sha256, to_bytes
 from fedsilo.silo_agent.data import Encoded, batches
 from fedsilo.silo_agent.model import adapter_state, load_adapter_state
 from fedsilo.spec import TrainingSpec
@@ -42,17 +47,37 @@ Batcher = Callable[..., list[dict[str, torch.Tensor]]]
 StepFn = Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def round_seed(seed: int, silo: str, round_: int | None, adapter_sha256: str, stream: str = "data") -> int:
+    """A seed of one round's local training: a stable hash (not Python's salted `hash`).
+
+    `stream` names what draws from it ("data" order, "dropout"), so the two are independent.
+    """
+    key = f"fedsilo/{stream}/{seed}/{silo}/{'' if round_ is None else round_}/{adapter_sha256}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1  # < 2**63: fits manual_seed
+
+
 class Trainer:
-    def __init__(self, model: Any, tokenizer: Any, training: TrainingSpec, train: Encoded, evaluation: Encoded,
-                 *, classification: bool = True, batcher: Batcher = batches) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        training: TrainingSpec,
+        train: Encoded,
+        evaluation: Encoded,
+        *,
+        classification: bool = True,
+        batcher: Batcher = batches,
+    ) -> None:
         self.model, self.tokenizer, self.training = model, tokenizer, training
         self.train_data, self.eval_data = train, evaluation
         self.classification = classification
         self.batcher = batcher  # (data, batch_size, tokenizer, order) -> padded batches
         self.device = next(model.parameters()).device
-        self._eval_batches = [self._on_device(b) for b in batcher(evaluation, training.eval_batch_size, tokenizer)] \
-            if len(evaluation) else []
-        self._epoch = 0
+        self._eval_batches = (
+            [self._on_device(b) for b in batcher(evaluation, training.eval_batch_size, tokenizer)]
+            if len(evaluation)
+            else []
+        )
 
     def state(self) -> State:
         return adapter_state(self.model)
@@ -66,11 +91,10 @@ class Trainer:
             return int(local_steps or self.training.local_steps)  # type: ignore[arg-type]
         return max(1, round(per_epoch * (self.training.local_epochs or 1.0)))
 
-    def _train_batches(self) -> Any:
-        """An endless stream of shuffled batches, a new permutation per epoch."""
+    def _train_batches(self, seed: int) -> Any:
+        """An endless stream of shuffled batches, a new permutation per epoch, all drawn from `seed`."""
+        gen = torch.Generator().manual_seed(seed)
         while True:
-            gen = torch.Generator().manual_seed(self.training.seed * 7919 + self._epoch)
-            self._epoch += 1
             order = torch.randperm(len(self.train_data), generator=gen).tolist()
             for batch in self.batcher(self.train_data, self.training.batch_size, self.tokenizer, order):
                 yield self._on_device(batch)
@@ -79,20 +103,38 @@ class Trainer:
         return batch if self.device.type == "cpu" else {k: v.to(self.device) for k, v in batch.items()}
 
     def train(
-        self, local_steps: int | None = None, extra_loss: Any = None, step_fn: StepFn | None = None
+        self,
+        local_steps: int | None = None,
+        extra_loss: Any = None,
+        step_fn: StepFn | None = None,
+        *,
+        round_: int | None = None,
+        silo: str = "",
     ) -> TrainResult:
         """Run the round's optimizer steps; `extra_loss(model)` adds e.g. FedProx's proximal term.
 
         `step_fn(model, batch)` replaces the default `model(**batch).loss` (e.g. FedKD's distillation).
+        Data order and dropout are seeded from (training.seed, `silo`, `round_`, the adapter as
+        loaded now), the optimizer starts fresh, and the process's global RNG is left as it was:
+        the same inputs give the bit-identical adapter in any process.
         """
         if not len(self.train_data):
             raise ValueError("this silo has no training examples")
+        start = sha256(to_bytes(self.state()))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # dropout, and anything else that draws from the global RNG
+            torch.manual_seed(round_seed(self.training.seed, silo, round_, start, "dropout"))
+            data_seed = round_seed(self.training.seed, silo, round_, start, "data")
+            return self._train(self.steps_per_round(local_steps), data_seed, extra_loss, step_fn)
+
+    def _train(self, steps: int, data_seed: int, extra_loss: Any, step_fn: StepFn | None) -> TrainResult:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fresh every round: moments carried over from an earlier round would differ after a restart
         optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=self.training.weight_decay)
-        steps = self.steps_per_round(local_steps)
         self.model.train()
         started, total_loss, seen = time.perf_counter(), 0.0, 0
-        stream = self._train_batches()
+        stream = self._train_batches(data_seed)
         # fp16 gradients underflow without loss scaling; for fp32/bf16 the scaler is a no-op
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.training.precision == "fp16")
         for _ in range(steps):
@@ -133,5 +175,6 @@ class Trainer:
         if self.classification:
             return EvalResult(loss_sum / count, correct / count, count, time.perf_counter() - started)
         loss = loss_sum / max(tokens, 1)
-        return EvalResult(loss, None, count, time.perf_counter() - started,
-                          extra={"perplexity": math.exp(min(loss, 50.0))})
+        return EvalResult(
+            loss, None, count, time.perf_counter() - started, extra={"perplexity": math.exp(min(loss, 50.0))}
+        )
