@@ -14,6 +14,9 @@ def run(
     job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="FederatedJob YAML."),
     out: Path = typer.Option(Path("runs"), help="Runs folder; results go to <out>/<job name>/."),
     port: int = typer.Option(0, help="Aggregator port on 127.0.0.1 (0: any free port)."),
+    backoff_limit: int = typer.Option(
+        6, min=0, help="Restarts allowed per process that dies (exponential backoff, 1 s doubling to 30 s)."
+    ),
 ) -> None:
     """Run a FederatedJob on this machine: an aggregator and one process per silo."""
     from fedsilo.local.runner import run_local
@@ -24,7 +27,7 @@ def run(
     except SpecError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(run_local(job, job_file.resolve().parent, out, port))
+    raise typer.Exit(run_local(job, job_file.resolve().parent, out, port, backoff_limit))
 
 
 @app.command()
