@@ -1,13 +1,29 @@
-"""Typed client of the `/v1` API (httpx). Transient failures are retried with backoff.
+"""Typed client of the `/v1` API (httpx), built to ride out aggregator outages.
 
-Retried: connection errors, timeouts, 429 and 5xx. Not retried: other 4xx, which mean
-the request itself is wrong and would fail again (they raise `ClientError`).
+Every exchange ends in one of a few typed outcomes:
+- a 2xx answer, parsed into its response model;
+- for an update upload, an `Upload` whose `outcome` says ACCEPTED, DUPLICATE (the
+  aggregator already holds an update of ours for that round) or LATE (the round is
+  closed: move on to the next task);
+- `ClientError` for a 4xx that means the request itself is wrong (bad token, unknown
+  job, wrong shape, oversize body...): retrying cannot help.
+
+Transport errors (connection refused, resets, timeouts mid-body), 408, 429 and 5xx are
+retried with exponential backoff and full jitter up to a cap, honouring `Retry-After`.
+`retries=None` retries for ever (the silo agent's default). Re-sending is safe: the
+server treats an identical update, initial adapter, join or metrics report as a no-op.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +32,70 @@ import httpx
 from fedsilo.adapters import sha256
 from fedsilo.api import models as m
 
+__all__ = ["Backoff", "Client", "ClientError", "Outcome", "Upload"]
+
 log = logging.getLogger("fedsilo.client")
+
+RETRIED_STATUSES = frozenset({408, 429})  # and every 5xx
+LATE_REASONS = frozenset({"wrong_round", "stale"})  # 409s that mean "this round has moved on without you"
+MAX_LONG_POLL = 30.0  # the server's ceiling for `?wait=`
+LONG_POLL_MARGIN = 30.0  # read timeout of a long poll: wait + this
+MAX_RETRY_AFTER = 600.0  # a Retry-After longer than this is read as this
+REMIND_EVERY = 300.0  # seconds between "still unreachable" warnings during one outage
 
 
 class ClientError(RuntimeError):
+    """The aggregator refused the request (4xx) or kept failing past a bounded retry count."""
+
     def __init__(self, status: int, detail: str, reason: str | None) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" + (f" ({reason})" if reason else ""))
         self.status = status
         self.detail = detail
         self.reason = reason
 
 
+class Outcome(enum.Enum):
+    """What became of an update upload."""
+
+    ACCEPTED = "accepted"  # counted in the round now
+    DUPLICATE = "duplicate"  # already counted: an identical re-send, or a different update of ours held
+    LATE = "late"  # the round closed (or the update is stale): skip to the next task
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The answer to `Client.put_update`."""
+
+    outcome: Outcome
+    round: int
+    sha256: str  # of the bytes sent
+    detail: str = ""  # the aggregator's words when it did not count this upload
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: retry n waits uniform(0, min(cap, base * 2**n)) seconds.
+
+    A `Retry-After` from the server is honoured: never retry sooner than it asks.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+        ceiling = min(self.cap, self.base * 2.0 ** min(attempt, 60))
+        wait = rng.uniform(0.0, ceiling)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, MAX_RETRY_AFTER))
+        return wait
+
+
 class Client:
-    """One job's view of the aggregator, as the admin or as one silo."""
+    """One job's view of the aggregator, as the admin or as one silo.
+
+    `retries`: retries per call before giving up (`None`: for ever). `backoff_cap`: the
+    longest pause between two retries. `sleep` and `rng` are injectable for tests.
+    """
 
     def __init__(
         self,
@@ -37,10 +104,13 @@ class Client:
         token: str,
         silo: str | None = None,
         *,
-        retries: int = 8,
+        retries: int | None = 8,
         ca_bundle: Path | None = None,
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
+        backoff_cap: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         if silo:
@@ -49,39 +119,62 @@ class Client:
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify, transport=transport
         )
-        self.job, self.silo, self.retries = job, silo, retries
+        self.job, self.silo, self.retries, self.timeout = job, silo, retries, timeout
+        self.backoff = Backoff(cap=backoff_cap)
+        self.sleep, self.rng = sleep, rng or random.Random()
 
     def close(self) -> None:
         self.http.close()
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        delay = 0.5
-        for attempt in range(self.retries + 1):
+    def _request(self, method: str, url: str, *, conflicts: bool = False, **kwargs: Any) -> httpx.Response:
+        """Send until the aggregator answers something other than a transient failure.
+
+        Returns 2xx/3xx answers (and 409 when `conflicts`); raises `ClientError` for other 4xx.
+        """
+        attempt, outage_started, reminded = 0, 0.0, 0.0
+        while True:
+            response: httpx.Response | None = None
             try:
                 response = self.http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                if attempt == self.retries:
+                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if self.retries is not None and attempt >= self.retries:
                     raise
-                log.warning(
-                    "%s %s failed (%s); retry %d/%d in %.1fs", method, url, exc, attempt + 1, self.retries, delay
-                )
-            else:
-                if response.status_code < 400:
-                    return response
-                if (response.status_code != 429 and response.status_code < 500) or attempt == self.retries:
+            if response is not None:
+                if not _transient(response.status_code):
+                    if attempt:
+                        log.info(
+                            "aggregator answers again after %.1fs (%d retries of %s %s)",
+                            time.monotonic() - outage_started,
+                            attempt,
+                            method,
+                            url,
+                        )
+                    if response.status_code < 400 or (conflicts and response.status_code == 409):
+                        return response
                     raise _error(response)
+                if self.retries is not None and attempt >= self.retries:
+                    raise _error(response)
+                failure = f"HTTP {response.status_code}"
+            now = time.monotonic()
+            if attempt == 0:
+                outage_started = reminded = now
+                limit = "for ever" if self.retries is None else f"up to {self.retries} times"
                 log.warning(
-                    "%s %s -> %d; retry %d/%d in %.1fs",
-                    method,
-                    url,
-                    response.status_code,
-                    attempt + 1,
-                    self.retries,
-                    delay,
+                    "%s %s failed (%s): retrying %s, backoff up to %.0fs", method, url, failure, limit, self.backoff.cap
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
+            elif now - reminded >= REMIND_EVERY:
+                reminded = now
+                log.warning(
+                    "aggregator still unreachable after %.0fs (%d retries; last: %s)",
+                    now - outage_started,
+                    attempt,
+                    failure,
+                )
+            delay = self.backoff.delay(attempt, self.rng, _retry_after(response) if response is not None else None)
+            log.debug("%s %s: retry %d in %.2fs (%s)", method, url, attempt + 1, delay, failure)
+            self.sleep(delay)
+            attempt += 1
 
     # admin
     def create_job(self, job: m.FederatedJob, silo_tokens: dict[str, str]) -> m.JobCreated:
@@ -107,11 +200,14 @@ class Client:
         return list(self._request("GET", f"/v1/jobs/{self.job}/evaluations").json())
 
     def adapter(self, version: int) -> bytes:
-        response = self._request("GET", f"/v1/jobs/{self.job}/adapters/{version}")
-        etag = response.headers.get("etag", "").strip('"')
-        if etag and sha256(response.content) != etag:
-            raise ClientError(502, f"adapter {version} arrived corrupted (sha256 mismatch)", "bad_checksum")
-        return response.content
+        """Global adapter `version` as safetensors bytes; a corrupted download is fetched again."""
+        for _ in range(3):
+            response = self._request("GET", f"/v1/jobs/{self.job}/adapters/{version}")
+            etag = response.headers.get("etag", "").strip('"')
+            if not etag or sha256(response.content) == etag:
+                return response.content
+            log.warning("adapter %d arrived corrupted (sha256 mismatch); fetching it again", version)
+        raise ClientError(502, f"adapter {version} arrived corrupted (sha256 mismatch) three times", "bad_checksum")
 
     # silo
     def _silo_path(self) -> str:
@@ -123,8 +219,21 @@ class Client:
             self._request("POST", f"{self._silo_path()}/join", json=request.model_dump()).json()
         )
 
-    def task(self) -> m.Task:
-        return m.Task.model_validate(self._request("GET", f"{self._silo_path()}/task").json())
+    def task(self, wait: float = 0.0) -> m.Task:
+        """This silo's task. `wait` > 0 asks the server to hold a `wait` answer up to that many seconds.
+
+        A server that does not know long polls answers at once; callers pace their polls anyway.
+        """
+        if wait <= 0:
+            return m.Task.model_validate(self._request("GET", f"{self._silo_path()}/task").json())
+        wait = min(wait, MAX_LONG_POLL)
+        response = self._request(
+            "GET",
+            f"{self._silo_path()}/task",
+            params={"wait": f"{wait:g}"},
+            timeout=httpx.Timeout(self.timeout, read=max(self.timeout, wait + LONG_POLL_MARGIN)),
+        )
+        return m.Task.model_validate(response.json())
 
     def put_initial(self, data: bytes) -> str:
         return str(
@@ -138,27 +247,63 @@ class Client:
 
     def put_update(
         self, round_: int, data: bytes, n_examples: int, train_seconds: float, examples_seen: int | None = None
-    ) -> m.UpdateAccepted:
+    ) -> Upload:
+        """Upload this silo's delta for `round_`; see `Outcome` for what can become of it."""
+        digest = sha256(data)
         headers = {
             "Content-Type": m.SAFETENSORS_MEDIA_TYPE,
             m.HEADER_EXAMPLES: str(n_examples),
-            m.HEADER_SHA256: sha256(data),
+            m.HEADER_SHA256: digest,
             m.HEADER_TRAIN_SECONDS: f"{train_seconds:.4f}",
         }
         if examples_seen:
             headers["X-Fedsilo-Examples-Seen"] = str(examples_seen)
         response = self._request(
-            "PUT", f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}", content=data, headers=headers
+            "PUT",
+            f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}",
+            content=data,
+            headers=headers,
+            conflicts=True,
         )
-        return m.UpdateAccepted.model_validate(response.json())
+        if response.status_code == 409:
+            error = _error(response)
+            if error.reason == "duplicate":
+                return Upload(Outcome.DUPLICATE, round_, digest, error.detail)
+            if error.reason in LATE_REASONS:
+                return Upload(Outcome.LATE, round_, digest, error.detail)
+            raise error
+        accepted = m.UpdateAccepted.model_validate(response.json())
+        return Upload(Outcome.DUPLICATE if accepted.duplicate else Outcome.ACCEPTED, accepted.round, accepted.sha256)
 
     def post_metrics(self, report: m.MetricsReport) -> None:
         self._request("POST", f"{self._silo_path()}/metrics", json=report.model_dump())
+
+
+def _transient(status: int) -> bool:
+    return status >= 500 or status in RETRIED_STATUSES
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP-date), if any."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _error(response: httpx.Response) -> ClientError:
     try:
         body = response.json()
         return ClientError(response.status_code, str(body.get("detail")), body.get("reason"))
-    except ValueError:
+    except (ValueError, AttributeError):
         return ClientError(response.status_code, response.text[:500], None)

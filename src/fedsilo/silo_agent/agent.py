@@ -1,4 +1,9 @@
-"""The silo agent loop: join, then do whatever task the aggregator hands out until done."""
+"""The silo agent loop: join, then do whatever task the aggregator hands out until done.
+
+The agent gives up on its own only for configuration errors (a 4xx that says the request
+is wrong, bad data, a missing model): outages are retried for as long as they last, a
+late upload skips to the next task, and a restarted agent resumes where the aggregator is.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import httpx
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from fedsilo.adapters import delta, from_bytes, to_bytes
 from fedsilo.api import models as m
-from fedsilo.api.client import Client, ClientError
+from fedsilo.api.client import Client, ClientError, Outcome
 from fedsilo.silo_agent import hardware
 from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, generation_prompts
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
@@ -93,6 +99,13 @@ class Agent:
         self.global_rank = global_rank
         self.rank = silo.rank if silo.rank not in (None, global_rank) else None
         self.distiller: Distiller | None = None  # FedKD's private teacher, kept across rounds
+        self.resuming = True  # until the first task: a restarted agent may owe an evaluation
+
+    def join(self) -> m.JoinResponse:
+        """Join the job (again after a restart: the aggregator keeps what this silo already sent)."""
+        return self.client.join(
+            m.JoinRequest(n_train_examples=len(self.trainer.train_data), n_eval_examples=len(self.trainer.eval_data))
+        )
 
     def _load_version(self, version: int) -> None:
         if self.loaded_version != version:
@@ -145,9 +158,13 @@ class Agent:
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
         data = to_bytes(delta(trained, self.global_state))
-        accepted = self.client.put_update(
+        upload = self.client.put_update(
             task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
         )
+        if upload.outcome is Outcome.LATE:
+            log.warning("round %d: update not counted, the round moved on (%s)", task.round, upload.detail)
+        elif upload.outcome is Outcome.DUPLICATE and upload.detail:  # a different update of ours is counted
+            log.warning("round %d: the aggregator already holds an update of ours (%s)", task.round, upload.detail)
         self.metrics.round.set(task.round)
         self.metrics.train_seconds.set(result.seconds)
         self.metrics.train_loss.set(result.loss)
@@ -160,7 +177,7 @@ class Agent:
             result.loss,
             result.seconds,
             len(data),
-            " (duplicate)" if accepted.duplicate else "",
+            "" if upload.outcome is Outcome.ACCEPTED else f" ({upload.outcome.value})",
         )
         # Validate the adapter this round started from while the slower silos still train:
         # off the round's critical path for every silo but the last.
@@ -185,20 +202,46 @@ class Agent:
         return proximal
 
     def run(self) -> int:
+        """Ask for tasks and do them until the job is done; returns the exit code."""
         while True:
-            task = self.client.task()
-            if task.action == "done":
-                log.info("job finished at version %d", task.version)
-                return 0
-            if task.action == "wait":
+            asked = time.monotonic()
+            try:
+                task = self.client.task(wait=self.settings.long_poll_seconds)
+                if self.resuming:
+                    self.resuming = False
+                    self._resume(task)
+                if task.action == "done":
+                    log.info("job finished at version %d", task.version)
+                    return 0
+                if task.action == "wait":
+                    time.sleep(max(0.0, self.settings.poll_seconds - (time.monotonic() - asked)))
+                elif task.action == "init":
+                    digest = self.client.put_initial(to_bytes(self.trainer.state()))
+                    log.info("initial adapter %s uploaded", digest[:12])
+                elif task.action == "evaluate":
+                    self.evaluate(task.version)
+                elif task.action == "train":
+                    self.train(task)
+            except ClientError as exc:
+                if exc.status != 409:
+                    raise  # the request is wrong: configuration, not weather
+                log.warning("the aggregator moved on (%s): asking for the next task", exc)
+                if exc.reason == "not_joined":
+                    self.join()
                 time.sleep(self.settings.poll_seconds)
-            elif task.action == "init":
-                digest = self.client.put_initial(to_bytes(self.trainer.state()))
-                log.info("initial adapter %s uploaded", digest[:12])
-            elif task.action == "evaluate":
-                self.evaluate(task.version)
-            elif task.action == "train":
-                self.train(task)
+
+    def _resume(self, task: m.Task) -> None:
+        """After a restart: if the open round already holds our update, do what followed that upload.
+
+        The aggregator answers `wait` for such a round (nothing is retrained); the evaluation of
+        the version the round started from may have been lost with the old process.
+        """
+        if task.action != "wait" or task.round < 1 or self.silo.role != "trainer":
+            return
+        current = next((r for r in self.client.rounds() if r.round == task.round), None)
+        if current is not None and current.state == "open" and self.silo.name in current.participants:
+            log.info("resumed: round %d already holds this silo's update, nothing to retrain", task.round)
+            self.evaluate(task.round - 1)
 
 
 def run_agent(settings: SiloSettings) -> int:
@@ -217,14 +260,14 @@ def run_agent(settings: SiloSettings) -> int:
         settings.silo,
         retries=settings.request_retries,
         ca_bundle=settings.ca_bundle,
+        backoff_cap=settings.backoff_cap_seconds,
     )
     try:
         job = client.spec()
         silo = job.spec.silo(settings.silo)
         trainer = build_trainer(job, silo, settings)
-        joined = client.join(
-            m.JoinRequest(n_train_examples=len(trainer.train_data), n_eval_examples=len(trainer.eval_data))
-        )
+        agent = Agent(client, trainer, silo, settings, metrics, job.spec.peft.r)
+        joined = agent.join()
         log.info(
             "joined job %s as %s: %d train / %d %s examples",
             settings.job,
@@ -233,12 +276,15 @@ def run_agent(settings: SiloSettings) -> int:
             len(trainer.eval_data),
             "test" if silo.role == "evaluator" else "validation",
         )
-        return Agent(client, trainer, silo, settings, metrics, job.spec.peft.r).run()
+        return agent.run()
     except (DataError, ModelError, hardware.HardwareError, KeyError) as exc:
         log.error("%s", exc)
         return 2
     except ClientError as exc:
-        log.error("aggregator refused: %s", exc)
+        log.error("aggregator refused: %s; retrying cannot help, check this silo's configuration", exc)
         return 3
+    except httpx.TransportError as exc:  # only with a bounded FEDSILO_REQUEST_RETRIES
+        log.error("aggregator unreachable after %s retries: %s", settings.request_retries, exc)
+        return 4
     finally:
         client.close()

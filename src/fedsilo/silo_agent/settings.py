@@ -21,5 +21,17 @@ class SiloSettings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0: torch's default).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Serve this agent's /metrics here (0: off).")
     cache_dir: Path = Field(default=Path.home() / ".cache" / "fedsilo", description="Converted models and caches.")
-    poll_seconds: float = Field(default=0.2, gt=0, description="Wait between polls for the next round.")
-    request_retries: int = Field(default=8, ge=0, description="Retries (exponential backoff) per HTTP call.")
+    poll_seconds: float = Field(
+        default=0.2, gt=0, description="Least pause between two task polls that the aggregator answered `wait`."
+    )
+    long_poll_seconds: float = Field(
+        default=20.0, ge=0, le=30, description="How long the aggregator may hold a `wait` answer (0: plain polling)."
+    )
+    request_retries: int | None = Field(
+        default=None,
+        ge=0,
+        description="Retries per HTTP call before the agent gives up (unset: for ever, riding out any outage).",
+    )
+    backoff_cap_seconds: float = Field(
+        default=30.0, gt=0, description="Longest pause between two retries (exponential backoff, full jitter)."
+    )
