@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import httpx
@@ -61,6 +62,15 @@ def _setup(agg: AggregatorProcess, **spec: Any) -> tuple[Client, Client, Client]
     return admin, a, b
 
 
+def _wait_version(admin: Client, version: int, timeout: float = 20.0) -> m.JobStatus:
+    """Rounds close in the aggregator's background loop, not inside the last upload."""
+    deadline = time.monotonic() + timeout
+    while (status := admin.status()).version < version:
+        assert time.monotonic() < deadline, f"version {version} not produced: {status}"
+        time.sleep(0.05)
+    return status
+
+
 def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> None:
     admin, a, b = _setup(aggregator)
     assert a.task().action == "init"
@@ -72,6 +82,7 @@ def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> N
     a.put_update(1, to_bytes(_delta(1.0)), n_examples=30, train_seconds=1.0)
     assert admin.status().round == 1
     b.put_update(1, to_bytes(_delta(5.0)), n_examples=10, train_seconds=2.0)
+    _wait_version(admin, 1)
 
     v1 = from_bytes(a.adapter(1))
     expected = (30 * 1.0 + 10 * 5.0) / 40  # example-weighted mean delta = 2.0
@@ -88,7 +99,7 @@ def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> N
 
     for silo, scale in ((a, 0.0), (b, 0.0)):
         silo.put_update(2, to_bytes(_delta(scale)), n_examples=5, train_seconds=0.1)
-    assert admin.status().phase == "Succeeded"
+    assert _wait_version(admin, 2).phase == "Succeeded"
     assert a.task().action == "evaluate"  # the final adapter still needs its validation numbers
 
     metrics = httpx.get(f"{aggregator.url}/metrics").text
@@ -171,5 +182,6 @@ def test_restart_resumes_the_open_round(aggregator: AggregatorProcess) -> None:
     aggregator.start()
     assert admin.status().round == 1
     b.put_update(1, to_bytes(_delta(5.0)), n_examples=10, train_seconds=1.0)
+    _wait_version(admin, 1)
     v1 = from_bytes(a.adapter(1))
     assert torch.allclose(v1["classifier.weight"], _v0()["classifier.weight"] + 2.0)

@@ -10,26 +10,63 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import yaml
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from fedsilo.adapters import sha256
+from fedsilo.aggregator.acceptance import Incoming
+from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.errors import (
+    Conflict,
+    EngineError,
+    Fenced,
+    Forbidden,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
 from fedsilo.aggregator.metrics import Metrics
-from fedsilo.aggregator.rounds import ApiError, Engine, Incoming
+from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.settings import AggregatorSettings
-from fedsilo.aggregator.store import Blobs, make_sessions
+from fedsilo.aggregator.store import make_sessions
 from fedsilo.api import models as m
 
 log = logging.getLogger("fedsilo.aggregator")
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 SAFETENSORS = {"content": {m.SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
+# Domain error -> HTTP status; the most specific class wins (TooLarge before Invalid).
+STATUS: tuple[tuple[type[EngineError], int], ...] = (
+    (NotFound, 404),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (TooLarge, 413),
+    (Invalid, 422),
+    (Conflict, 409),
+    (Fenced, 503),
+)
+
+
+class ApiError(Exception):
+    """A refusal raised by the HTTP layer itself (authentication, body size)."""
+
+    def __init__(self, status: int, detail: str, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.reason = status, detail, reason
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison that also copes with non-ASCII input (compare digests)."""
+    return hmac.compare_digest(sha256(given.encode("utf-8", "surrogatepass")), sha256(expected.encode()))
 
 
 def get_engine(request: Request) -> Engine:
@@ -41,7 +78,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 
 def require_admin(request: Request, creds: Credentials) -> None:
     expected: str = request.app.state.settings.admin_token
-    if creds is None or not hmac.compare_digest(creds.credentials, expected):
+    if creds is None or not _same_secret(creds.credentials, expected):
         raise ApiError(401, "admin token required", "unauthorized")
 
 
@@ -59,7 +96,7 @@ def require_reader(
     x_fedsilo_silo: Annotated[str | None, Header()] = None,
 ) -> None:
     """The admin, or a silo of this job naming itself in X-Fedsilo-Silo."""
-    if creds is not None and hmac.compare_digest(creds.credentials, request.app.state.settings.admin_token):
+    if creds is not None and _same_secret(creds.credentials, request.app.state.settings.admin_token):
         return
     if creds is None or x_fedsilo_silo is None:
         raise ApiError(401, "admin token, or silo token with X-Fedsilo-Silo, required", "unauthorized")
@@ -123,8 +160,24 @@ def join(job: str, silo: str, body: m.JoinRequest, engine: EngineDep) -> m.JoinR
 
 
 @silos.get("/silos/{silo}/task", dependencies=[Silo])
-def task(job: str, silo: str, engine: EngineDep) -> m.Task:
-    return engine.task(job, silo)
+async def task(
+    job: str,
+    silo: str,
+    engine: EngineDep,
+    wait: Annotated[
+        float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds while the task is `wait`.")
+    ] = 0,
+) -> m.Task:
+    """The silo's next task. With `wait`, the answer comes as soon as it is not `wait` (no write per poll)."""
+    until = time.monotonic() + wait
+    while True:
+        seen = engine.changed
+        answer = await asyncio.to_thread(engine.task, job, silo)
+        if answer.action != "wait" or time.monotonic() >= until:
+            return answer
+        recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
+        while engine.changed == seen and time.monotonic() < min(until, recheck):
+            await asyncio.sleep(0.05)
 
 
 @silos.post("/silos/{silo}/metrics", status_code=204, dependencies=[Silo])
@@ -179,25 +232,54 @@ async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
 def create_app(settings: AggregatorSettings) -> FastAPI:
     """Build the app: store, blobs, engine and metrics are created here, once."""
     metrics = Metrics()
-    engine = Engine(make_sessions(settings.database_url), Blobs(settings.checkpoint_dir / "blobs"), metrics)
-    if settings.job_file is not None:
+    engine = Engine(
+        make_sessions(settings.database_url),
+        Blobs(settings.checkpoint_dir / "blobs"),
+        metrics,
+        lease_seconds=settings.lease_seconds,
+    )
+    startup: dict[str, Any] = {"ready": settings.job_file is None}
+
+    def ensure() -> None:
+        """Create or resume the job of FEDSILO_JOB_FILE; waits (not ready) while another aggregator serves it."""
+        if startup["ready"] or settings.job_file is None:
+            return
         document = yaml.safe_load(settings.job_file.read_text())
         tokens = json.loads(settings.silo_tokens_file.read_text()) if settings.silo_tokens_file else {}
-        engine.ensure_job(document, tokens)
+        try:
+            engine.ensure_job(document, tokens)
+        except Fenced as exc:
+            if not startup.get("told"):
+                log.warning("%s", exc.detail)
+                startup["told"] = True
+            return
+        startup["ready"] = True
+        engine.sweep()
+
+    ensure()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def ticker() -> None:
+            swept = time.monotonic()
             while True:
-                await asyncio.sleep(settings.tick_seconds)
+                await asyncio.to_thread(engine.wakeup.wait, settings.tick_seconds)
+                engine.wakeup.clear()
                 try:
-                    await asyncio.to_thread(engine.tick)
-                except Exception:  # keep ticking: one bad job must not stop deadlines of others
-                    log.exception("deadline tick failed")
+                    await asyncio.to_thread(ensure)
+                    await asyncio.to_thread(engine.renew_leases)
+                    await asyncio.to_thread(engine.tick)  # isolates jobs from each other
+                    if time.monotonic() - swept > 300:
+                        swept = time.monotonic()
+                        await asyncio.to_thread(engine.sweep)
+                except Exception:  # the store is unreachable: keep trying, never stop ticking
+                    log.exception("tick failed")
 
         task = asyncio.create_task(ticker())
         yield
         task.cancel()
+        with contextlib.suppress(Exception):
+            engine.release_leases()
 
     app = FastAPI(title="fedsilo aggregator", version="v1", lifespan=lifespan)
     app.state.settings = settings
@@ -211,6 +293,13 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(m.Problem(detail=exc.detail, reason=exc.reason).model_dump(), status_code=exc.status)
 
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        status = next(code for kind, code in STATUS if isinstance(exc, kind))
+        headers = {"Retry-After": "2"} if status == 503 else None
+        body = m.Problem(detail=exc.detail, reason=exc.reason).model_dump()
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         lines = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()]
@@ -221,9 +310,11 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    def readyz() -> dict[str, str]:
+    def readyz() -> Response:
         engine.job_names()  # the database answers
-        return {"status": "ready"}
+        if not startup["ready"]:
+            return JSONResponse({"status": "waiting for the job's lease"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["ops"])
     def prometheus_metrics() -> Response:

@@ -1,36 +1,52 @@
-"""The round engine: an explicit, persisted state machine per job.
+"""The round engine: the one place that changes a job, one fenced transaction at a time.
 
-Job phases: Pending -> Running -> Succeeded | Failed.
-Round states: open -> (aggregating) -> closed. Round r trains from global version r-1
-and produces version r; version 0 is the initial adapter uploaded by the first trainer.
-
-All state transitions happen under one lock and are committed to the store before the
-call returns; in-memory objects (`Live`) are caches rebuilt from the store on demand, so
-a restarted aggregator resumes an open round with the updates it had already accepted.
+Every change runs in `_write(job)`: lock the job's lease (see `lease.py`), change rows,
+commit, and only then touch memory, files and metrics (`Tx.on_commit`). In-memory state
+(`Live`: parsed spec, strategy, global adapter, accumulator) is derived from committed
+rows and dropped whenever a transaction that changed it rolls back, so a retry after any
+failure sees exactly what was committed and an accepted update counts exactly once.
+Rounds close in the background (`tick`), never inside an uploader's request.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import secrets
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedsilo import strategies
-from fedsilo.adapters import AdapterError, Schema, State, from_bytes, schema_of, sha256, to_bytes
+from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, sha256, to_bytes
+from fedsilo.aggregator import lease, reads
+from fedsilo.aggregator.acceptance import Incoming, accept, parse, refusal
+from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized
+from fedsilo.aggregator.lifecycle import (
+    Live,
+    Phase,
+    RoundState,
+    Tx,
+    immutable_changes,
+    round_complete,
+    update_weight,
+    with_aggregation,
+)
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
-    Blobs,
     EvaluationRow,
     JobRow,
+    LeaseRow,
     RoundRow,
     SiloRow,
     UpdateRow,
@@ -38,65 +54,156 @@ from fedsilo.aggregator.store import (
     aware,
     utcnow,
 )
-from fedsilo.aggregator.uploads import validate_initial, validate_update
+from fedsilo.aggregator.uploads import validate_initial
 from fedsilo.api import models as m
-from fedsilo.spec import FederatedJob, FederatedJobSpec, SpecError, parse_job
+from fedsilo.spec import FederatedJob, SpecError, dump_job, parse_job
 
+__all__ = ["Engine", "Incoming"]
 
-class ApiError(Exception):
-    """An error the HTTP layer turns into `status` with a Problem body."""
-
-    def __init__(self, status: int, detail: str, reason: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.reason = reason
+log = logging.getLogger("fedsilo.aggregator")
+SEEN_EVERY = timedelta(seconds=15)  # last_seen is written at most this often: polls stay read-only
 
 
 def token_hash(token: str) -> str:
-    return sha256(token.encode())
+    return sha256(token.encode("utf-8", "surrogatepass"))
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One silo's upload for one round, as it arrived (before any validation)."""
-
-    silo: str
-    round: int
-    data: bytes
-    claimed_sha256: str
-    n_examples: int
-    train_seconds: float | None = None
-    examples_seen: int | None = None
-
-
-@dataclass
-class Live:
-    """Per-job caches; always rebuildable from the store."""
-
-    job: FederatedJob
-    strategy: strategies.Strategy
-    schema: Schema | None = None
-    global_state: State | None = None
-    acc: Any = None
-    acc_round: int = 0
+def _received(s: Session, job: str, number: int) -> list[str]:
+    return list(s.scalars(select(UpdateRow.silo).where(UpdateRow.job == job, UpdateRow.round == number)))
 
 
 class Engine:
     def __init__(
-        self, sessions: sessionmaker[Session], blobs: Blobs, metrics: Metrics, clock: Callable[[], datetime] = utcnow
+        self,
+        sessions: sessionmaker[Session],
+        blobs: Blobs,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = utcnow,
+        *,
+        holder: str | None = None,
+        lease_seconds: float = 10.0,
     ) -> None:
-        self.sessions = sessions
-        self.blobs = blobs
-        self.metrics = metrics
-        self.clock = clock
+        self.sessions, self.blobs, self.metrics, self.clock = sessions, blobs, metrics, clock
+        self.holder = holder or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+        self.lease_seconds = lease_seconds
+        self.changed = 0  # bumped after every commit: long-polls wake on it
+        self.wakeup = threading.Event()  # set when a round is ready to aggregate
         self._lock = threading.RLock()
         self._live: dict[str, Live] = {}
+        self._epochs: dict[str, int] = {}  # leases this process holds
+        self._fenced_logged: set[str] = set()
+
+    # ---- the commit boundary ----------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._lock, self.sessions.begin() as session:
-            yield session
+    def _write(self, job: str) -> Iterator[Tx]:
+        """A fenced write transaction on `job`; memory, files and metrics follow its commit."""
+        with self._lock:
+            tx = Tx(s=None, now=self.clock())  # type: ignore[arg-type]
+            try:
+                with self.sessions.begin() as s:
+                    tx.s = s
+                    self._fence(tx, job)
+                    yield tx
+            except BaseException:
+                if tx.dirty:
+                    self._live.pop(job, None)
+                raise
+            self.changed += 1
+            for fn in tx.after:
+                try:
+                    fn()
+                except Exception:  # a side effect after commit must not turn success into failure
+                    log.exception("job %s: post-commit step failed", job)
+
+    def _fence(self, tx: Tx, job: str) -> None:
+        try:
+            claim = lease.fence(tx.s, job, self.holder, self._epochs.get(job), tx.now, self.lease_seconds)
+        except Fenced:
+            if self._epochs.pop(job, None) is not None:
+                log.error("job %s: lease lost to another aggregator; this one stops writing", job)
+            self._live.pop(job, None)
+            raise
+        if not claim.taken:
+            return
+        self._live.pop(job, None)  # another writer may have changed everything
+        tx.dirty = True
+        tx.on_commit(lambda: self._epochs.__setitem__(job, claim.epoch))
+        log.info("job %s: lease taken by %s (epoch %d)", job, self.holder, claim.epoch)
+        if claim.downtime is not None and claim.downtime > timedelta(seconds=2 * self.lease_seconds):
+            self._give_back(tx, job, claim.downtime)
+
+    def _give_back(self, tx: Tx, job: str, downtime: timedelta) -> None:
+        """Time nobody served the job does not count against the silos' deadlines."""
+        row = tx.s.get(JobRow, job)
+        if row is None or row.phase != Phase.RUNNING:
+            return
+        rnd = tx.s.get(RoundRow, (job, row.current_round))
+        if rnd is not None and rnd.state == RoundState.OPEN:
+            deadline = aware(rnd.deadline)
+            assert deadline is not None
+            rnd.deadline = deadline + downtime
+            log.warning(
+                "job %s: aggregator was down %.0fs; round %d deadline moved by that",
+                job,
+                downtime.total_seconds(),
+                rnd.number,
+            )
+
+    def renew_leases(self) -> None:
+        """Keep the leases this process holds; forget (and drop the state of) those it lost."""
+        for job in list(self._epochs):
+            try:
+                with self._write(job):
+                    pass
+            except Fenced:
+                pass  # `_fence` forgot the lease and the job's state
+
+    def release_leases(self) -> None:
+        """Graceful shutdown: let a successor take over without waiting for expiry."""
+        with self._lock, self.sessions.begin() as s:
+            for job, epoch in self._epochs.items():
+                lease.release(s, job, self.holder, epoch, self.clock())
+            self._epochs.clear()
+
+    # ---- in-memory state, derived from rows ---------------------------------------------
+
+    def _job(self, s: Session, name: str, lock: bool = False) -> JobRow:
+        row = s.get(JobRow, name, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"no job named {name!r}")
+        return row
+
+    def _live_for(self, s: Session, row: JobRow, with_acc: bool = False) -> Live:
+        live = self._live.get(row.name)
+        if live is None or live.document != row.document:
+            job = parse_job(row.document)
+            live = Live(
+                dict(row.document), job, strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params)
+            )
+            self._live[row.name] = live
+        if row.version >= 0 and (live.version != row.version or live.schema is None):
+            v, v0 = s.get(VersionRow, (row.name, row.version)), s.get(VersionRow, (row.name, 0))
+            assert v is not None and v0 is not None
+            state = from_bytes(self.blobs.get(v.sha256))
+            schema = live.schema or schema_of(state if v0 is v else from_bytes(self.blobs.get(v0.sha256)))
+            live.global_state, live.schema, live.version, live.acc = state, schema, row.version, None  # all or nothing
+        if with_acc and row.phase == Phase.RUNNING:
+            n = s.scalar(select(func.count()).where(UpdateRow.job == row.name, UpdateRow.round == row.current_round))
+            if live.acc is None or live.acc_round != row.current_round or live.acc.count != n:
+                live.acc, live.acc_round = self._rebuild_accumulator(s, row, live), row.current_round
+        return live
+
+    def _rebuild_accumulator(self, s: Session, row: JobRow, live: Live) -> Any:
+        """Fold exactly the committed updates of the current round, in a fixed order."""
+        assert live.global_state is not None
+        acc = live.strategy.accumulator(live.global_state)
+        query = select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == row.current_round)
+        for u in s.scalars(query.order_by(UpdateRow.silo)):
+            staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
+            weight = update_weight(u.n_examples, staleness, live.job.spec.aggregation)
+            live.strategy.add(acc, from_bytes(self.blobs.get(u.sha256)), weight)
+        return acc
 
     # ---- jobs -----------------------------------------------------------------------
 
@@ -106,45 +213,141 @@ class Engine:
         try:
             strategies.create(spec.aggregation.strategy, spec.aggregation.params)
         except ValueError as exc:
-            raise ApiError(422, f"spec.aggregation: {exc}", "invalid_spec") from None
+            raise Invalid(f"spec.aggregation: {exc}", "invalid_spec") from None
         names = {s.name for s in spec.silos}
-        unknown = sorted(set(tokens) - names)
-        if unknown:
-            raise ApiError(422, f"silo_tokens names silos not in the job: {unknown}", "invalid_spec")
-        short = sorted(n for n, t in tokens.items() if len(t) < 16)
-        if short:
-            raise ApiError(422, f"silo tokens must have at least 16 characters: {short}", "invalid_spec")
+        self._check_tokens(tokens, names)
         name = job.metadata.name
-        document = job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
-        with self._tx() as s:
-            existing = s.get(JobRow, name)
+        document = dump_job(job)
+        with self._write(name) as tx:
+            existing = tx.s.get(JobRow, name)
             if existing is not None:
-                if existing.document != document:
-                    raise ApiError(409, f"job {name!r} exists with a different spec", "conflict")
+                if document not in (existing.document, existing.pending_document):
+                    raise Conflict(f"job {name!r} exists with a different spec", "conflict")
                 return m.JobCreated(name=name, silo_tokens={}, created=False)
             issued = {n: tokens.get(n) or secrets.token_urlsafe(24) for n in sorted(names)}
-            s.add(JobRow(name=name, document=document, rounds=spec.training.rounds, created_at=self.clock()))
-            s.flush()
+            tx.s.add(JobRow(name=name, document=document, rounds=spec.training.rounds, created_at=tx.now))
+            tx.s.flush()
             for silo in spec.silos:
-                s.add(SiloRow(job=name, name=silo.name, role=silo.role, token_hash=token_hash(issued[silo.name])))
-        self.metrics.rounds_total_planned.labels(name).set(spec.training.rounds)
-        self.metrics.silos_joined.labels(name).set(0)
+                tx.s.add(SiloRow(job=name, name=silo.name, role=silo.role, token_hash=token_hash(issued[silo.name])))
+            tx.on_commit(lambda: self.metrics.rounds_total_planned.labels(name).set(spec.training.rounds))
+            tx.on_commit(lambda: self.metrics.silos_joined.labels(name).set(0))
         return m.JobCreated(name=name, silo_tokens=issued, created=True)
 
+    @staticmethod
+    def _check_tokens(tokens: dict[str, str], names: set[str]) -> None:
+        unknown = sorted(set(tokens) - names)
+        if unknown:
+            raise Invalid(f"silo_tokens names silos not in the job: {unknown}", "invalid_spec")
+        short = sorted(n for n, t in tokens.items() if len(t) < 16)
+        if short:
+            raise Invalid(f"silo tokens must have at least 16 characters: {short}", "invalid_spec")
+
     def patch_job(self, name: str, patch: m.PatchJob) -> m.JobStatus:
-        with self._tx() as s:
-            row = self._job(s, name)
-            if patch.rounds is not None:
-                if patch.rounds < row.current_round:
-                    raise ApiError(
-                        422, f"rounds={patch.rounds} is below the current round {row.current_round}", "invalid"
-                    )
-                row.rounds = patch.rounds
-                if row.phase == "Succeeded" and row.version < row.rounds:
-                    row.phase, row.finished_at = "Running", None
-                    self._open_round(s, row, row.version + 1)
-                self.metrics.rounds_total_planned.labels(name).set(row.rounds)
+        """Rounds, resume and spec changes, all in one transaction (see `PatchJob`)."""
+        with self._write(name) as tx:
+            row = self._job(tx.s, name, lock=True)
+            if patch.job is not None:
+                self._change_spec(tx, row, patch.job, patch.silo_tokens)
+            rounds = (
+                patch.rounds
+                if patch.rounds is not None
+                else (patch.job.spec.training.rounds if patch.job is not None else None)
+            )
+            if rounds is not None and rounds != row.rounds:
+                self._set_rounds(tx, row, rounds)
+            if patch.resume:
+                self._resume(tx, row)
         return self.status(name)
+
+    def _set_rounds(self, tx: Tx, row: JobRow, rounds: int) -> None:
+        if rounds < row.current_round:
+            raise Invalid(f"rounds={rounds} is below the current round {row.current_round}", "invalid")
+        row.rounds = rounds
+        if row.phase == Phase.SUCCEEDED and row.version < rounds:
+            row.phase, row.finished_at = Phase.RUNNING, None
+            self._open_round(tx, row, row.version + 1)
+        tx.on_commit(lambda: self.metrics.rounds_total_planned.labels(row.name).set(rounds))
+
+    def _resume(self, tx: Tx, row: JobRow) -> None:
+        """Failed -> Running: the failed round reopens with a new deadline and a fresh sample."""
+        if row.phase != Phase.FAILED:
+            raise Conflict(f"job {row.name!r} is {row.phase}, not Failed: nothing to resume", "not_failed")
+        spec = self._live_for(tx.s, row).job.spec
+        rnd = tx.s.get(RoundRow, (row.name, row.current_round))
+        row.phase, row.finished_at, row.message = Phase.RUNNING, None, ""
+        if rnd is None or rnd.state == RoundState.CLOSED:
+            self._open_round(tx, row, row.current_round + 1 if rnd is not None else 1)
+            return
+        received = _received(tx.s, row.name, rnd.number)
+        rnd.participants = sorted(set(received) | set(self._sample(tx.s, row, rnd.number)))
+        rnd.deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+        log.info("job %s: resumed at round %d", row.name, rnd.number)
+
+    def _change_spec(self, tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) -> None:
+        """Admit added silos, revoke removed ones; aggregation changes wait for the next round."""
+        if new.metadata.name != row.name:
+            raise Invalid(f"the document names job {new.metadata.name!r}, not {row.name!r}", "invalid_spec")
+        try:
+            strategies.create(new.spec.aggregation.strategy, new.spec.aggregation.params)
+        except ValueError as exc:
+            raise Invalid(f"spec.aggregation: {exc}", "invalid_spec") from None
+        current = parse_job(row.pending_document or row.document)
+        problems = immutable_changes(current.spec, new.spec)
+        if problems:
+            raise Invalid(
+                f"cannot change {', '.join(problems)} of a job that has started; create a new job", "immutable"
+            )
+        old_names = {s.name for s in current.spec.silos}
+        new_names = {s.name for s in new.spec.silos}
+        added, removed = new_names - old_names, old_names - new_names
+        missing = sorted(added - set(tokens))
+        if missing:
+            raise Invalid(f"silo_tokens must carry a token for every added silo: {missing}", "invalid_spec")
+        self._check_tokens({n: t for n, t in tokens.items() if n in added}, added)
+        for silo in new.spec.silos:
+            if silo.name in added:
+                existing = tx.s.get(SiloRow, (row.name, silo.name))
+                if existing is None:
+                    tx.s.add(
+                        SiloRow(job=row.name, name=silo.name, role=silo.role, token_hash=token_hash(tokens[silo.name]))
+                    )
+                else:  # re-added after a removal: a new token, a clean record
+                    existing.token_hash, existing.revoked_at, existing.role = (
+                        token_hash(tokens[silo.name]),
+                        None,
+                        silo.role,
+                    )
+        for name in removed:
+            silo_row = tx.s.get(SiloRow, (row.name, name))
+            if silo_row is not None:
+                silo_row.revoked_at = tx.now
+        in_force = parse_job(row.document).spec.aggregation
+        new_document = dump_job(new)
+        row.document = dump_job(with_aggregation(new, in_force))
+        row.pending_document = new_document if new_document != row.document else None
+        if row.phase in (Phase.PENDING, Phase.SUCCEEDED, Phase.FAILED) and row.pending_document is not None:
+            row.document, row.pending_document = row.pending_document, None
+        tx.dirty = True
+        if removed and row.phase == Phase.RUNNING:
+            self._drop_from_round(tx, row, removed)
+        log.info(
+            "job %s: spec changed (added %s, removed %s, aggregation change pending: %s)",
+            row.name,
+            sorted(added),
+            sorted(removed),
+            row.pending_document is not None,
+        )
+
+    def _drop_from_round(self, tx: Tx, row: JobRow, removed: set[str]) -> None:
+        rnd = tx.s.get(RoundRow, (row.name, row.current_round))
+        if rnd is None or rnd.state != RoundState.OPEN:
+            return
+        received = _received(tx.s, row.name, rnd.number)
+        rnd.participants = [p for p in rnd.participants if p not in removed or p in received]
+        spec = parse_job(row.document).spec
+        if received and round_complete(spec.aggregation, list(rnd.participants), received):
+            rnd.state = RoundState.AGGREGATING
+            tx.on_commit(self.wakeup.set)
 
     def document(self, name: str) -> dict[str, Any]:
         with self.sessions() as s:
@@ -154,102 +357,68 @@ class Engine:
         with self.sessions() as s:
             return list(s.scalars(select(JobRow.name)))
 
-    def _job(self, s: Session, name: str) -> JobRow:
-        row = s.get(JobRow, name)
-        if row is None:
-            raise ApiError(404, f"no job named {name!r}", "not_found")
-        return row
-
-    def _spec(self, row: JobRow) -> FederatedJobSpec:
-        """The job's spec, parsed once per process (the stored document never changes)."""
-        live = self._live.get(row.name)
-        return live.job.spec if live is not None else parse_job(row.document).spec
-
-    def _live_for(self, s: Session, row: JobRow) -> Live:
-        live = self._live.get(row.name)
-        if live is None:
-            job = parse_job(row.document)
-            live = Live(job, strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params))
-            self._live[row.name] = live
-        if live.global_state is None and row.version >= 0:
-            v = s.get(VersionRow, (row.name, row.version))
-            assert v is not None
-            live.global_state = from_bytes(self.blobs.get(v.sha256))
-            v0 = s.get(VersionRow, (row.name, 0))
-            assert v0 is not None
-            live.schema = schema_of(from_bytes(self.blobs.get(v0.sha256)))
-        if (row.phase == "Running" and live.acc is None) or (
-            live.acc is not None and live.acc_round != row.current_round
-        ):
-            live.acc, live.acc_round = self._rebuild_accumulator(s, row, live), row.current_round
-        return live
-
-    def _rebuild_accumulator(self, s: Session, row: JobRow, live: Live) -> Any:
-        assert live.global_state is not None
-        acc = live.strategy.accumulator(live.global_state)
-        if row.phase != "Running":
-            return acc
-        for u in s.scalars(select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == row.current_round)):
-            live.strategy.add(acc, from_bytes(self.blobs.get(u.sha256)), float(u.n_examples))
-        return acc
-
     # ---- silos ----------------------------------------------------------------------
 
     def authenticate(self, job: str, silo: str, token: str) -> None:
         with self.sessions() as s:
-            row = s.get(SiloRow, (job, silo))
             if s.get(JobRow, job) is None:
-                raise ApiError(404, f"no job named {job!r}", "not_found")
+                raise NotFound(f"no job named {job!r}")
+            row = s.get(SiloRow, (job, silo))
             if row is None or not hmac.compare_digest(row.token_hash, token_hash(token)):
-                raise ApiError(401, "invalid silo token", "unauthorized")
+                raise Unauthorized("invalid silo token")
+            if row.revoked_at is not None:
+                raise Unauthorized(f"silo {silo!r} was removed from job {job!r}", "revoked")
 
     def join(self, job: str, silo: str, req: m.JoinRequest) -> m.JoinResponse:
-        with self._tx() as s:
-            row = self._job(s, job)
-            silo_row = s.get(SiloRow, (job, silo))
+        with self._write(job) as tx:
+            row = self._job(tx.s, job, lock=True)
+            silo_row = tx.s.get(SiloRow, (job, silo))
             assert silo_row is not None
-            now = self.clock()
-            silo_row.joined_at = silo_row.joined_at or now
-            silo_row.last_seen = now
+            silo_row.joined_at = silo_row.joined_at or tx.now
+            silo_row.last_seen = tx.now
             silo_row.state = "joined"
             silo_row.n_train_examples, silo_row.n_eval_examples = req.n_train_examples, req.n_eval_examples
             silo_row.throughput = req.throughput_examples_per_second
-            s.flush()
-            self._maybe_start(s, row)
-            joined = s.scalars(select(SiloRow).where(SiloRow.job == job, SiloRow.joined_at.is_not(None))).all()
-            self.metrics.silos_joined.labels(job).set(len(joined))
-            live = self._live_for(s, row)
+            tx.s.flush()
+            self._maybe_start(tx, row)
+            joined = tx.s.scalar(select(func.count()).where(SiloRow.job == job, SiloRow.joined_at.is_not(None)))
+            tx.on_commit(lambda: self.metrics.silos_joined.labels(job).set(joined or 0))
+            live = self._live_for(tx.s, row)
             return m.JoinResponse(job=live.job, role=silo_row.role)  # type: ignore[arg-type]
 
     def task(self, job: str, silo: str) -> m.Task:
-        with self._tx() as s:
+        """What `silo` should do now. A read: it writes only when the silo's state changes."""
+        with self._lock, self.sessions() as s:
             row = self._job(s, job)
             silo_row = s.get(SiloRow, (job, silo))
             assert silo_row is not None
-            silo_row.last_seen = self.clock()
             if silo_row.joined_at is None:
-                raise ApiError(409, "join the job first", "not_joined")
+                raise Conflict("join the job first", "not_joined")
             task = self._task(s, row, silo_row)
-            if task.action == "train":
-                silo_row.state = "training"
-            elif task.action == "evaluate":
-                silo_row.state = "evaluating"
-            elif task.action == "done":
-                silo_row.state = "done"
-            return task
+            state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
+            now = self.clock()
+            stale = silo_row.last_seen is None or now - aware(silo_row.last_seen) > SEEN_EVERY  # type: ignore[operator]
+        if state != silo_row.state or stale:
+            try:
+                with self._write(job) as tx:
+                    tx.s.execute(
+                        update(SiloRow)
+                        .where(SiloRow.job == job, SiloRow.name == silo)
+                        .values(state=state, last_seen=tx.now)
+                    )
+            except Fenced:
+                pass  # bookkeeping only; the lease holder answers the silo's next call
+        return task
 
     def _evaluated(self, s: Session, job: str, silo: str, version: int) -> bool:
-        return any(
-            s.scalars(
-                select(EvaluationRow.split).where(
-                    EvaluationRow.job == job, EvaluationRow.silo == silo, EvaluationRow.version == version
-                )
-            )
+        query = select(EvaluationRow.split).where(
+            EvaluationRow.job == job, EvaluationRow.silo == silo, EvaluationRow.version == version
         )
+        return s.scalars(query).first() is not None
 
     def _task(self, s: Session, row: JobRow, silo: SiloRow) -> m.Task:
-        if row.phase == "Failed":
-            return m.Task(action="done")
+        if row.phase == Phase.FAILED:
+            return m.Task(action="wait", round=row.current_round, version=row.version)
         live = self._live_for(s, row)
         silo_spec = live.job.spec.silo(silo.name)
         if row.version < 0:
@@ -259,12 +428,12 @@ class Engine:
             for version in range(row.version + 1):
                 if not self._evaluated(s, row.name, silo.name, version):
                     return m.Task(action="evaluate", version=version)
-            return m.Task(action="done" if row.phase == "Succeeded" else "wait", version=row.version)
-        if row.phase == "Running":
+            return m.Task(action="done" if row.phase == Phase.SUCCEEDED else "wait", version=row.version)
+        if row.phase == Phase.RUNNING:
             rnd = s.get(RoundRow, (row.name, row.current_round))
             if (
                 rnd is not None
-                and rnd.state == "open"
+                and rnd.state == RoundState.OPEN
                 and silo.name in rnd.participants
                 and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
             ):
@@ -277,7 +446,7 @@ class Engine:
                     rank=silo_spec.rank,
                     local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
                 )
-        if row.phase == "Succeeded":
+        if row.phase == Phase.SUCCEEDED:
             if silo.n_eval_examples > 0 and not self._evaluated(s, row.name, silo.name, row.version):
                 return m.Task(action="evaluate", version=row.version)
             return m.Task(action="done", version=row.version)
@@ -286,24 +455,24 @@ class Engine:
     # ---- adapters -------------------------------------------------------------------
 
     def put_initial(self, job: str, silo: str, data: bytes) -> str:
-        with self._tx() as s:
-            row = self._job(s, job)
-            live = self._live_for(s, row)
-            limit = live.job.spec.aggregation.max_update_bytes
-            try:
-                state = validate_initial(data, limit)
-            except AdapterError as exc:
-                self.metrics.updates_rejected.labels(job, exc.reason).inc()
-                raise ApiError(422, str(exc), exc.reason) from None
-            existing = s.get(VersionRow, (job, 0))
+        with self.sessions() as s:
+            limit = self._live_for(s, self._job(s, job)).job.spec.aggregation.max_update_bytes
+        try:
+            state = validate_initial(data, limit)
+        except AdapterError as exc:
+            self.metrics.updates_rejected.labels(job, exc.reason).inc()
+            raise refusal(exc) from None
+        with self._write(job) as tx:
+            row = self._job(tx.s, job, lock=True)
+            existing = tx.s.get(VersionRow, (job, 0))
             if existing is not None:  # another trainer was first: same seed, so harmless
                 return existing.sha256
-            digest = self.blobs.put(to_bytes(state))
-            s.add(VersionRow(job=job, version=0, sha256=digest, n_bytes=len(data), created_at=self.clock()))
+            payload = to_bytes(state)
+            digest = self.blobs.put(payload)
+            tx.s.add(VersionRow(job=job, version=0, sha256=digest, n_bytes=len(payload), created_at=tx.now))
             row.version = 0
-            live.global_state, live.schema = state, schema_of(state)
-            s.flush()
-            self._maybe_start(s, row)
+            tx.s.flush()
+            self._maybe_start(tx, row)
             return digest
 
     def adapter(self, job: str, version: int) -> tuple[bytes, str]:
@@ -311,195 +480,247 @@ class Engine:
             self._job(s, job)
             v = s.get(VersionRow, (job, version))
             if v is None:
-                raise ApiError(404, f"job {job!r} has no adapter version {version}", "not_found")
+                raise NotFound(f"job {job!r} has no adapter version {version}")
             data = self.blobs.get(v.sha256)
         self.metrics.sent_bytes.labels(job).inc(len(data))
         return data, v.sha256
 
-    def submit_update(self, job: str, update: Incoming) -> m.UpdateAccepted:
-        with self._tx() as s:
-            row = self._job(s, job)
-            live = self._live_for(s, row)
-            try:
-                return self._accept(s, row, live, update)
-            except ApiError as exc:
-                self.metrics.updates_rejected.labels(job, exc.reason or "invalid").inc()
-                raise
+    def submit_update(self, job: str, up: Incoming) -> m.UpdateAccepted:
+        """Validate outside the lock, then accept inside one fenced transaction."""
+        try:
+            with self.sessions() as s:
+                row = self._job(s, job)
+                if row.version < 0:
+                    raise Conflict("the job has no initial adapter yet", "wrong_round")
+                with self._lock:
+                    live = self._live_for(s, row)
+                    schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+            assert schema is not None
+            delta = parse(up, schema, limit)
+            with self._write(job) as tx:
+                row = self._job(tx.s, job, lock=True)
+                live = self._live_for(tx.s, row, with_acc=True)
+                answer, complete = accept(tx, row, live, up, delta, self.blobs)
+                if not answer.duplicate:
+                    tx.on_commit(lambda: self._count_upload(job, up))
+                if complete:
+                    tx.on_commit(self.wakeup.set)
+            return answer
+        except EngineError as exc:
+            self.metrics.updates_rejected.labels(job, exc.reason).inc()
+            raise
 
-    def _accept(self, s: Session, row: JobRow, live: Live, update: Incoming) -> m.UpdateAccepted:
-        silo, round_, data, claimed_sha = update.silo, update.round, update.data, update.claimed_sha256
-        n_examples, train_seconds, examples_seen = update.n_examples, update.train_seconds, update.examples_seen
-        previous = s.get(UpdateRow, (row.name, round_, silo))
-        if previous is not None:
-            if previous.sha256 == claimed_sha.lower():
-                return m.UpdateAccepted(round=round_, sha256=previous.sha256, duplicate=True)
-            raise ApiError(409, f"silo {silo!r} already sent a different update for round {round_}", "duplicate")
-        rnd = s.get(RoundRow, (row.name, round_))
-        if row.phase != "Running" or rnd is None or rnd.state != "open" or round_ != row.current_round:
-            raise ApiError(
-                409, f"round {round_} is not open (current round {row.current_round}, {row.phase})", "wrong_round"
-            )
-        if silo not in rnd.participants:
-            raise ApiError(403, f"silo {silo!r} is not sampled for round {round_}", "not_participant")
-        if n_examples < 1:
-            raise ApiError(422, "X-Fedsilo-Examples must be a positive integer", "bad_examples")
-        assert live.schema is not None
-        try:
-            delta = validate_update(data, claimed_sha, live.schema, live.job.spec.aggregation.max_update_bytes)
-        except AdapterError as exc:
-            raise ApiError(422 if exc.reason != "too_large" else 413, str(exc), exc.reason) from None
-        try:
-            live.strategy.add(live.acc, delta, float(n_examples))
-        except AdapterError as exc:
-            raise ApiError(422, str(exc), exc.reason) from None
-        except ValueError as exc:
-            raise ApiError(422, str(exc), "rejected_by_strategy") from None
-        digest = self.blobs.put(data)
-        s.add(
-            UpdateRow(
-                job=row.name,
-                round=round_,
-                silo=silo,
-                sha256=digest,
-                n_examples=n_examples,
-                n_bytes=len(data),
-                train_seconds=train_seconds,
-                received_at=self.clock(),
-            )
-        )
-        silo_row = s.get(SiloRow, (row.name, silo))
-        assert silo_row is not None
-        silo_row.state, silo_row.rounds_completed = "uploaded", silo_row.rounds_completed + 1
-        if train_seconds and examples_seen:
-            silo_row.throughput = examples_seen / train_seconds
-        self.metrics.received_bytes.labels(row.name).inc(len(data))
-        self.metrics.updates_accepted.labels(row.name).inc()
-        self.metrics.silo_examples.labels(row.name, silo).set(n_examples)
-        if train_seconds is not None:
-            self.metrics.silo_train_seconds.labels(row.name, silo).set(train_seconds)
-        s.flush()
-        received = s.scalars(select(UpdateRow.silo).where(UpdateRow.job == row.name, UpdateRow.round == round_)).all()
-        if set(rnd.participants) <= set(received):
-            self._close_round(s, row, live, rnd)
-        return m.UpdateAccepted(round=round_, sha256=digest, duplicate=False)
+    def _count_upload(self, job: str, up: Incoming) -> None:
+        self.metrics.received_bytes.labels(job).inc(len(up.data))
+        self.metrics.updates_accepted.labels(job).inc()
+        self.metrics.silo_examples.labels(job, up.silo).set(up.n_examples)
+        if up.train_seconds is not None:
+            self.metrics.silo_train_seconds.labels(job, up.silo).set(up.train_seconds)
 
     # ---- round transitions ----------------------------------------------------------
 
-    def _maybe_start(self, s: Session, row: JobRow) -> None:
-        if row.phase != "Pending" or row.version < 0:
+    def _maybe_start(self, tx: Tx, row: JobRow) -> None:
+        if row.phase != Phase.PENDING or row.version < 0:
             return
-        spec = self._spec(row)
-        trainers = s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.role == "trainer")).all()
+        spec = parse_job(row.document).spec
+        trainers = tx.s.scalars(
+            select(SiloRow).where(SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.revoked_at.is_(None))
+        ).all()
         joined = [t for t in trainers if t.joined_at is not None]
-        waited = (self.clock() - aware(row.created_at)).total_seconds()  # type: ignore[operator]
+        waited = (tx.now - aware(row.created_at)).total_seconds()  # type: ignore[operator]
         everyone = len(joined) == len(trainers)
         if everyone or (len(joined) >= spec.aggregation.min_silos and waited >= spec.aggregation.round_timeout_seconds):
-            row.phase, row.started_at = "Running", self.clock()
-            self._open_round(s, row, 1)
+            row.phase, row.started_at = Phase.RUNNING, tx.now
+            self._open_round(tx, row, 1)
 
-    def _open_round(self, s: Session, row: JobRow, number: int) -> None:
-        spec = self._spec(row)
+    def _sample(self, s: Session, row: JobRow, number: int) -> list[str]:
+        spec = parse_job(row.document).spec
         joined = s.scalars(
             select(SiloRow.name).where(
-                SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.joined_at.is_not(None)
+                SiloRow.job == row.name,
+                SiloRow.role == "trainer",
+                SiloRow.joined_at.is_not(None),
+                SiloRow.revoked_at.is_(None),
             )
         ).all()
-        participants = strategies.sample_silos(
-            list(joined), spec.aggregation.fraction, spec.aggregation.min_silos, spec.training.seed, number
+        if spec.aggregation.mode == "async":
+            return sorted(joined)
+        return strategies.sample_silos(
+            sorted(joined), spec.aggregation.fraction, spec.aggregation.min_silos, spec.training.seed, number
         )
-        now = self.clock()
-        deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+
+    def _open_round(self, tx: Tx, row: JobRow, number: int) -> None:
+        if row.pending_document is not None:  # a changed aggregation takes effect here
+            old_strategy = parse_job(row.document).spec.aggregation.strategy
+            row.document, row.pending_document = row.pending_document, None
+            if parse_job(row.document).spec.aggregation.strategy != old_strategy:
+                row.server_state_sha = None  # another strategy's optimiser state means nothing
+            tx.dirty = True
+        spec = parse_job(row.document).spec
+        participants = self._sample(tx.s, row, number)
         plan: dict[str, Any] = {}
         if spec.aggregation.balance_workload and spec.training.local_steps:
-            rows = s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.name.in_(participants))).all()
+            rows = tx.s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.name.in_(participants))).all()
             plan["steps"] = strategies.assign_steps(
                 {r.name: r.throughput for r in rows}, spec.training.local_steps, spec.training.batch_size
             )
-        s.add(
+        deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+        tx.s.add(
             RoundRow(
                 job=row.name,
                 number=number,
-                state="open",
+                state=RoundState.OPEN,
                 participants=participants,
-                opened_at=now,
+                opened_at=tx.now,
                 deadline=deadline,
                 metrics=plan,
             )
         )
         row.current_round = number
-        live = self._live.get(row.name)
-        if live is not None and live.global_state is not None:
-            live.acc, live.acc_round = live.strategy.accumulator(live.global_state), number
-        self.metrics.round.labels(row.name).set(number)
-        self.metrics.silos_participating.labels(row.name).set(len(participants))
+        name = row.name
+        tx.on_commit(lambda: self.metrics.round.labels(name).set(number))
+        tx.on_commit(lambda: self.metrics.silos_participating.labels(name).set(len(participants)))
 
-    def _close_round(self, s: Session, row: JobRow, live: Live, rnd: RoundRow) -> None:
-        rnd.state = "aggregating"
+    def _close_round(self, tx: Tx, row: JobRow, rnd: RoundRow) -> None:
+        """Aggregate the round's committed updates into the next global adapter."""
+        live = self._live_for(tx.s, row, with_acc=True)
+        assert live.global_state is not None
         started = time.perf_counter()
         server_state: State = from_bytes(self.blobs.get(row.server_state_sha)) if row.server_state_sha else {}
-        assert live.global_state is not None
+        tx.dirty = True  # aggregate may consume the accumulator
         result = live.strategy.aggregate(live.global_state, live.acc, server_state)
         data = to_bytes(result.state)
         digest = self.blobs.put(data)
         if result.server_state:
             row.server_state_sha = self.blobs.put(to_bytes(result.server_state))
         seconds = time.perf_counter() - started
-        now = self.clock()
-        s.add(VersionRow(job=row.name, version=rnd.number, sha256=digest, n_bytes=len(data), created_at=now))
-        rnd.state, rnd.closed_at, rnd.aggregation_seconds = "closed", now, seconds
+        tx.s.add(VersionRow(job=row.name, version=rnd.number, sha256=digest, n_bytes=len(data), created_at=tx.now))
+        rnd.state, rnd.closed_at, rnd.aggregation_seconds = RoundState.CLOSED, tx.now, seconds
         rnd.metrics = {**(rnd.metrics or {}), **{k: float(v) for k, v in result.metrics.items()}}
         row.version = rnd.number
-        live.global_state, live.acc = result.state, None
-        for u in s.scalars(select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number)):
-            self.blobs.delete(u.sha256)
-        self.metrics.aggregation_duration.labels(row.name).observe(seconds)
-        self.metrics.round_duration.labels(row.name).observe((now - aware(rnd.opened_at)).total_seconds())  # type: ignore[operator]
-        if "lora_truncation_error" in result.metrics:
-            self.metrics.lora_truncation_error.labels(row.name).set(result.metrics["lora_truncation_error"])
+        updates = list(
+            tx.s.scalars(select(UpdateRow.sha256).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number))
+        )
         if rnd.number >= row.rounds:
-            row.phase, row.finished_at = "Succeeded", now
+            row.phase, row.finished_at = Phase.SUCCEEDED, tx.now
         else:
-            self._open_round(s, row, rnd.number + 1)
+            self._open_round(tx, row, rnd.number + 1)
+        name, number, opened = row.name, rnd.number, aware(rnd.opened_at)
+
+        def installed() -> None:
+            if live is self._live.get(name):
+                live.global_state, live.version, live.acc = result.state, number, None
+            self.metrics.aggregation_duration.labels(name).observe(seconds)
+            self.metrics.round_duration.labels(name).observe((tx.now - opened).total_seconds())  # type: ignore[operator]
+            if "lora_truncation_error" in result.metrics:
+                self.metrics.lora_truncation_error.labels(name).set(result.metrics["lora_truncation_error"])
+            log.info("job %s: round %d closed -> version %d (%.3fs aggregation)", name, number, number, seconds)
+
+        tx.on_commit(installed)
+        tx.on_commit(lambda: self._collect(updates))
+
+    @staticmethod
+    def _needed(s: Session) -> set[str]:
+        """Blobs a committed row still needs: versions, server state, updates of unclosed rounds.
+
+        Update rows of closed rounds stay as history, but their files are no longer needed.
+        """
+        open_updates = select(UpdateRow.sha256).join(
+            RoundRow, (RoundRow.job == UpdateRow.job) & (RoundRow.number == UpdateRow.round)
+        )
+        needed = set(s.scalars(open_updates.where(RoundRow.state != RoundState.CLOSED)))
+        needed |= set(s.scalars(select(VersionRow.sha256)))
+        needed |= {d for d in s.scalars(select(JobRow.server_state_sha)) if d}
+        return needed
+
+    def _collect(self, digests: list[str]) -> None:
+        """After a round's close committed: delete its update files nothing else needs."""
+        with self.sessions() as s:
+            needed = self._needed(s)
+        for digest in set(digests) - needed:
+            self.blobs.delete(digest)
+
+    def sweep(self, min_age_seconds: float = 600.0) -> int:
+        """Remove blob files no committed row needs (orphans of failed transactions or crashes)."""
+        with self.sessions() as s:
+            needed = self._needed(s)
+        removed = self.blobs.sweep(needed, min_age_seconds)
+        if removed:
+            log.info("swept %d unneeded blob file(s)", removed)
+        return removed
 
     def tick(self) -> None:
-        """Enforce deadlines and start conditions; called periodically by the server."""
+        """Close ready rounds, enforce deadlines and start conditions; each job on its own."""
         for name in self.job_names():
-            with self._tx() as s:
-                row = self._job(s, name)
-                if row.phase == "Pending":
-                    self._maybe_start(s, row)
-                if row.phase != "Running":
-                    continue
-                rnd = s.get(RoundRow, (name, row.current_round))
-                if rnd is None or rnd.state != "open" or self.clock() < aware(rnd.deadline):  # type: ignore[operator]
-                    continue
-                received = s.scalars(
-                    select(UpdateRow.silo).where(UpdateRow.job == name, UpdateRow.round == rnd.number)
-                ).all()
-                spec = self._spec(row)
-                for silo in set(rnd.participants) - set(received):
-                    late = s.get(SiloRow, (name, silo))
-                    if late is not None:
-                        late.state = "late"
-                if len(received) >= spec.aggregation.min_silos:
-                    self._close_round(s, row, self._live_for(s, row), rnd)
-                else:
-                    row.phase, row.finished_at = "Failed", self.clock()
-                    row.message = (
-                        f"round {rnd.number}: {len(received)} update(s) by the deadline, "
-                        f"aggregation.minSilos is {spec.aggregation.min_silos}"
-                    )
+            try:
+                self._tick_job(name)
+                self._fenced_logged.discard(name)
+            except Fenced as exc:
+                if name not in self._fenced_logged:
+                    log.warning("%s", exc.detail)
+                    self._fenced_logged.add(name)
+            except Exception:
+                log.exception("job %s: tick failed (other jobs go on)", name)
+
+    def _due(self, name: str) -> bool:
+        """A read-only look: does this job need a write now?"""
+        with self.sessions() as s:
+            row = self._job(s, name)
+            if row.phase == Phase.PENDING:
+                return row.version >= 0
+            if row.phase != Phase.RUNNING:
+                return False
+            rnd = s.get(RoundRow, (name, row.current_round))
+            return rnd is not None and (
+                rnd.state == RoundState.AGGREGATING
+                or (rnd.state == RoundState.OPEN and self.clock() >= aware(rnd.deadline))  # type: ignore[operator]
+            )
+
+    def _tick_job(self, name: str) -> None:
+        if not self._due(name):
+            return
+        with self._write(name) as tx:
+            row = self._job(tx.s, name, lock=True)
+            if row.phase == Phase.PENDING:
+                self._maybe_start(tx, row)
+            if row.phase != Phase.RUNNING:
+                return
+            rnd = tx.s.get(RoundRow, (name, row.current_round))
+            if rnd is None or rnd.state == RoundState.CLOSED:
+                return
+            if rnd.state == RoundState.OPEN:
+                if tx.now < aware(rnd.deadline):  # type: ignore[operator]
+                    return
+                self._deadline(tx, row, rnd)
+            if rnd.state == RoundState.AGGREGATING:
+                self._close_round(tx, row, rnd)
+
+    def _deadline(self, tx: Tx, row: JobRow, rnd: RoundRow) -> None:
+        spec = parse_job(row.document).spec
+        received = _received(tx.s, row.name, rnd.number)
+        for silo in set(rnd.participants) - set(received):
+            late = tx.s.get(SiloRow, (row.name, silo))
+            if late is not None:
+                late.state = "late"
+        if received and len(received) >= spec.aggregation.min_silos:
+            rnd.state = RoundState.AGGREGATING
+            return
+        row.phase, row.finished_at = Phase.FAILED, tx.now
+        row.message = (
+            f"round {rnd.number}: {len(received)} update(s) by the deadline, "
+            f'aggregation.minSilos is {spec.aggregation.min_silos}; resume with PATCH {{"resume": true}}'
+        )
+        log.error("job %s: %s", row.name, row.message)
 
     # ---- evaluations ----------------------------------------------------------------
 
     def submit_metrics(self, job: str, silo: str, report: m.MetricsReport) -> None:
-        with self._tx() as s:
-            row = self._job(s, job)
+        with self._write(job) as tx:
+            s = tx.s
+            self._job(s, job)
             if s.get(VersionRow, (job, report.version)) is None:
-                raise ApiError(409, f"version {report.version} does not exist yet", "wrong_version")
-            key = (job, report.version, silo, report.split)
-            existing = s.get(EvaluationRow, key)
-            if existing is None:
+                raise Conflict(f"version {report.version} does not exist yet", "wrong_version")
+            if s.get(EvaluationRow, (job, report.version, silo, report.split)) is None:
                 s.add(
                     EvaluationRow(
                         job=job,
@@ -510,142 +731,60 @@ class Engine:
                         accuracy=report.accuracy,
                         n_examples=report.n_examples,
                         extra={**report.extra, **({"generations": report.generations} if report.generations else {})},
-                        at=self.clock(),
+                        at=tx.now,
                     )
                 )
             silo_row = s.get(SiloRow, (job, silo))
             if silo_row is not None and silo_row.state == "evaluating":
                 silo_row.state = "joined"
             s.flush()
-            self.metrics.silo_loss.labels(job, silo, report.split).set(report.loss)
-            if report.accuracy is not None:
-                self.metrics.silo_accuracy.labels(job, silo, report.split).set(report.accuracy)
-            summary = self._version_summary(s, row.name, report.version)
-            if summary and report.version == self._latest_evaluated(s, row.name):
-                self.metrics.global_loss.labels(job, summary["split"]).set(summary["loss"])
-                if summary["accuracy"] is not None:
-                    self.metrics.global_accuracy.labels(job, summary["split"]).set(summary["accuracy"])
+            summary = reads.version_summary(s, job, report.version)
+            latest = report.version == reads.latest_evaluated(s, job)
+            tx.on_commit(lambda: self._publish_metrics(job, silo, report, summary if latest else None))
 
-    def _latest_evaluated(self, s: Session, job: str) -> int:
-        versions = s.scalars(select(EvaluationRow.version).where(EvaluationRow.job == job)).all()
-        return max(versions, default=-1)
-
-    def _version_summary(self, s: Session, job: str, version: int) -> dict[str, Any] | None:
-        """Test metrics (evaluators) when present, else the example-weighted validation mean."""
-        rows = s.scalars(select(EvaluationRow).where(EvaluationRow.job == job, EvaluationRow.version == version)).all()
-        for split in ("test", "validation"):
-            chosen = [r for r in rows if r.split == split]
-            if chosen:
-                n = sum(r.n_examples for r in chosen)
-                loss = sum(r.loss * r.n_examples for r in chosen) / n
-                accs = [r for r in chosen if r.accuracy is not None]
-                acc = None
-                if accs:
-                    acc = sum((r.accuracy or 0.0) * r.n_examples for r in accs) / sum(r.n_examples for r in accs)
-                extra: dict[str, float] = {}
-                for r in chosen:
-                    for k, v in (r.extra or {}).items():
-                        if isinstance(v, int | float):
-                            extra[k] = extra.get(k, 0.0) + v * r.n_examples / n
-                generations = {r.silo: r.extra["generations"] for r in chosen if "generations" in (r.extra or {})}
-                return {
-                    "split": split,
-                    "loss": loss,
-                    "accuracy": acc,
-                    "n_examples": n,
-                    "silos": len(chosen),
-                    "extra": extra,
-                    "generations": generations,
-                }
-        return None
+    def _publish_metrics(self, job: str, silo: str, report: m.MetricsReport, summary: dict[str, Any] | None) -> None:
+        self.metrics.silo_loss.labels(job, silo, report.split).set(report.loss)
+        if report.accuracy is not None:
+            self.metrics.silo_accuracy.labels(job, silo, report.split).set(report.accuracy)
+        if summary:
+            self.metrics.global_loss.labels(job, summary["split"]).set(summary["loss"])
+            if summary["accuracy"] is not None:
+                self.metrics.global_accuracy.labels(job, summary["split"]).set(summary["accuracy"])
 
     # ---- read models ----------------------------------------------------------------
 
     def status(self, job: str) -> m.JobStatus:
         with self.sessions() as s:
-            row = self._job(s, job)
-            latest = self._latest_evaluated(s, job)
-            summary = self._version_summary(s, job, latest) if latest >= 0 else None
-            silos = s.scalars(select(SiloRow).where(SiloRow.job == job).order_by(SiloRow.name)).all()
-            return m.JobStatus.model_validate(
-                dict(
-                    name=row.name,
-                    phase=row.phase,
-                    message=row.message,
-                    round=row.current_round,
-                    rounds=row.rounds,
-                    version=row.version,
-                    accuracy=summary["accuracy"] if summary else None,
-                    loss=summary["loss"] if summary else None,
-                    silos=[
-                        m.SiloStatus(
-                            name=x.name,
-                            role=x.role,
-                            state=x.state,
-                            joined=x.joined_at is not None,
-                            last_seen=aware(x.last_seen),
-                            rounds_completed=x.rounds_completed,
-                        )
-                        for x in silos
-                    ],
-                    created_at=aware(row.created_at),
-                    started_at=aware(row.started_at),
-                    finished_at=aware(row.finished_at),
-                )
-            )
+            return reads.status(s, self._job(s, job))
 
     def history(self, job: str) -> list[m.RoundInfo]:
         with self.sessions() as s:
             self._job(s, job)
-            out = []
-            for r in s.scalars(select(RoundRow).where(RoundRow.job == job).order_by(RoundRow.number)):
-                ups = s.scalars(select(UpdateRow).where(UpdateRow.job == job, UpdateRow.round == r.number)).all()
-                summary = self._version_summary(s, job, r.number) if r.state == "closed" else None
-                closed, opened = aware(r.closed_at), aware(r.opened_at)
-                trains = [u.train_seconds for u in ups if u.train_seconds is not None]
-                out.append(
-                    m.RoundInfo.model_validate(
-                        dict(
-                            round=r.number,
-                            state=r.state,
-                            participants=list(r.participants),
-                            updates=len(ups),
-                            examples=sum(u.n_examples for u in ups),
-                            bytes_received=sum(u.n_bytes for u in ups),
-                            opened_at=opened,
-                            closed_at=closed,
-                            duration_seconds=(closed - opened).total_seconds() if closed and opened else None,
-                            aggregation_seconds=r.aggregation_seconds,
-                            max_train_seconds=max(trains, default=None),
-                            accuracy=summary["accuracy"] if summary else None,
-                            loss=summary["loss"] if summary else None,
-                            split=summary["split"] if summary else None,
-                            metrics={**(r.metrics or {}), **(summary["extra"] if summary else {})},
-                        )
-                    )
-                )
-            return out
+            return reads.history(s, job)
 
     def evaluations(self, job: str) -> list[dict[str, Any]]:
-        """Per version: the summary the dashboards and the local runner show (never per-example data)."""
         with self.sessions() as s:
-            row = self._job(s, job)
-            out = []
-            for version in range(row.version + 1):
-                summary = self._version_summary(s, job, version)
-                if summary:
-                    out.append({"version": version, **summary})
-            return out
+            return reads.evaluations(s, self._job(s, job))
+
+    def lease_holder(self, job: str) -> str | None:
+        with self.sessions() as s:
+            row = s.get(LeaseRow, job)
+            return row.holder if row is not None else None
 
     def ensure_job(self, job_document: dict[str, Any], tokens: dict[str, str]) -> None:
-        """Create the job from a start-up file unless it exists (restart resumes it)."""
+        """Create the job from a start-up file unless it exists; a changed file is applied as a patch."""
         try:
             job = parse_job(job_document)
         except SpecError as exc:
             raise SystemExit(f"FEDSILO_JOB_FILE is not a valid FederatedJob:\n{exc}") from None
+        name = job.metadata.name
         with self.sessions() as s:
-            existing = s.get(JobRow, job.metadata.name)
+            existing = s.get(JobRow, name)
+            current = (existing.pending_document or existing.document) if existing is not None else None
         if existing is None:
             self.create_job(job, tokens)
-        elif job.spec.training.rounds != existing.rounds:
-            self.patch_job(job.metadata.name, m.PatchJob(rounds=job.spec.training.rounds))
+        elif current != dump_job(job):
+            self.patch_job(name, m.PatchJob(job=job, silo_tokens=tokens))
+        else:
+            with self._write(name):  # take the lease now: a second aggregator learns it at once
+                pass

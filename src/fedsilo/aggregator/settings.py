@@ -21,4 +21,10 @@ class AggregatorSettings(BaseSettings):
     job_file: Path | None = Field(default=None, description="FederatedJob YAML/JSON created (or resumed) at start-up.")
     silo_tokens_file: Path | None = Field(default=None, description="JSON {silo: token} for the job in job_file.")
     tick_seconds: float = Field(default=1.0, gt=0, description="How often round deadlines are checked.")
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A job's writer lease: a second aggregator on the same database waits this long after the "
+        "first one stops renewing it (crash) before taking over.",
+    )
     log_level: str = Field(default="info")

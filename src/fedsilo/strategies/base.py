@@ -47,7 +47,13 @@ def check_weight(weight: float) -> None:
 
 @dataclass
 class WeightedSum:
-    """Running sum of weight * delta: memory of one adapter whatever the silo count."""
+    """Running sum of weight * delta: memory of one adapter whatever the silo count.
+
+    The sum is kept in float64: a float32 delta times an integer weight is exact there, so
+    the float32 mean does not depend on the order updates arrived in (a round rebuilt
+    after a crash, in another order, yields the same adapter bit for bit, barring a sum
+    that lands within 2^-29 of a float32 rounding boundary).
+    """
 
     total: State = field(default_factory=dict)
     weight: float = 0.0
@@ -56,7 +62,7 @@ class WeightedSum:
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         check_weight(weight)
         for name, tensor in delta.items():
-            scaled = tensor.float() * weight
+            scaled = tensor.double() * weight
             if name in self.total:
                 self.total[name].add_(scaled)
             else:

@@ -1,0 +1,120 @@
+"""The upload-acceptance path: one silo's update for one round, exactly once.
+
+`parse` runs outside the engine lock (checksum, safetensors, finiteness); `accept` runs
+inside the job's write transaction: it decides duplicate / late / accepted, writes the
+blob (durable before its row), adds the row, and folds the delta into the accumulator as
+the very last step, marking the transaction dirty so a failed commit drops the fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from fedsilo.adapters import AdapterError, Schema, State, check_schema
+from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge
+from fedsilo.aggregator.lifecycle import Live, Phase, RoundState, Tx, round_complete, update_weight
+from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
+from fedsilo.aggregator.uploads import validate_update
+from fedsilo.api import models as m
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One silo's upload for one round, as it arrived (before any validation)."""
+
+    silo: str
+    round: int
+    data: bytes
+    claimed_sha256: str
+    n_examples: int
+    train_seconds: float | None = None
+    examples_seen: int | None = None
+
+
+def refusal(exc: AdapterError) -> Invalid:
+    return TooLarge(str(exc), exc.reason) if exc.reason == "too_large" else Invalid(str(exc), exc.reason)
+
+
+def parse(up: Incoming, schema: Schema, max_bytes: int) -> State:
+    """Every check that needs no job state: size, checksum, safetensors, names/shapes/dtypes, finite."""
+    if up.n_examples < 1:
+        raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
+    try:
+        return validate_update(up.data, up.claimed_sha256, schema, max_bytes)
+    except AdapterError as exc:
+        raise refusal(exc) from None
+
+
+def _previous(tx: Tx, job: str, up: Incoming) -> UpdateRow | None:
+    """The update this silo already sent for this round (sync) or from this base version (async)."""
+    found = tx.s.get(UpdateRow, (job, up.round, up.silo))
+    if found is None:
+        query = select(UpdateRow).where(
+            UpdateRow.job == job, UpdateRow.silo == up.silo, UpdateRow.base_version == up.round - 1
+        )
+        found = tx.s.scalars(query).first()
+    return found
+
+
+def accept(tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State, blobs: Blobs) -> tuple[m.UpdateAccepted, bool]:
+    """Accept `delta` into the job's open round; returns the answer and whether the round is now complete."""
+    previous = _previous(tx, row.name, up)
+    if previous is not None:
+        if previous.sha256 == up.claimed_sha256.lower():
+            return m.UpdateAccepted(round=previous.round, sha256=previous.sha256, duplicate=True), False
+        raise Conflict(f"silo {up.silo!r} already sent a different update for round {up.round}", "duplicate")
+    aggregation = live.job.spec.aggregation
+    rnd = tx.s.get(RoundRow, (row.name, row.current_round))
+    if row.phase != Phase.RUNNING or rnd is None or rnd.state != RoundState.OPEN:
+        raise Conflict(f"round {up.round} is not open (current round {row.current_round}, {row.phase})", "wrong_round")
+    staleness = row.current_round - up.round
+    if (aggregation.mode == "sync" and staleness != 0) or staleness < 0:
+        raise Conflict(f"round {up.round} is not open (current round {row.current_round})", "wrong_round")
+    if staleness > aggregation.max_staleness:
+        raise Conflict(
+            f"update trained from version {up.round - 1} is {staleness} versions stale "
+            f"(aggregation.maxStaleness is {aggregation.max_staleness})",
+            "stale",
+        )
+    if up.silo not in rnd.participants:
+        raise Forbidden(f"silo {up.silo!r} is not sampled for round {rnd.number}", "not_participant")
+    assert live.schema is not None and live.acc is not None
+    try:
+        check_schema(delta, live.schema)  # the schema the parse saw may predate a takeover
+    except AdapterError as exc:
+        raise refusal(exc) from None
+    digest = blobs.put(up.data)
+    tx.s.add(
+        UpdateRow(
+            job=row.name,
+            round=rnd.number,
+            silo=up.silo,
+            sha256=digest,
+            n_examples=up.n_examples,
+            n_bytes=len(up.data),
+            train_seconds=up.train_seconds,
+            received_at=tx.now,
+            base_version=up.round - 1,
+        )
+    )
+    silo_row = tx.s.get(SiloRow, (row.name, up.silo))
+    assert silo_row is not None
+    silo_row.state, silo_row.rounds_completed = "uploaded", silo_row.rounds_completed + 1
+    if up.train_seconds and up.examples_seen:
+        silo_row.throughput = up.examples_seen / up.train_seconds
+    tx.s.flush()
+    received = tx.s.scalars(select(UpdateRow.silo).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number))
+    complete = round_complete(aggregation, list(rnd.participants), list(received))
+    if complete:
+        rnd.state = RoundState.AGGREGATING
+    tx.dirty = True  # from here on the accumulator holds an uncommitted fold
+    try:
+        live.strategy.add(live.acc, delta, update_weight(up.n_examples, staleness, aggregation))
+    except AdapterError as exc:
+        raise refusal(exc) from None
+    except ValueError as exc:
+        raise Invalid(str(exc), "rejected_by_strategy") from None
+    return m.UpdateAccepted(round=rnd.number, sha256=digest, duplicate=False), complete
