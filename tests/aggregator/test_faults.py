@@ -135,10 +135,7 @@ def run_job(url: str, root: Path, faults: Faults) -> Engine:
             up = Incoming(name, round_, data, sha256(data), n)
             retry(lambda up=up: engine.submit_update("demo", up))
         for _ in range(10):  # the server loop: tick until the round has closed
-            try:
-                engine.tick()
-            except Injected:
-                pass
+            engine.tick()  # logs and isolates a job's failure; the next tick retries
             if engine.status("demo").version >= round_:
                 break
     return engine
