@@ -279,6 +279,21 @@ def test_a_restarted_silo_is_told_to_wait_not_to_retrain(aggregator: AggregatorP
     assert admin.rounds()[0].examples == 40
 
 
+def test_a_long_poll_returns_as_soon_as_the_task_changes(aggregator: AggregatorProcess) -> None:
+    _, a, b = _setup(aggregator)
+    a.put_update(1, _delta(1.0), 30, 1.0)
+    started = time.monotonic()
+    first = a.task(wait=0.5)
+    if first.action == "wait" and time.monotonic() - started < 0.3:
+        pytest.skip("this aggregator ignores ?wait= (no long polls yet); plain polling still works")
+    assert first.action == "wait" and time.monotonic() - started >= 0.5  # held, then still `wait`
+    threading.Timer(1.0, lambda: b.put_update(1, _delta(5.0), 10, 1.0)).start()
+    started = time.monotonic()
+    task = a.task(wait=20)
+    assert (task.action, task.round) == ("train", 2)
+    assert 0.9 <= time.monotonic() - started < 10  # answered when round 2 opened, not after 20 s
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_an_outage_of_several_seconds_is_ridden_out_and_counted_once(
     database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -161,7 +161,7 @@ class Client:
                 outage_started = reminded = now
                 limit = "for ever" if self.retries is None else f"up to {self.retries} times"
                 log.warning(
-                    "%s %s failed (%s): retrying %s, backoff up to %.0fs", method, url, failure, limit, self.backoff.cap
+                    "%s %s failed (%s): retrying %s, backoff up to %gs", method, url, failure, limit, self.backoff.cap
                 )
             elif now - reminded >= REMIND_EVERY:
                 reminded = now

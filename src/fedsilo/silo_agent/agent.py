@@ -153,7 +153,13 @@ class Agent:
             self.distiller = Distiller(self.trainer.model, config, self.trainer.training)
             log.info("fedkd: private teacher adapter of rank %d created (never uploaded)", config.teacher_rank)
         step_fn = self.distiller.step if self.distiller is not None else None
-        result = self.trainer.train(task.local_steps, extra_loss=self._strategy_hooks(task), step_fn=step_fn)
+        result = self.trainer.train(
+            task.local_steps,
+            extra_loss=self._strategy_hooks(task),
+            step_fn=step_fn,
+            round_=task.round,  # with silo and the starting adapter: a retrained round is bit-identical
+            silo=self.silo.name,
+        )
         trained = self.trainer.state()
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
