@@ -42,6 +42,11 @@ def _dns_label(value: str) -> str:
 DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pattern), AfterValidator(_dns_label)]
 
 
+# Strategies whose accumulator is a weighted sum of deltas: they stay correct when the deltas
+# of one buffer were trained from different global versions (aggregation.mode async).
+ASYNC_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "clipped-fedavg", "ffa-lora"})
+
+
 class Model(BaseModel):
     """Base of every spec model: camelCase in YAML, unknown fields rejected."""
 
@@ -327,6 +332,11 @@ class FederatedJobSpec(Model):
                 f"aggregation.minSilos={self.aggregation.min_silos} exceeds the {len(trainers)} trainer silos"
             )
         strategy, method = self.aggregation.strategy, self.peft.method
+        if self.aggregation.mode == "async" and strategy not in ASYNC_STRATEGIES:
+            raise ValueError(
+                f"aggregation.mode async needs a weighted-sum strategy ({', '.join(sorted(ASYNC_STRATEGIES))}); "
+                f"{strategy} needs every update of a round trained from the same global adapter"
+            )
         if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
             raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")
         if all(t.rank not in (None, self.peft.r) for t in trainers):

@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,8 +29,20 @@ class AggregatorProcess:
     checkpoint_dir: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra FEDSILO_* settings
 
     def start(self) -> None:
+        self.start_waiting()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                return
+            time.sleep(0.2)
+        raise TimeoutError("aggregator not ready")
+
+    def start_waiting(self) -> None:
+        """Start without waiting for readiness (a fenced aggregator is alive but not ready)."""
         env = {
             **os.environ,
             "FEDSILO_ADMIN_TOKEN": self.admin,
@@ -39,6 +51,7 @@ class AggregatorProcess:
             "FEDSILO_HOST": "127.0.0.1",
             "FEDSILO_PORT": self.url.rsplit(":", 1)[1],
             "FEDSILO_TICK_SECONDS": "0.2",
+            **self.env,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedsilo", "aggregator"],
@@ -50,11 +63,17 @@ class AggregatorProcess:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
+                httpx.get(f"{self.url}/healthz", timeout=2)
+                return
             except httpx.TransportError:
                 time.sleep(0.2)
-        raise TimeoutError("aggregator not ready")
+        raise TimeoutError("aggregator not up")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, the lease is left to expire."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(20)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

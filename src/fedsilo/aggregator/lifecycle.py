@@ -36,11 +36,6 @@ class RoundState(StrEnum):
     CLOSED = "closed"
 
 
-# Strategies whose accumulator is a weighted sum of deltas: they stay correct when the
-# deltas of one buffer were trained from different global versions (async mode).
-ASYNC_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "clipped-fedavg", "ffa-lora"})
-
-
 def buffer_size(aggregation: AggregationSpec) -> int:
     """Async mode: updates that trigger an aggregation."""
     return aggregation.buffer_size or aggregation.min_silos
