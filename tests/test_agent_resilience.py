@@ -7,11 +7,14 @@ rest drive a real aggregator process over real HTTP, including an outage of seve
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -22,8 +25,9 @@ import pytest
 import torch
 from tests.aggregator.conftest import AggregatorProcess, postgres_database
 from tests.conftest import job_document
+from tests.tiny_causal import build_model_folder, write_jsonl
 
-from fedsilo.adapters import to_bytes
+from fedsilo.adapters import from_bytes, to_bytes
 from fedsilo.api import models as m
 from fedsilo.api.client import Backoff, Client, ClientError, Outcome
 from fedsilo.local.runner import free_port
@@ -319,3 +323,77 @@ def test_an_outage_of_several_seconds_is_ridden_out_and_counted_once(
         assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO], [r.getMessage() for r in lines]
     finally:
         agg.stop()
+
+
+# ---- a real silo agent process, killed after its upload ------------------------------------
+
+
+def _agent(agg: AggregatorProcess, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FEDSILO_AGGREGATOR_URL": agg.url,
+        "FEDSILO_JOB": "demo",
+        "FEDSILO_SILO": "alpha",
+        "FEDSILO_TOKEN": TOKENS["alpha"],
+        "FEDSILO_DATA_ROOT": str(tmp_path),
+        "FEDSILO_TORCH_THREADS": "1",
+        "FEDSILO_LONG_POLL_SECONDS": "5",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsilo", "silo-agent"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+
+
+def _until(condition: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_killed_agent_resumes_without_retraining(aggregator: AggregatorProcess, tmp_path: Path) -> None:
+    """SIGKILL the agent once its round-1 update is in; the restarted one must not retrain round 1,
+    must do the evaluation that followed the upload, then carry on to the end of the job."""
+    model = build_model_folder(tmp_path / "model")
+    write_jsonl(tmp_path / "alpha.jsonl")
+    doc = job_document(
+        baseModel={"path": str(model)},
+        task={"type": "causal-lm"},
+        peft={"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+        training={"rounds": 2, "localSteps": 2, "batchSize": 4, "maxLength": 64},
+        silos=[
+            {"name": "alpha", "data": {"path": "alpha.jsonl", "validationSplit": 0.25}},
+            {"name": "beta", "data": {"path": "beta.jsonl"}},  # scripted below
+        ],
+    )
+    admin = Client(aggregator.url, "demo", aggregator.admin, retries=3)
+    admin.create_job(parse_job(doc), {n: TOKENS[n] for n in ("alpha", "beta")})
+    beta = Client(aggregator.url, "demo", TOKENS["beta"], "beta", retries=3)
+    beta.join(m.JoinRequest(n_train_examples=10, n_eval_examples=0))
+
+    first_log, second_log = tmp_path / "alpha-1.log", tmp_path / "alpha-2.log"
+    first = _agent(aggregator, tmp_path, first_log)
+    try:
+        _until(lambda: admin.rounds() and admin.rounds()[0].updates == 1, "alpha's round-1 update")
+    finally:
+        first.kill()
+        first.wait(20)
+    second = _agent(aggregator, tmp_path, second_log)
+    try:
+        _until(lambda: "resumed: round 1" in second_log.read_text(), "the restarted agent to resume")
+        _until(lambda: any(e["version"] == 0 for e in admin.evaluations()), "alpha's evaluation of version 0")
+        while (task := beta.task()).action != "done":
+            if task.action == "train":
+                zeros = {k: torch.zeros_like(v) for k, v in from_bytes(beta.adapter(task.version)).items()}
+                beta.put_update(task.round, to_bytes(zeros), 10, 0.1)
+            time.sleep(0.2)
+        assert second.wait(120) == 0, second_log.read_text()[-3000:]
+    finally:
+        second.kill()
+    text = second_log.read_text()
+    assert "round 1:" not in text and "round 2:" in text, text[-3000:]  # round 1 was not retrained
+    assert [(r.round, r.updates) for r in admin.rounds()] == [(1, 2), (2, 2)]
+    assert admin.status().phase == "Succeeded"

@@ -212,7 +212,7 @@ class Agent:
         while True:
             asked = time.monotonic()
             try:
-                task = self.client.task(wait=self.settings.long_poll_seconds)
+                task = self.client.task(wait=0 if self.resuming else self.settings.long_poll_seconds)
                 if self.resuming:
                     self.resuming = False
                     self._resume(task)
