@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from fedsilo.adapters import State
+from fedsilo.adapters import State, from_bytes, to_bytes
 from fedsilo.silo_agent.data import Encoded
+from fedsilo.silo_agent.distill import DistillConfig, Distiller
 from fedsilo.silo_agent.trainer import Trainer, round_seed
 from fedsilo.spec import TrainingSpec
 
@@ -113,3 +114,24 @@ def test_round_two_is_bit_identical_in_a_fresh_trainer(minilm: tuple[Any, Any, s
     restarted.train(round_=3, silo="north")
     assert any(not torch.equal(kept[k], v) for k, v in restarted.state().items())
     assert any(not torch.equal(global0[k], global1[k]) for k in global0)  # round 1 did train
+
+
+@pytest.mark.slow
+def test_fedkd_round_two_is_bit_identical_once_the_private_teacher_is_restored(minilm: tuple[Any, Any, str]) -> None:
+    config = DistillConfig(temperature=2.0, alpha=0.5, teacher_rank=4)
+    survivor = _trainer(minilm)
+    teacher = Distiller(survivor.model, config, survivor.training)
+    survivor.train(step_fn=teacher.step, round_=1, silo="north")
+    global1 = {k: v.clone() for k, v in survivor.state().items()}
+    saved = from_bytes(to_bytes(teacher.state_dict()))  # the silo-local file written after round 1
+    assert any(k.startswith("optim.") for k in saved)  # AdamW moments travel with the weights
+    survivor.load(global1)
+    survivor.train(step_fn=teacher.step, round_=2, silo="north")
+
+    restarted = _trainer(minilm)
+    restored = Distiller(restarted.model, config, restarted.training)
+    restored.load_state_dict(saved)
+    restarted.load(global1)
+    restarted.train(step_fn=restored.step, round_=2, silo="north")
+    _assert_identical(survivor.state(), restarted.state(), "FedKD student, round 2")
+    _assert_identical(teacher.state_dict(), restored.state_dict(), "FedKD teacher after round 2")

@@ -7,6 +7,11 @@ base model. Every step forwards the batch through both adapters, and each learns
 loss plus alpha * T^2 * KL(other || self) on temperature-softened predictions, the other's
 logits detached. The teacher is created once, kept across rounds and never uploaded; the
 student ("default") is the adapter the aggregator averages.
+
+The teacher is the one piece of a silo's training that outlives a round, so a restarted
+agent only retrains a round bit-identically if it restores the teacher (weights, AdamW
+moments, loss scale) as it was before that round: `Distiller.state_dict()` /
+`load_state_dict()` give it as flat tensors for a silo-local safetensors file.
 """
 
 from __future__ import annotations
@@ -121,6 +126,37 @@ class Distiller:
         self.scaler = torch.amp.GradScaler(device, enabled=training.precision == "fp16")
         self.teacher_loss = float("nan")  # of the latest step
         self._use(STUDENT, teacher_trainable=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher's whole training state as flat CPU tensors (never uploaded: silo-local files only)."""
+        out = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in self.teacher_params.items()}
+        index = {id(p): i for i, p in enumerate(self.teacher_params.values())}
+        for param, moments in self.optimizer.state.items():
+            for key, value in moments.items():
+                out[f"optim.{index[id(param)]}.{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
+        if self.scaler.is_enabled():
+            scaler = self.scaler.state_dict()
+            out["scaler.scale"] = torch.tensor(float(scaler.get("scale", 1.0)))
+            out["scaler.growth_tracker"] = torch.tensor(int(scaler.get("_growth_tracker", 0)))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (a teacher of the same rank on the same model)."""
+        params = list(self.teacher_params.items())
+        with torch.no_grad():
+            for name, param in params:
+                param.copy_(state[f"param.{name}"])
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                moments.setdefault(int(i), {})[name] = value
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        if self.scaler.is_enabled() and "scaler.scale" in state:
+            scaler = self.scaler.state_dict()
+            scaler.update(scale=float(state["scaler.scale"]), _growth_tracker=int(state["scaler.growth_tracker"]))
+            self.scaler.load_state_dict(scaler)
 
     def _use(self, adapter: str, teacher_trainable: bool) -> None:
         self.model.set_adapter(adapter)
