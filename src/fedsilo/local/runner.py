@@ -3,6 +3,10 @@
 It starts exactly the processes a cluster runs — `fedsilo aggregator` and one
 `fedsilo silo-agent` per silo — configured through the same environment variables,
 talking the same `/v1` API over loopback.
+
+Like Kubernetes, it restarts a child that dies (exponential backoff, at most
+`backoff_limit` restarts each; silo agents that exit 0 are done, exit codes 2 and 3 mean
+a restart cannot help). `runs/<job>/state/pids.json` always lists every child's pid and state.
 """
 
 from __future__ import annotations
