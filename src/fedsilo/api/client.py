@@ -90,6 +90,43 @@ class Backoff:
         return wait
 
 
+@dataclass
+class _Outage:
+    """One call's run of transient failures: logged when it starts, every few minutes, and when it ends."""
+
+    call: str
+    limit: str
+    retries: int = 0
+    started: float = 0.0
+    reminded: float = 0.0
+
+    def failed(self, failure: str, cap: float) -> None:
+        now = time.monotonic()
+        if self.retries == 0:
+            self.started = self.reminded = now
+            log.warning("%s failed (%s): retrying %s, backoff up to %gs", self.call, failure, self.limit, cap)
+        elif now - self.reminded >= REMIND_EVERY:
+            self.reminded = now
+            log.warning(
+                "aggregator still unreachable after %.0fs (%d retries; last: %s)",
+                now - self.started,
+                self.retries,
+                failure,
+            )
+        else:
+            log.debug("%s failed (%s): retry %d", self.call, failure, self.retries + 1)
+        self.retries += 1
+
+    def over(self) -> None:
+        if self.retries:
+            log.info(
+                "aggregator answers again after %.1fs (%d retries of %s)",
+                time.monotonic() - self.started,
+                self.retries,
+                self.call,
+            )
+
+
 class Client:
     """One job's view of the aggregator, as the admin or as one silo.
 
@@ -131,50 +168,25 @@ class Client:
 
         Returns 2xx/3xx answers (and 409 when `conflicts`); raises `ClientError` for other 4xx.
         """
-        attempt, outage_started, reminded = 0, 0.0, 0.0
+        outage = _Outage(f"{method} {url}", "for ever" if self.retries is None else f"up to {self.retries} times")
         while True:
-            response: httpx.Response | None = None
             try:
                 response = self.http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if self.retries is not None and attempt >= self.retries:
+                if self.retries is not None and outage.retries >= self.retries:
                     raise
-            if response is not None:
-                if not _transient(response.status_code):
-                    if attempt:
-                        log.info(
-                            "aggregator answers again after %.1fs (%d retries of %s %s)",
-                            time.monotonic() - outage_started,
-                            attempt,
-                            method,
-                            url,
-                        )
-                    if response.status_code < 400 or (conflicts and response.status_code == 409):
-                        return response
-                    raise _error(response)
-                if self.retries is not None and attempt >= self.retries:
-                    raise _error(response)
-                failure = f"HTTP {response.status_code}"
-            now = time.monotonic()
-            if attempt == 0:
-                outage_started = reminded = now
-                limit = "for ever" if self.retries is None else f"up to {self.retries} times"
-                log.warning(
-                    "%s %s failed (%s): retrying %s, backoff up to %gs", method, url, failure, limit, self.backoff.cap
-                )
-            elif now - reminded >= REMIND_EVERY:
-                reminded = now
-                log.warning(
-                    "aggregator still unreachable after %.0fs (%d retries; last: %s)",
-                    now - outage_started,
-                    attempt,
-                    failure,
-                )
-            delay = self.backoff.delay(attempt, self.rng, _retry_after(response) if response is not None else None)
-            log.debug("%s %s: retry %d in %.2fs (%s)", method, url, attempt + 1, delay, failure)
-            self.sleep(delay)
-            attempt += 1
+                outage.failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, self.backoff.cap)
+                self.sleep(self.backoff.delay(outage.retries - 1, self.rng))
+                continue
+            if not _transient(response.status_code):
+                outage.over()
+                if response.status_code < 400 or (conflicts and response.status_code == 409):
+                    return response
+                raise _error(response)
+            if self.retries is not None and outage.retries >= self.retries:
+                raise _error(response)
+            outage.failed(f"HTTP {response.status_code}", self.backoff.cap)
+            self.sleep(self.backoff.delay(outage.retries - 1, self.rng, _retry_after(response)))
 
     # admin
     def create_job(self, job: m.FederatedJob, silo_tokens: dict[str, str]) -> m.JobCreated:
