@@ -193,10 +193,18 @@ class Client:
         body = m.CreateJob(job=job, silo_tokens=silo_tokens).model_dump(mode="json", by_alias=True, exclude_none=True)
         return m.JobCreated.model_validate(self._request("POST", "/v1/jobs", json=body).json())
 
-    def patch_job(self, rounds: int) -> m.JobStatus:
-        return m.JobStatus.model_validate(
-            self._request("PATCH", f"/v1/jobs/{self.job}", json={"rounds": rounds}).json()
-        )
+    def patch_job(
+        self,
+        rounds: int | None = None,
+        *,
+        resume: bool = False,
+        job: m.FederatedJob | None = None,
+        silo_tokens: dict[str, str] | None = None,
+    ) -> m.JobStatus:
+        """Change rounds, resume a Failed job, or apply a changed job document (see `PatchJob`)."""
+        patch = m.PatchJob(rounds=rounds, resume=resume, job=job, silo_tokens=silo_tokens or {})
+        body = patch.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+        return m.JobStatus.model_validate(self._request("PATCH", f"/v1/jobs/{self.job}", json=body).json())
 
     # readers
     def status(self) -> m.JobStatus:
