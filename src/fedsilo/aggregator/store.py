@@ -1,8 +1,11 @@
 """Persistent state of the aggregator (SQLAlchemy 2): SQLite by default, PostgreSQL by URL.
 
 Everything needed to resume after a restart lives here or in the content-addressed
-blob folder (`Blobs`): jobs, silos, rounds, accepted updates, adapter versions and
-evaluations. Tokens are stored only as SHA-256 hashes.
+blob folder (`Blobs`): jobs, silos, rounds, accepted updates, adapter versions,
+evaluations and the leases that make one engine own a job. Tokens are stored only as
+SHA-256 hashes. The models below are the schema's source of truth; the database gets
+it through the Alembic revisions in `aggregator/migrations`, applied by `make_sessions`
+(a test fails when models and revisions disagree).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fedsilo.adapters import sha256
+from fedsilo.aggregator.migrations import upgrade
 
 
 def utcnow() -> datetime:
@@ -46,6 +50,7 @@ class JobRow(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     document: Mapped[dict[str, Any]]
+    pending_document: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # applied at the next round
     phase: Mapped[str] = mapped_column(String(16), default="Pending")
     message: Mapped[str] = mapped_column(String(1000), default="")
     rounds: Mapped[int]
@@ -71,6 +76,7 @@ class SiloRow(Base):
     n_train_examples: Mapped[int] = mapped_column(default=0)
     n_eval_examples: Mapped[int] = mapped_column(default=0)
     throughput: Mapped[float | None] = mapped_column(Float, default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class RoundRow(Base):
@@ -97,6 +103,7 @@ class UpdateRow(Base):
     n_examples: Mapped[int]
     n_bytes: Mapped[int]
     train_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    base_version: Mapped[int | None] = mapped_column(default=None)  # global version trained from (async mode)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -124,6 +131,21 @@ class EvaluationRow(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class LeaseRow(Base):
+    """Which engine process owns a job, until when; `epoch` grows with every new holder.
+
+    No foreign key to `jobs`: a lease may be taken before its job row exists.
+    """
+
+    __tablename__ = "leases"
+
+    job: Mapped[str] = mapped_column(String(63), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    epoch: Mapped[int]
+    expires_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+
+
 def make_engine(url: str) -> Engine:
     """Engine for `url`; SQLite gets WAL and foreign keys so it behaves like a real server."""
     if url.startswith("sqlite"):
@@ -141,8 +163,9 @@ def make_engine(url: str) -> Engine:
 
 
 def make_sessions(url: str) -> sessionmaker[Session]:
+    """Sessions on the store at `url`, after migrating its schema to the newest revision."""
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 
