@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tests.conftest import job_document
 from fedsilo.adapters import from_bytes, sha256, to_bytes
 from fedsilo.aggregator.acceptance import Incoming
 from fedsilo.aggregator.blobs import Blobs
-from fedsilo.aggregator.errors import EngineError
+from fedsilo.aggregator.errors import EngineError, Fenced
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.store import UpdateRow, VersionRow, make_sessions
@@ -185,3 +186,44 @@ def test_every_single_fault_point(database: Callable[[], str], tmp_path: Path) -
         except (AssertionError, EngineError, Injected) as exc:
             failures.append(f"{point}: {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_paused_writer_is_fenced_after_takeover(tmp_path: Path) -> None:
+    """Two engines on one SQLite store: the second takes over an expired lease; the first,
+    waking up (a long GC pause, SIGSTOP), can no longer write — its upload is refused
+    before anything changes — and the update it would have double-counted counts once."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    clock = lambda: now[0]  # noqa: E731
+    first = Engine(make_sessions(url), Blobs(tmp_path / "blobs"), Metrics(), clock, holder="first", lease_seconds=5)
+    second = Engine(make_sessions(url), Blobs(tmp_path / "blobs"), Metrics(), clock, holder="second", lease_seconds=5)
+    doc = job_document(
+        training={"rounds": 1, "localSteps": 1},
+        aggregation={"strategy": "fedavg", "minSilos": 2, "roundTimeoutSeconds": 600},
+        silos=[{"name": n, "data": {"path": f"{n}.csv"}} for n in ("alpha", "beta")],
+    )
+    first.create_job(parse_job(doc), {n: f"{n}-token-0123456789" for n in ("alpha", "beta")})
+    for name in ("alpha", "beta"):
+        first.join("demo", name, m.JoinRequest(n_train_examples=10, n_eval_examples=0))
+    first.put_initial("demo", "alpha", to_bytes(v0()))
+    data = to_bytes(delta("alpha", 1))
+    alpha = Incoming("alpha", 1, data, sha256(data), 10)
+    first.submit_update("demo", alpha)
+    with pytest.raises(Fenced):  # the lease is first's and still valid
+        second.submit_update("demo", alpha)
+
+    now[0] += timedelta(seconds=30)  # first is paused past its lease
+    assert second.submit_update("demo", alpha).duplicate  # second took over and sees alpha's committed update
+    with pytest.raises(Fenced):
+        first.submit_update("demo", alpha)
+    data = to_bytes(delta("beta", 1))
+    second.submit_update("demo", Incoming("beta", 1, data, sha256(data), 10))
+    second.tick()
+    assert second.status("demo").phase == "Succeeded"
+    first.tick()  # a fenced engine's tick changes nothing and does not raise
+    audit_round = from_bytes(second.blobs.path(second.adapter("demo", 1)[1]).read_bytes())
+    expected = {
+        k: v.float() + ((delta("alpha", 1)[k].double() + delta("beta", 1)[k].double()) / 2).float()
+        for k, v in v0().items()
+    }
+    assert all(torch.equal(audit_round[k], expected[k]) for k in expected)

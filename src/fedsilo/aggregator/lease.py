@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from fedsilo.aggregator.errors import Fenced
@@ -31,7 +32,10 @@ class Claim:
 
 def fence(s: Session, job: str, holder: str, held: int | None, now: datetime, seconds: float) -> Claim:
     """Check (and extend) this process's lease on `job` inside transaction `s`; raise Fenced if lost."""
-    lease = s.get(LeaseRow, job, with_for_update=True)
+    # A write first: SQLite (which ignores FOR UPDATE and starts a transaction only at the
+    # first write) then holds its write lock before anything is read, like the row lock below.
+    s.execute(update(LeaseRow).where(LeaseRow.job == job).values(epoch=LeaseRow.epoch))
+    lease = s.get(LeaseRow, job, with_for_update=True, populate_existing=True)
     expires = now + timedelta(seconds=seconds)
     if lease is None:
         s.add(LeaseRow(job=job, holder=holder, epoch=1, expires_at=expires, renewed_at=now))
