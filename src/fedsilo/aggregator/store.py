@@ -1,7 +1,7 @@
 """Persistent state of the aggregator (SQLAlchemy 2): SQLite by default, PostgreSQL by URL.
 
 Everything needed to resume after a restart lives here or in the content-addressed
-blob folder (`Blobs`): jobs, silos, rounds, accepted updates, adapter versions,
+blob folder (`blobs.py`): jobs, silos, rounds, accepted updates, adapter versions,
 evaluations and the leases that make one engine own a job. Tokens are stored only as
 SHA-256 hashes. The models below are the schema's source of truth; the database gets
 it through the Alembic revisions in `aggregator/migrations`, applied by `make_sessions`
@@ -11,14 +11,12 @@ it through the Alembic revisions in `aggregator/migrations`, applied by `make_se
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from fedsilo.adapters import sha256
 from fedsilo.aggregator.migrations import upgrade
 
 
@@ -167,30 +165,3 @@ def make_sessions(url: str) -> sessionmaker[Session]:
     engine = make_engine(url)
     upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
-
-
-class Blobs:
-    """Content-addressed files: `<root>/<sha256[:2]>/<sha256>.safetensors`, written atomically."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / f"{digest}.safetensors"
-
-    def put(self, data: bytes) -> str:
-        digest = sha256(data)
-        target = self.path(digest)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        return digest
-
-    def get(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
-
-    def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
