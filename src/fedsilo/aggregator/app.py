@@ -253,6 +253,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                 log.warning("%s", exc.detail)
                 startup["told"] = True
             return
+        except EngineError as exc:  # serve the stored job rather than crash-loop on a bad file
+            log.error("FEDSILO_JOB_FILE cannot be applied to the stored job: %s", exc.detail)
         startup["ready"] = True
         engine.sweep()
 
