@@ -34,7 +34,7 @@ from fedsilo.aggregator.store import UpdateRow, VersionRow, make_sessions
 from fedsilo.api import models as m
 from fedsilo.spec import parse_job
 
-SILOS = {"alpha": 10, "beta": 30, "gamma": 20}  # example counts
+SILOS = {"gamma": 20, "alpha": 10, "beta": 30}  # example counts; arrival order != the sorted rebuild order
 ROUNDS = 3
 
 
@@ -167,7 +167,7 @@ def audit(engine: Engine) -> None:
 
 def test_double_count_from_the_issue_is_gone(tmp_path: Path) -> None:
     """A failed blob write on A's first try used to fold A twice (1.667 instead of 2.0)."""
-    faults = Faults(target=("blob.put", 2))  # put #1 is the initial adapter, #2 alpha's first update
+    faults = Faults(target=("blob.put", 2))  # put #1 is the initial adapter, #2 the first silo's first update
     engine = run_job(f"sqlite:///{tmp_path / 'x.db'}", tmp_path / "blobs", faults)
     assert faults.fired
     audit(engine)

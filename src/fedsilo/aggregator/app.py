@@ -164,6 +164,7 @@ async def task(
     job: str,
     silo: str,
     engine: EngineDep,
+    request: Request,
     wait: Annotated[
         float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds while the task is `wait`.")
     ] = 0,
@@ -177,6 +178,8 @@ async def task(
             return answer
         recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
         while engine.changed == seen and time.monotonic() < min(until, recheck):
+            if await request.is_disconnected():  # nobody is waiting for the answer any more
+                return answer
             await asyncio.sleep(0.05)
 
 

@@ -278,6 +278,8 @@ def _aggregator_env(run_dir: Path, port: int, admin: str) -> dict[str, str]:
         "FEDSILO_JOB_FILE": str(run_dir / "job.json"),
         "FEDSILO_SILO_TOKENS_FILE": str(run_dir / "state" / "tokens.json"),
         "FEDSILO_LOG_LEVEL": "warning",
+        # one aggregator per run, supervised here: a restarted one waits only briefly for a killed one's lease
+        "FEDSILO_LEASE_SECONDS": "3",
     }
 
 
