@@ -26,7 +26,7 @@ from fedsilo.operator.crd import build_crd
 from fedsilo.operator.handlers import build_registry, reconcile
 from fedsilo.operator.kube import CHILD_KINDS, KubeClient
 from fedsilo.operator.settings import OperatorSettings
-from fedsilo.operator.tokens import tokens_from_secret
+from fedsilo.operator.tokens import decode, tokens_from_secret
 
 KUBECONFIG = os.environ.get("FEDSILO_TEST_KUBECONFIG")
 NS, NS_B = "fedsilo-test", "fedsilo-test-b"
@@ -54,20 +54,49 @@ def job_manifest() -> dict[str, Any]:
 
 @dataclass
 class FakeAggregator:
-    """The aggregator's /v1 admin API at the HTTP boundary."""
+    """The aggregator's /v1 admin API at the HTTP boundary.
+
+    It runs `document` (the job's FederatedJob document), answers spec changes and resumes
+    as the real one does (422 `immutable`, 409 `not_failed`), and is down (503) while
+    `available` is false.
+    """
 
     phase: str = "Running"
     round: int = 2
     rounds: int = 3
+    document: dict[str, Any] = field(default_factory=lambda: job_manifest())
     patches: list[dict[str, Any]] = field(default_factory=list)
     tokens_seen: set[str] = field(default_factory=set)
+    admitted: dict[str, str] = field(default_factory=dict)
+    available: bool = True
+    refused: int = 0  # requests answered 503 while down
+    immutable: str | None = None  # detail of a 422 answer to every spec change
+
+    def problem(self, status: int, detail: str, reason: str | None) -> httpx.Response:
+        return httpx.Response(status, json={"detail": detail, "reason": reason})
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.tokens_seen.add(request.headers.get("Authorization", ""))
+        if not self.available:
+            self.refused += 1
+            return self.problem(503, "aggregator restarting", None)
         if request.method == "PATCH":
             body = json.loads(request.content)
             self.patches.append(body)
-            self.rounds = body["rounds"]
+            if body.get("resume"):
+                if self.phase != "Failed":
+                    return self.problem(409, f"job demo is {self.phase}, not Failed", "not_failed")
+                self.phase = "Running"
+            if body.get("job"):
+                if self.immutable:
+                    return self.problem(422, self.immutable, "immutable")
+                self.document = body["job"]
+                self.rounds = body["job"]["spec"]["training"]["rounds"]
+                self.admitted.update(body.get("silo_tokens") or {})
+            if body.get("rounds"):
+                self.rounds = body["rounds"]
+        if request.url.path.endswith("/spec"):
+            return httpx.Response(200, json=self.document)
         silos = [
             {
                 "name": n,
@@ -77,7 +106,7 @@ class FakeAggregator:
                 "last_seen": "2026-01-01T00:00:05Z",
                 "rounds_completed": 1,
             }
-            for n in ("a", "b", "c")
+            for n in (s["name"] for s in self.document["spec"]["silos"])
         ]
         return httpx.Response(
             200,
@@ -114,10 +143,13 @@ class Cluster:
 
 
 class VersionedEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus a resourceVersion bumped on every write, as a real server does.
+    """kmock's emulator plus a resourceVersion bumped on every write (and metadata.generation
+    on every change of spec), as a real server does.
 
     kopf waits for the echo of its own patches by resourceVersion; without it, every
-    handler sees a stale body (and re-runs) until kopf's consistency timeout.
+    handler sees a stale body (and re-runs) until kopf's consistency timeout. JSON patches
+    carry kopf's resourceVersion test and are refused (422) when the object changed since,
+    so the operator's status writes (conditions merged into the freshest body) are checked.
     """
 
     _version = 1
@@ -128,12 +160,22 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             version = str(self._version)
             if isinstance(request.data, dict):
                 request.data.setdefault("metadata", {})["resourceVersion"] = version
-            elif isinstance(request.data, list):  # JSON patch: no optimistic-lock test here
-                request.data[:] = [
+                key = (request.resource, request.namespace, request.name)
+                if request.action == kmock.action.UPDATE and "spec" in request.data and key in self.objects:
+                    # A change of spec bumps metadata.generation, as a real server does.
+                    generation = self.objects[key].get("metadata", {}).get("generation") or 1
+                    request.data["metadata"]["generation"] = generation + 1
+            elif isinstance(request.data, list):  # JSON patch: the optimistic lock kopf relies on
+                key = (request.resource, request.namespace, request.name)
+                current = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
+                tests = [
                     op
                     for op in request.data
-                    if not (op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion")
+                    if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
                 ]
+                if any(op.get("value") != current for op in tests):
+                    raise kmock.KubernetesError(422, "Invalid", "the object has been modified")
+                request.data[:] = [op for op in request.data if op not in tests]
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
         elif request.action == kmock.action.DELETE and request.name is not None:
             # Soft deletion (finalizers) is a write too: the MODIFIED event needs a new version.
@@ -243,6 +285,10 @@ EXPECTED = [
 ]
 
 
+def document_in_configmap(config: dict[str, Any] | None) -> Any:
+    return yaml.safe_load((config or {}).get("data", {}).get("job.yaml", "{}"))
+
+
 def stale_silo_deployment() -> dict[str, Any]:
     """A silo agent Deployment as an older operator made it (now replaced by a Job)."""
     labels = {naming.LABEL_JOB: "demo", naming.LABEL_JOB_NAMESPACE: NS, naming.LABEL_SILO: "a"}
@@ -340,9 +386,15 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
         async def rounds_applied() -> bool:
             config = await kube.get("v1", "ConfigMap", NS, "demo-job") or {}
             document = yaml.safe_load(config.get("data", {}).get("job.yaml", "{}"))
-            return {"rounds": 5} in fake.patches and document["spec"]["training"]["rounds"] == 5
+            return fake.rounds == 5 and document["spec"]["training"]["rounds"] == 5
 
         await eventually(rounds_applied, "rounds=5 at the aggregator and in the ConfigMap")
+        # The whole document (the ConfigMap's) goes to the aggregator; no silo was added.
+        sent = [p for p in fake.patches if "job" in p]
+        assert sent[-1] == {
+            "job": document_in_configmap(await kube.get("v1", "ConfigMap", NS, "demo-job")),
+            "silo_tokens": {},
+        }
         assert (await snapshot(kube))[("Secret", NS, "demo-tokens")] == before[("Secret", NS, "demo-tokens")]
 
         # 5. Completion: phase, condition, completion time, an Event.
@@ -394,3 +446,214 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_operator_lifecycle(backend: Any) -> None:
     asyncio.run(scenario(backend))
+
+
+# ---- spec changes and resumes reach the aggregator (kmock: Job status is set by hand) ----
+
+
+def posted_events(emulator: kmock.KubernetesEmulator) -> list[dict[str, Any]]:
+    """The Events the operator posted (kopf posts them in the background)."""
+    return [r.data for r in emulator[kmock.resource("v1/events")] if r.method == "POST"]
+
+
+async def condition(cluster: Cluster, type_: str) -> dict[str, Any]:
+    status = ((await cluster.job()) or {}).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+async def all_children_of(kube: KubeClient) -> bool:
+    return all([await kube.get(a, k, ns, n) for a, k, ns, n in EXPECTED])
+
+
+def silo(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "data": {"path": f"{name}.csv"}, **extra}
+
+
+async def silos_added_and_removed() -> None:
+    fake = FakeAggregator()
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, OperatorSettings(poll_seconds=0.3)):
+        kube, emulator = cluster.kube, cluster.emulator
+        assert emulator is not None
+        await cluster.create_job(job_manifest())
+        await eventually(lambda: all_children_of(kube), "all children")
+        before = tokens_from_secret(await kube.get("v1", "Secret", NS, "demo-tokens"))
+        assert before is not None
+
+        # Silo b leaves, silo d joins (in the job's namespace).
+        silos = [silo("a", volume={"emptyDir": True}), silo("c", external=True), silo("d")]
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"silos": silos}})
+
+        async def applied() -> dict[str, Any] | None:
+            found = await condition(cluster, "SpecApplied")
+            return found if found.get("status") == "True" else None
+
+        found = await applied_condition(applied)
+        assert found["observedGeneration"] == 2 and found["reason"] == "Applied"
+        tokens = tokens_from_secret(await kube.get("v1", "Secret", NS, "demo-tokens"))
+        assert tokens is not None and set(tokens.silos) == {"a", "c", "d"}
+        assert tokens.admin == before.admin and tokens.silos["a"] == before.silos["a"]
+        sent = [p for p in fake.patches if "job" in p]
+        assert sent[-1]["silo_tokens"] == {"d": tokens.silos["d"]}
+        assert [s["name"] for s in sent[-1]["job"]["spec"]["silos"]] == ["a", "c", "d"]
+        assert sent[-1]["job"] == document_in_configmap(await kube.get("v1", "ConfigMap", NS, "demo-job"))
+        assert fake.admitted == {"d": tokens.silos["d"]}
+
+        # d gets its token Secret and Job; b's are gone.
+        async def children_follow() -> bool:
+            return (
+                await kube.get("v1", "Secret", NS, "demo-silo-d-token") is not None
+                and await kube.get("batch/v1", "Job", NS, "demo-silo-d") is not None
+                and await kube.get("v1", "Secret", NS_B, "demo-silo-b-token") is None
+                and await kube.get("batch/v1", "Job", NS_B, "demo-silo-b") is None
+            )
+
+        await eventually(children_follow, "silo d's children created, silo b's deleted")
+        d_secret = await kube.get("v1", "Secret", NS, "demo-silo-d-token") or {}
+        assert decode(d_secret["data"]["token"]) == tokens.silos["d"]
+
+        async def applied_event() -> list[dict[str, Any]]:
+            return [e for e in posted_events(emulator) if e.get("reason") == "SpecApplied"]
+
+        (event,) = await eventually(applied_event, "a SpecApplied Event")
+        assert event["type"] == "Normal"
+        assert "silos added: d" in event["message"] and "silos removed: b" in event["message"]
+
+
+async def applied_condition(check: Callable[[], Awaitable[Any]]) -> Any:
+    return await eventually(check, "SpecApplied=True")
+
+
+async def refused_then_unreachable() -> None:
+    fake = FakeAggregator()
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, OperatorSettings(poll_seconds=0.3)):
+        kube, emulator = cluster.kube, cluster.emulator
+        assert emulator is not None
+        await cluster.create_job(job_manifest())
+        await eventually(lambda: all_children_of(kube), "all children")
+
+        # 1. A change the aggregator cannot apply mid-job: refused, visible, not retried.
+        fake.immutable = "spec.peft.r cannot change while the job runs"
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 16}}})
+
+        async def refused() -> dict[str, Any] | None:
+            found = await condition(cluster, "SpecApplied")
+            return found if found.get("status") == "False" else None
+
+        found = await eventually(refused, "SpecApplied=False")
+        assert found["reason"] == "Immutable" and found["message"] == fake.immutable
+        assert found["observedGeneration"] == 2
+
+        async def warning() -> list[dict[str, Any]]:
+            return [e for e in posted_events(emulator) if e.get("reason") == "Immutable"]
+
+        (event,) = await eventually(warning, "an Immutable Warning Event")
+        assert event["type"] == "Warning" and event["message"] == fake.immutable
+        attempts = len([p for p in fake.patches if "job" in p])
+        await asyncio.sleep(1.0)
+        assert len([p for p in fake.patches if "job" in p]) == attempts == 1  # no retry
+
+        # 2. The admin reverts it and raises rounds while the aggregator is down: retried until up.
+        fake.immutable, fake.available = None, False
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 8}, "training": {"rounds": 7}}})
+
+        async def unknown() -> dict[str, Any] | None:
+            found = await condition(cluster, "SpecApplied")
+            return found if found.get("status") == "Unknown" else None
+
+        found = await eventually(unknown, "SpecApplied=Unknown")
+        assert found["reason"] == "AggregatorUnreachable" and found["observedGeneration"] == 3
+        spec_reads = len(fake.patches)
+        await asyncio.sleep(1.5)  # backoff 0.3 s, 0.6 s, ...: at least two more tries
+        assert fake.refused >= 3 and not [p for p in fake.patches[spec_reads:] if "job" in p]
+        fake.available = True
+
+        async def applied() -> dict[str, Any] | None:
+            found = await condition(cluster, "SpecApplied")
+            return found if found.get("status") == "True" and found.get("observedGeneration") == 3 else None
+
+        await eventually(applied, "SpecApplied=True for generation 3")
+        assert fake.rounds == 7
+        assert fake.patches[-1]["job"]["spec"]["peft"]["r"] == 8
+
+
+async def finish(kube: KubeClient, namespace: str, name: str, how: str) -> None:
+    """Mark a silo Job finished, as the Job controller would (`how`: `Failed` or `Complete`)."""
+    conditions = [{"type": how, "status": "True"}]
+    await kube.patch("batch/v1", "Job", namespace, name, {"status": {"conditions": conditions}})
+
+
+async def resume_by_annotation() -> None:
+    fake = FakeAggregator(phase="Failed")
+    settings = OperatorSettings(poll_seconds=0.3)
+    async with kmock_cluster() as cluster:
+        kube, emulator = cluster.kube, cluster.emulator
+        assert emulator is not None
+
+        def resumes() -> list[dict[str, Any]]:
+            return [p for p in fake.patches if p.get("resume")]
+
+        async def request(value: str) -> dict[str, Any] | None:
+            status = ((await cluster.job()) or {}).get("status") or {}
+            handled = status.get("resumeRequest") or {}
+            return handled if handled.get("value") == value else None
+
+        async with running_operator(cluster, fake, settings):
+            await cluster.create_job(job_manifest())
+            await eventually(lambda: all_children_of(kube), "all children")
+
+            async def failed() -> bool:
+                return ((await cluster.job()) or {}).get("status", {}).get("phase") == "Failed"
+
+            await eventually(failed, "phase Failed")
+            # Silo a's Job gave up (backoffLimit) while the job was Failed; silo b's agent waits.
+            await finish(kube, NS, "demo-silo-a", "Failed")
+
+            await kube.patch(*JOB_API, NS, "demo", {"metadata": {"annotations": {"fedsilo.io/resume": "1"}}})
+            handled = await eventually(lambda: request("1"), "resumeRequest 1 handled")
+            assert handled["outcome"] == "Resumed"
+            assert resumes() == [{"resume": True}]
+            deleted = [(r.namespace, r.name) for r in job_requests(emulator, "DELETE")]
+            assert deleted == [(NS, "demo-silo-a")]
+            job = await kube.get("batch/v1", "Job", NS, "demo-silo-a")  # created again, fresh
+            assert job is not None and not (job.get("status") or {}).get("conditions")
+
+            async def resumed_event() -> list[dict[str, Any]]:
+                return [e for e in posted_events(emulator) if e.get("reason") == "Resumed"]
+
+            (event,) = await eventually(resumed_event, "a Resumed Event")
+            assert event["type"] == "Normal" and "demo-silo-a" in event["message"]
+
+        # An operator restart does not resume again: the value is recorded in status.
+        async with running_operator(cluster, fake, settings):
+            await eventually(lambda: all_children_of(kube), "all children")
+            await asyncio.sleep(1.5)  # several timer intervals
+            assert resumes() == [{"resume": True}]
+
+            # A new value while the job runs: the aggregator says not Failed; noted, not retried.
+            await kube.patch(*JOB_API, NS, "demo", {"metadata": {"annotations": {"fedsilo.io/resume": "2"}}})
+            handled = await eventually(lambda: request("2"), "resumeRequest 2 handled")
+            assert handled["outcome"] == "NotFailed" and "not Failed" in handled["message"]
+
+            async def not_resumed() -> list[dict[str, Any]]:
+                return [e for e in posted_events(emulator) if e.get("reason") == "NotResumed"]
+
+            (event,) = await eventually(not_resumed, "a NotResumed Event")
+            assert event["type"] == "Normal"
+            await asyncio.sleep(1.0)
+            assert len(resumes()) == 2
+            assert len(job_requests(emulator, "DELETE")) == 1  # no silo Job restarted this time
+
+
+@pytest.mark.timeout(120)
+def test_added_silo_gets_a_token_and_removed_silo_loses_it() -> None:
+    asyncio.run(silos_added_and_removed())
+
+
+@pytest.mark.timeout(120)
+def test_refused_change_is_visible_and_unreachable_aggregator_is_retried() -> None:
+    asyncio.run(refused_then_unreachable())
+
+
+@pytest.mark.timeout(120)
+def test_resume_annotation_resumes_once_and_restarts_silo_jobs_that_gave_up() -> None:
+    asyncio.run(resume_by_annotation())

@@ -6,6 +6,7 @@ NetworkPolicies live in `policies.py`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -40,9 +41,7 @@ def tokens_secret(job: FederatedJob, uid: str, tokens: Tokens) -> Manifest:
     }
 
 
-def silo_token_secret(
-    job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str
-) -> Manifest:
+def silo_token_secret(job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str) -> Manifest:
     """One silo's token (in the silo's namespace), with what the agent needs to join."""
     namespace = naming.silo_namespace(job, silo)
     name = naming.silo_token_secret_name(job, silo)
@@ -56,10 +55,15 @@ def silo_token_secret(
     }
 
 
+def job_document(job: FederatedJob) -> dict[str, Any]:
+    """The job document the aggregator runs: in the ConfigMap and in every spec change."""
+    return dump_job(job)
+
+
 def job_configmap(job: FederatedJob, uid: str) -> Manifest:
     """The job document the aggregator creates (or resumes) at start-up."""
     name = naming.job_configmap_name(job)
-    text = yaml.safe_dump(dump_job(job), sort_keys=False)
+    text = yaml.safe_dump(job_document(job), sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -143,9 +147,7 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def _deployment(
-    meta: Manifest, selector: dict[str, str], pod_labels: dict[str, str], pod: Manifest
-) -> Manifest:
+def _deployment(meta: Manifest, selector: dict[str, str], pod_labels: dict[str, str], pod: Manifest) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -284,9 +286,7 @@ def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSett
         "imagePullPolicy": settings.image_pull_policy,
         "args": ["silo-agent"],
         "env": env,
-        "ports": [
-            {"name": "metrics", "containerPort": settings.silo_metrics_port, "protocol": "TCP"}
-        ],
+        "ports": [{"name": "metrics", "containerPort": settings.silo_metrics_port, "protocol": "TCP"}],
         "resources": container_resources(silo.resources),
         "securityContext": _security_context(),
         "volumeMounts": mounts,
@@ -301,9 +301,7 @@ def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSett
     if silo.node_selector:
         pod["nodeSelector"] = dict(silo.node_selector)
     if silo.tolerations:
-        pod["tolerations"] = [
-            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in silo.tolerations
-        ]
+        pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in silo.tolerations]
     # The pods carry the silo selector: the NetworkPolicies select them by it.
     labels = {**naming.job_labels(job), **naming.silo_selector(job, silo)}
     namespace = naming.silo_namespace(job, silo)
@@ -325,9 +323,22 @@ def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSett
     }
 
 
-def job_children(
-    job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings
-) -> list[Manifest]:
+def _failed(job: Manifest) -> bool:
+    """Whether a batch Job has given up (condition `Failed`: its pods exhausted `backoffLimit`)."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" for c in conditions)
+
+
+def silo_jobs_to_restart(jobs: Iterable[Manifest]) -> list[Manifest]:
+    """The silo Jobs to delete and create again when a Failed federated job is resumed.
+
+    Those that gave up (`Failed`) while the job was Failed. A `Complete` one is left alone: its
+    agent exits 0 only once the job has Succeeded (a Failed job tells its agents to wait).
+    """
+    return [j for j in jobs if (j.get("metadata", {}).get("labels") or {}).get(naming.LABEL_SILO) and _failed(j)]
+
+
+def job_children(job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings) -> list[Manifest]:
     """Every child of a job, in apply order (Secrets and config before the pods using them)."""
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
     children = [

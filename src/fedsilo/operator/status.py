@@ -1,14 +1,16 @@
-"""Pure translation of the aggregator's JobStatus into the FederatedJob's `status`.
+"""Pure translation of the aggregator's answers into the FederatedJob's `status`.
 
-`job_status_patch` returns the status fields to patch and the Kubernetes Events that the
-transition deserves; the handler applies both.
+`job_status_patch` (a JobStatus), `spec_applied_patch` (a spec change sent) and
+`resume_patch` (a resume request handled) return the status fields to patch and the
+Kubernetes Events that the transition deserves; the handlers apply both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fedsilo.api.models import JobStatus
 
@@ -16,6 +18,8 @@ AGGREGATOR_READY = "AggregatorReady"
 SILOS_READY = "SilosReady"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+SPEC_APPLIED = "SpecApplied"
+AGGREGATOR_UNREACHABLE = "AggregatorUnreachable"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -38,14 +42,14 @@ def timestamp(moment: datetime | None) -> str | None:
 def condition(
     previous: list[dict[str, Any]],
     type_: str,
-    status: bool,
+    status: bool | None,
     reason: str,
     message: str,
     generation: int,
     now: datetime,
 ) -> dict[str, Any]:
-    """One condition; lastTransitionTime is kept while its status does not change."""
-    value = "True" if status else "False"
+    """One condition (status None: `Unknown`); lastTransitionTime is kept while its status holds."""
+    value = "Unknown" if status is None else "True" if status else "False"
     old = next((c for c in previous if c.get("type") == type_), None)
     changed = old is None or old.get("status") != value
     return {
@@ -58,9 +62,26 @@ def condition(
     }
 
 
-def _silos_condition(
-    job: JobStatus, previous: list[dict[str, Any]], generation: int, now: datetime
-) -> dict[str, Any]:
+def merged_conditions(previous: Sequence[dict[str, Any]], updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`previous` with each condition of `updates` replacing the one of its type (or added).
+
+    A replaced condition whose status is unchanged keeps its lastTransitionTime, so the
+    result is right even when `updates` were built from an older copy of the conditions.
+    """
+    by_type = {c.get("type"): c for c in updates}
+    merged: list[dict[str, Any]] = []
+    for old in previous:
+        new = by_type.pop(old.get("type"), None)
+        if new is None:
+            merged.append(old)
+        elif new.get("status") == old.get("status") and old.get("lastTransitionTime"):
+            merged.append({**new, "lastTransitionTime": old["lastTransitionTime"]})
+        else:
+            merged.append(new)
+    return merged + list(by_type.values())
+
+
+def _silos_condition(job: JobStatus, previous: list[dict[str, Any]], generation: int, now: datetime) -> dict[str, Any]:
     waiting = [s.name for s in job.silos if not s.joined]
     joined = len(job.silos) - len(waiting)
     if waiting:
@@ -86,12 +107,8 @@ def job_status_patch(
             now,
         ),
         _silos_condition(job, conditions, generation, now),
-        condition(
-            conditions, SUCCEEDED, job.phase == "Succeeded", job.phase, job.message, generation, now
-        ),
-        condition(
-            conditions, FAILED, job.phase == "Failed", job.phase, job.message, generation, now
-        ),
+        condition(conditions, SUCCEEDED, job.phase == "Succeeded", job.phase, job.message, generation, now),
+        condition(conditions, FAILED, job.phase == "Failed", job.phase, job.message, generation, now),
     ]
     patch: dict[str, Any] = {
         "phase": job.phase,
@@ -112,7 +129,7 @@ def job_status_patch(
             }
             for s in job.silos
         ],
-        "conditions": new_conditions,
+        "conditions": merged_conditions(conditions, new_conditions),
         "observedGeneration": generation,
     }
     if job.started_at is not None:
@@ -142,10 +159,9 @@ def unreachable_patch(
     """Status when the aggregator does not answer: AggregatorReady=False, phase kept."""
     conditions = list(previous.get("conditions") or [])
     ready = condition(conditions, AGGREGATOR_READY, False, "Unreachable", message, generation, now)
-    others = [c for c in conditions if c.get("type") != AGGREGATOR_READY]
     patch = {
         "phase": previous.get("phase") or "Pending",
-        "conditions": [ready, *others],
+        "conditions": merged_conditions(conditions, [ready]),
         "observedGeneration": generation,
     }
     events = []
@@ -153,3 +169,64 @@ def unreachable_patch(
     if old is not None and old.get("status") == "True":
         events.append(Event("Warning", "AggregatorUnreachable", message))
     return patch, events
+
+
+@dataclass(frozen=True)
+class SpecOutcome:
+    """What became of a spec change sent to the aggregator.
+
+    applied: True (accepted), False (refused: `reason` says why, e.g. `Immutable`) or
+    None (not known yet: the aggregator could not take it now; it is retried).
+    """
+
+    applied: bool | None
+    reason: str
+    message: str
+
+
+def refusal_reason(reason: str | None) -> str:
+    """The aggregator's snake_case reason as a condition reason: `immutable` -> `Immutable`."""
+    if not reason:
+        return "Refused"
+    return "".join(part.capitalize() for part in reason.split("_"))
+
+
+def spec_applied_patch(
+    outcome: SpecOutcome, previous: dict[str, Any], generation: int, now: datetime
+) -> tuple[dict[str, Any], list[Event]]:
+    """The `SpecApplied` condition for generation `generation`, and the Event it deserves.
+
+    Accepted: a Normal Event; refused: a Warning Event with the aggregator's reason; not
+    known yet: a Warning Event only when the condition turns Unknown (not on every retry).
+    """
+    conditions = list(previous.get("conditions") or [])
+    new = condition(conditions, SPEC_APPLIED, outcome.applied, outcome.reason, outcome.message, generation, now)
+    old = next((c for c in conditions if c.get("type") == SPEC_APPLIED), None)
+    if outcome.applied is True:
+        return {"conditions": merged_conditions(conditions, [new])}, [Event("Normal", SPEC_APPLIED, outcome.message)]
+    retrying = outcome.applied is None and old is not None and old.get("status") == "Unknown"
+    repeated = retrying and old is not None and old.get("observedGeneration") == generation
+    events = [] if repeated else [Event("Warning", outcome.reason, outcome.message)]
+    return {"conditions": merged_conditions(conditions, [new])}, events
+
+
+ResumeOutcome = Literal["Resumed", "NotFailed", "Refused"]
+
+
+def resume_patch(
+    value: str, outcome: ResumeOutcome, message: str, restarted: Sequence[str], now: datetime
+) -> tuple[dict[str, Any], list[Event]]:
+    """`status.resumeRequest` (the handled annotation value, so it is acted on once) and the Event.
+
+    Resumed: Normal `Resumed`, naming the silo Jobs started again; NotFailed (the job was not
+    Failed): Normal `NotResumed`; Refused (any other refusal): Warning `ResumeRefused`.
+    """
+    request = {"value": value, "outcome": outcome, "message": message, "time": timestamp(now)}
+    if outcome == "Resumed":
+        detail = f"; silo Jobs started again: {', '.join(restarted)}" if restarted else ""
+        event = Event("Normal", "Resumed", f"resumed (fedsilo.io/resume={value}){detail}")
+    elif outcome == "NotFailed":
+        event = Event("Normal", "NotResumed", f"not resumed, the job is not Failed: {message}")
+    else:
+        event = Event("Warning", "ResumeRefused", f"the aggregator refused to resume: {message}")
+    return {"resumeRequest": request}, [event]

@@ -1,10 +1,15 @@
-"""Bearer tokens of a job: one admin token and one per silo, generated once, never rotated."""
+"""Bearer tokens of a job: one admin token and one per silo.
+
+A token is generated once and never rotated: a silo added to the job later gets a new
+token, a silo removed from it loses its token (a silo added back gets a new one).
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +41,18 @@ class Tokens:
 
 
 def complete_tokens(existing: Tokens | None, spec: FederatedJobSpec) -> Tokens:
-    """Keep every existing token; generate the admin token and new silos' tokens if missing."""
+    """Tokens for exactly the spec's silos: existing ones kept, added silos' generated,
+    removed silos' dropped. The admin token is generated once."""
     admin = existing.admin if existing else new_token()
-    silos = dict(existing.silos) if existing else {}
-    for silo in spec.silos:
-        silos.setdefault(silo.name, new_token())
+    old = existing.silos if existing else {}
+    silos = {silo.name: old.get(silo.name) or new_token() for silo in spec.silos}
     return Tokens(admin=admin, silos=silos)
+
+
+def added_silo_tokens(tokens: Tokens, spec: FederatedJobSpec, known: Iterable[str]) -> dict[str, str]:
+    """The tokens of the spec's silos that are not in `known` (the silos the aggregator runs)."""
+    running = set(known)
+    return {s.name: tokens.silos[s.name] for s in spec.silos if s.name not in running}
 
 
 def tokens_from_secret(secret: dict[str, Any] | None) -> Tokens | None:
