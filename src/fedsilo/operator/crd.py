@@ -136,7 +136,7 @@ def status_schema() -> Schema:
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": _string("AggregatorReady, SilosReady, Succeeded or Failed."),
+            "type": _string("AggregatorReady, SilosReady, SpecApplied, Succeeded or Failed."),
             "status": _string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
             "reason": _string("One-word CamelCase reason."),
             "message": _string("Human-readable detail."),
