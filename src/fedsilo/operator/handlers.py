@@ -22,42 +22,29 @@ import kopf
 
 from fedsilo.operator import naming
 from fedsilo.operator.aggregator_client import (
-    AggregatorClient,
     AggregatorError,
-    AggregatorRefused,
     retry_delay,
 )
+from fedsilo.operator.changes import RESUME_ANNOTATION, admin_client, resume_job, send_spec
 from fedsilo.operator.crd import PLURAL
 from fedsilo.operator.kube import CHILD_KINDS, KubeClient, KubeError
 from fedsilo.operator.manifests import (
     job_children,
-    job_document,
-    silo_job,
-    silo_jobs_to_restart,
-    tokens_secret,
 )
+from fedsilo.operator.objects import ensure_tokens, job_from_body
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.status import (
-    AGGREGATOR_UNREACHABLE,
     Event,
-    ResumeOutcome,
-    SpecOutcome,
     job_status_patch,
     merged_conditions,
-    refusal_reason,
-    resume_patch,
     spec_applied_patch,
     unreachable_patch,
 )
-from fedsilo.operator.tokens import Tokens, added_silo_tokens, complete_tokens, tokens_from_secret
-from fedsilo.spec import API_GROUP, API_VERSION, KIND, FederatedJob, SpecError, parse_job
+from fedsilo.operator.tokens import tokens_from_secret
+from fedsilo.spec import API_GROUP, API_VERSION, FederatedJob, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 EXTERNAL_URL_ANNOTATION = f"{API_GROUP}/external-url"
-# Any new value asks to resume a Failed job. kopf hides `fedsilo.io/*` annotations from its
-# change detection (its own storage prefix), so a timer compares it with status.resumeRequest.
-RESUME_ANNOTATION = f"{API_GROUP}/resume"
-RESUME_MEMO = "fedsilo_resume"  # kopf memo key: (value, outcome, message) already sent
 # Children created once and never patched: a bound PVC's spec and a Job's pod template are
 # immutable (a patch would be refused), and a finished silo Job must stay as it is.
 CREATE_ONLY_KINDS = frozenset({"PersistentVolumeClaim", "Job"})
@@ -88,45 +75,9 @@ class Connection:
             self._client = None
 
 
-def job_from_body(body: Mapping[str, Any]) -> FederatedJob:
-    """The FederatedJob model of a kopf body (status and server metadata dropped)."""
-    meta = body.get("metadata", {})
-    document = {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-        "spec": dict(body.get("spec") or {}),
-    }
-    return parse_job(document)
-
-
-async def ensure_tokens(kube: KubeClient, job: FederatedJob, uid: str) -> Tokens:
-    """Create the tokens Secret once; later runs keep its tokens, add added silos' tokens and
-    drop removed silos' tokens."""
-    namespace, name = naming.job_namespace(job), naming.tokens_secret_name(job)
-    existing = tokens_from_secret(await kube.get("v1", "Secret", namespace, name))
-    tokens = complete_tokens(existing, job.spec)
-    if existing is None:
-        try:
-            await kube.create(tokens_secret(job, uid, tokens))
-        except KubeError as exc:
-            if exc.status != 409:
-                raise
-            # Another run created it first: keep its tokens.
-            return await ensure_tokens(kube, job, uid)
-    elif tokens != existing:
-        await kube.patch("v1", "Secret", namespace, name, {"data": tokens.secret_data()})
-    return tokens
-
-
 def _key(manifest: Mapping[str, Any]) -> tuple[str, str | None, str]:
     meta = manifest["metadata"]
     return manifest["kind"], meta.get("namespace"), meta["name"]
-
-
-def _where(item: Mapping[str, Any]) -> tuple[str | None, str]:
-    meta = item["metadata"]
-    return meta.get("namespace"), meta["name"]
 
 
 async def job_objects(kube: KubeClient, job: FederatedJob) -> list[dict[str, Any]]:
@@ -215,128 +166,10 @@ async def poll_status(
     if tokens is None:
         return unreachable_patch("tokens Secret not created yet", previous, generation, moment)
     try:
-        status = await _admin_client(job, tokens, settings, transport).job_status(job.metadata.name)
+        status = await admin_client(job, tokens, settings, transport).job_status(job.metadata.name)
     except AggregatorError as exc:
         return unreachable_patch(str(exc), previous, generation, moment)
     return job_status_patch(status, previous, generation, moment)
-
-
-def _admin_client(
-    job: FederatedJob,
-    tokens: Tokens,
-    settings: OperatorSettings,
-    transport: httpx.AsyncBaseTransport | None,
-) -> AggregatorClient:
-    url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    return AggregatorClient(url, tokens.admin, transport=transport)
-
-
-async def send_spec(
-    kube: KubeClient,
-    body: Mapping[str, Any],
-    settings: OperatorSettings,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> SpecOutcome:
-    """Send the job's whole document to its aggregator; tokens of added silos go with it.
-
-    The tokens Secret gains the added silos' tokens first (and loses removed silos'), so the
-    aggregator never admits a token the silo cannot read. "Added" is relative to the
-    document the aggregator runs now (GET .../spec), not to the previous resource.
-    """
-    meta = body.get("metadata", {})
-    generation = int(meta.get("generation", 1))
-    try:
-        job = job_from_body(body)
-    except SpecError as exc:
-        return SpecOutcome(False, "InvalidSpec", str(exc))
-    tokens = await ensure_tokens(kube, job, str(meta.get("uid") or ""))
-    client = _admin_client(job, tokens, settings, transport)
-    try:
-        running = await client.job_document(job.metadata.name)
-        known = {str(s.get("name")) for s in (running.get("spec") or {}).get("silos") or []}
-        added = added_silo_tokens(tokens, job.spec, known)
-        await client.apply_spec(job.metadata.name, job_document(job), added)
-    except AggregatorRefused as exc:
-        return SpecOutcome(False, refusal_reason(exc.reason), exc.detail)
-    except AggregatorError as exc:
-        return SpecOutcome(None, AGGREGATOR_UNREACHABLE, str(exc))
-    removed = sorted(known - {s.name for s in job.spec.silos})
-    message = f"generation {generation} applied by the aggregator"
-    message += f"; silos added: {', '.join(sorted(added))}" if added else ""
-    message += f"; silos removed: {', '.join(removed)}" if removed else ""
-    return SpecOutcome(True, "Applied", message)
-
-
-async def restart_silo_jobs(kube: KubeClient, job: FederatedJob, uid: str, settings: OperatorSettings) -> list[str]:
-    """Delete the silo Jobs that gave up (`silo_jobs_to_restart`) and create every missing one.
-
-    Idempotent: a retry after a failure half-way creates what is still missing. Returns the
-    names of the Jobs deleted (to be started again).
-    """
-    labels = {
-        naming.LABEL_JOB: job.metadata.name,
-        naming.LABEL_JOB_NAMESPACE: naming.job_namespace(job),
-    }
-    existing = await kube.list("batch/v1", "Job", None, labels)
-    gave_up = silo_jobs_to_restart(existing)
-    for item in gave_up:
-        await kube.delete("batch/v1", "Job", item["metadata"].get("namespace"), item["metadata"]["name"])
-    present = {_where(i) for i in existing} - {_where(i) for i in gave_up}
-    for silo in job.spec.silos:
-        if silo.external:
-            continue
-        manifest = silo_job(job, uid, silo, settings)
-        if _where(manifest) in present:
-            continue
-        try:
-            await kube.create(manifest)
-        except KubeError as exc:
-            if exc.status == 409:  # the old Job is still being deleted
-                raise kopf.TemporaryError(
-                    f"Job {manifest['metadata']['name']} is still being deleted", delay=2
-                ) from exc
-            raise
-    return sorted(i["metadata"]["name"] for i in gave_up)
-
-
-async def resume_job(
-    kube: KubeClient,
-    body: Mapping[str, Any],
-    settings: OperatorSettings,
-    memo: dict[str, Any],
-    transport: httpx.AsyncBaseTransport | None = None,
-    now: datetime | None = None,
-) -> tuple[dict[str, Any], list[Event]]:
-    """Act on a new `fedsilo.io/resume` value: PATCH {"resume": true}, then restart silo Jobs.
-
-    Returns the status patch (`resumeRequest`) and the Event. Transient failures raise
-    `kopf.TemporaryError`; the PATCH is sent once per value per process (`memo`), so a retry
-    of the silo Job restart does not ask the (now Running) job to resume again.
-    """
-    meta = body.get("metadata", {})
-    value = str((meta.get("annotations") or {}).get(RESUME_ANNOTATION))
-    job = job_from_body(body)
-    sent = memo.get(RESUME_MEMO)
-    if sent is None or sent[0] != value:
-        secret = await kube.get("v1", "Secret", naming.job_namespace(job), naming.tokens_secret_name(job))
-        tokens = tokens_from_secret(secret)
-        if tokens is None:
-            raise kopf.TemporaryError("tokens Secret not created yet", delay=settings.poll_seconds)
-        outcome: ResumeOutcome = "Resumed"
-        message = ""
-        try:
-            await _admin_client(job, tokens, settings, transport).resume(job.metadata.name)
-        except AggregatorRefused as exc:
-            outcome = "NotFailed" if exc.reason == "not_failed" else "Refused"
-            message = exc.detail
-        except AggregatorError as exc:
-            raise kopf.TemporaryError(str(exc), delay=settings.poll_seconds) from exc
-        sent = memo[RESUME_MEMO] = (value, outcome, message)
-    _, outcome, message = sent
-    restarted: list[str] = []
-    if outcome == "Resumed":
-        restarted = await restart_silo_jobs(kube, job, str(meta.get("uid") or ""), settings)
-    return resume_patch(value, outcome, message, restarted, now or datetime.now(UTC))
 
 
 def _set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:

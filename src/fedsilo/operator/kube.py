@@ -52,9 +52,7 @@ class KubeError(Exception):
         self.message = message
 
 
-def resource_path(
-    api_version: str, kind: str, namespace: str | None, name: str | None = None
-) -> str:
+def resource_path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
     """URL path of a collection (name=None) or of one object."""
     plural, namespaced = KINDS[kind]
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
@@ -92,35 +90,23 @@ class KubeClient:
         if info.insecure:
             verify = False
         elif info.ca_path or info.ca_data:
-            verify = ssl.create_default_context(
-                cafile=os.fsdecode(info.ca_path) if info.ca_path else None
-            )
+            verify = ssl.create_default_context(cafile=os.fsdecode(info.ca_path) if info.ca_path else None)
             if info.ca_data:
                 verify.load_verify_locations(cadata=_pem(info.ca_data).decode())
-        cert_path = info.certificate_path or (
-            as_file(info.certificate_data) if info.certificate_data else None
-        )
-        key_path = info.private_key_path or (
-            as_file(info.private_key_data) if info.private_key_data else None
-        )
+        cert_path = info.certificate_path or (as_file(info.certificate_data) if info.certificate_data else None)
+        key_path = info.private_key_path or (as_file(info.private_key_data) if info.private_key_data else None)
         if cert_path and isinstance(verify, ssl.SSLContext):
-            verify.load_cert_chain(
-                os.fsdecode(cert_path), os.fsdecode(key_path) if key_path else None
-            )
+            verify.load_cert_chain(os.fsdecode(cert_path), os.fsdecode(key_path) if key_path else None)
         elif cert_path:
             verify = ssl.create_default_context()
-            verify.load_cert_chain(
-                os.fsdecode(cert_path), os.fsdecode(key_path) if key_path else None
-            )
+            verify.load_cert_chain(os.fsdecode(cert_path), os.fsdecode(key_path) if key_path else None)
         headers = {}
         auth: httpx.BasicAuth | None = None
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
             auth = httpx.BasicAuth(info.username, info.password)
-        client = httpx.AsyncClient(
-            base_url=info.server, verify=verify, headers=headers, auth=auth, timeout=30.0
-        )
+        client = httpx.AsyncClient(base_url=info.server, verify=verify, headers=headers, auth=auth, timeout=30.0)
         return cls(client, temp_files)
 
     async def aclose(self) -> None:
@@ -142,9 +128,7 @@ class KubeClient:
             raise KubeError(response.status_code, message)
         return response.json() if response.content else {}
 
-    async def get(
-        self, api_version: str, kind: str, namespace: str | None, name: str
-    ) -> dict[str, Any] | None:
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """One object, or None when it does not exist."""
         return await self._request("GET", resource_path(api_version, kind, namespace, name))
 
@@ -160,10 +144,7 @@ class KubeClient:
         return [
             item
             for item in items
-            if all(
-                (item.get("metadata", {}).get("labels") or {}).get(k) == v
-                for k, v in labels.items()
-            )
+            if all((item.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in labels.items())
         ]
 
     async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -199,9 +180,7 @@ class KubeClient:
                 raise
         meta = manifest["metadata"]
         if not patch_existing:
-            existing = await self.get(
-                manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"]
-            )
+            existing = await self.get(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
             return existing or {}
         patched = await self.patch(
             manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"], manifest

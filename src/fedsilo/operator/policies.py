@@ -51,9 +51,7 @@ def aggregator_policy(job: FederatedJob, uid: str, settings: OperatorSettings) -
     }
 
 
-def silo_policy(
-    job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings
-) -> dict[str, Any]:
+def silo_policy(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings) -> dict[str, Any]:
     """A silo pod talks only to its aggregator and DNS; only Prometheus may scrape it."""
     aggregator = {
         **_namespace(naming.job_namespace(job)),
@@ -84,12 +82,8 @@ def silo_policy(
     }
 
 
-def network_policies(
-    job: FederatedJob, uid: str, settings: OperatorSettings
-) -> list[dict[str, Any]]:
+def network_policies(job: FederatedJob, uid: str, settings: OperatorSettings) -> list[dict[str, Any]]:
     """The aggregator's policy and one per in-cluster silo."""
     policies = [aggregator_policy(job, uid, settings)]
-    policies.extend(
-        silo_policy(job, uid, silo, settings) for silo in job.spec.silos if not silo.external
-    )
+    policies.extend(silo_policy(job, uid, silo, settings) for silo in job.spec.silos if not silo.external)
     return policies

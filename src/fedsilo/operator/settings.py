@@ -22,9 +22,7 @@ class OperatorSettings(BaseSettings):
     )
     poll_seconds: float = Field(default=10.0, gt=0, description="Aggregator status poll interval.")
     aggregator_port: int = Field(default=8080, ge=1, le=65535, description="Aggregator HTTP port.")
-    silo_metrics_port: int = Field(
-        default=9090, ge=1, le=65535, description="Silo agent /metrics port."
-    )
+    silo_metrics_port: int = Field(default=9090, ge=1, le=65535, description="Silo agent /metrics port.")
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS domain.")
     metrics_namespace: str = Field(
         default="monitoring",
@@ -39,9 +37,7 @@ class OperatorSettings(BaseSettings):
         description="Namespace of this operator: NetworkPolicies admit its status polls.",
     )
     finalizer: str = Field(default="fedsilo.io/cleanup", description="Finalizer on FederatedJobs.")
-    peering: bool = Field(
-        default=False, description="Use kopf peering (several replicas); standalone when false."
-    )
+    peering: bool = Field(default=False, description="Use kopf peering (several replicas); standalone when false.")
 
     def namespaces(self) -> list[str]:
         """The namespaces to watch; empty means cluster-wide."""
