@@ -27,8 +27,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedsilo import strategies
-from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, sha256, to_bytes
-from fedsilo.aggregator import lease, reads
+from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, to_bytes
+from fedsilo.aggregator import changes, lease, reads, transitions
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, refusal
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized
@@ -37,10 +37,7 @@ from fedsilo.aggregator.lifecycle import (
     Phase,
     RoundState,
     Tx,
-    immutable_changes,
-    round_complete,
     update_weight,
-    with_aggregation,
 )
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
@@ -62,14 +59,6 @@ __all__ = ["Engine", "Incoming"]
 
 log = logging.getLogger("fedsilo.aggregator")
 SEEN_EVERY = timedelta(seconds=15)  # last_seen is written at most this often: polls stay read-only
-
-
-def token_hash(token: str) -> str:
-    return sha256(token.encode("utf-8", "surrogatepass"))
-
-
-def _received(s: Session, job: str, number: int) -> list[str]:
-    return list(s.scalars(select(UpdateRow.silo).where(UpdateRow.job == job, UpdateRow.round == number)))
 
 
 class Engine:
@@ -131,24 +120,7 @@ class Engine:
         tx.on_commit(lambda: self._epochs.__setitem__(job, claim.epoch))
         log.info("job %s: lease taken by %s (epoch %d)", job, self.holder, claim.epoch)
         if claim.downtime is not None and claim.downtime > timedelta(seconds=2 * self.lease_seconds):
-            self._give_back(tx, job, claim.downtime)
-
-    def _give_back(self, tx: Tx, job: str, downtime: timedelta) -> None:
-        """Time nobody served the job does not count against the silos' deadlines."""
-        row = tx.s.get(JobRow, job)
-        if row is None or row.phase != Phase.RUNNING:
-            return
-        rnd = tx.s.get(RoundRow, (job, row.current_round))
-        if rnd is not None and rnd.state == RoundState.OPEN:
-            deadline = aware(rnd.deadline)
-            assert deadline is not None
-            rnd.deadline = deadline + downtime
-            log.warning(
-                "job %s: aggregator was down %.0fs; round %d deadline moved by that",
-                job,
-                downtime.total_seconds(),
-                rnd.number,
-            )
+            transitions.give_back(tx, job, claim.downtime)
 
     def renew_leases(self) -> None:
         """Keep the leases this process holds; forget (and drop the state of) those it lost."""
@@ -215,7 +187,7 @@ class Engine:
         except ValueError as exc:
             raise Invalid(f"spec.aggregation: {exc}", "invalid_spec") from None
         names = {s.name for s in spec.silos}
-        self._check_tokens(tokens, names)
+        changes.check_tokens(tokens, names)
         name = job.metadata.name
         document = dump_job(job)
         with self._write(name) as tx:
@@ -228,126 +200,29 @@ class Engine:
             tx.s.add(JobRow(name=name, document=document, rounds=spec.training.rounds, created_at=tx.now))
             tx.s.flush()
             for silo in spec.silos:
-                tx.s.add(SiloRow(job=name, name=silo.name, role=silo.role, token_hash=token_hash(issued[silo.name])))
+                tx.s.add(
+                    SiloRow(job=name, name=silo.name, role=silo.role, token_hash=changes.token_hash(issued[silo.name]))
+                )
             tx.on_commit(lambda: self.metrics.rounds_total_planned.labels(name).set(spec.training.rounds))
             tx.on_commit(lambda: self.metrics.silos_joined.labels(name).set(0))
         return m.JobCreated(name=name, silo_tokens=issued, created=True)
-
-    @staticmethod
-    def _check_tokens(tokens: dict[str, str], names: set[str]) -> None:
-        unknown = sorted(set(tokens) - names)
-        if unknown:
-            raise Invalid(f"silo_tokens names silos not in the job: {unknown}", "invalid_spec")
-        short = sorted(n for n, t in tokens.items() if len(t) < 16)
-        if short:
-            raise Invalid(f"silo tokens must have at least 16 characters: {short}", "invalid_spec")
 
     def patch_job(self, name: str, patch: m.PatchJob) -> m.JobStatus:
         """Rounds, resume and spec changes, all in one transaction (see `PatchJob`)."""
         with self._write(name) as tx:
             row = self._job(tx.s, name, lock=True)
-            if patch.job is not None:
-                self._change_spec(tx, row, patch.job, patch.silo_tokens)
+            if patch.job is not None and changes.change_spec(tx, row, patch.job, patch.silo_tokens):
+                tx.on_commit(self.wakeup.set)
             rounds = (
                 patch.rounds
                 if patch.rounds is not None
                 else (patch.job.spec.training.rounds if patch.job is not None else None)
             )
             if rounds is not None and rounds != row.rounds:
-                self._set_rounds(tx, row, rounds)
+                changes.set_rounds(tx, row, rounds, self.metrics)
             if patch.resume:
-                self._resume(tx, row)
+                changes.resume(tx, row, self.metrics)
         return self.status(name)
-
-    def _set_rounds(self, tx: Tx, row: JobRow, rounds: int) -> None:
-        if rounds < row.current_round:
-            raise Invalid(f"rounds={rounds} is below the current round {row.current_round}", "invalid")
-        row.rounds = rounds
-        if row.phase == Phase.SUCCEEDED and row.version < rounds:
-            row.phase, row.finished_at = Phase.RUNNING, None
-            self._open_round(tx, row, row.version + 1)
-        tx.on_commit(lambda: self.metrics.rounds_total_planned.labels(row.name).set(rounds))
-
-    def _resume(self, tx: Tx, row: JobRow) -> None:
-        """Failed -> Running: the failed round reopens with a new deadline and a fresh sample."""
-        if row.phase != Phase.FAILED:
-            raise Conflict(f"job {row.name!r} is {row.phase}, not Failed: nothing to resume", "not_failed")
-        spec = self._live_for(tx.s, row).job.spec
-        rnd = tx.s.get(RoundRow, (row.name, row.current_round))
-        row.phase, row.finished_at, row.message = Phase.RUNNING, None, ""
-        if rnd is None or rnd.state == RoundState.CLOSED:
-            self._open_round(tx, row, row.current_round + 1 if rnd is not None else 1)
-            return
-        received = _received(tx.s, row.name, rnd.number)
-        rnd.participants = sorted(set(received) | set(self._sample(tx.s, row, rnd.number)))
-        rnd.deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
-        log.info("job %s: resumed at round %d", row.name, rnd.number)
-
-    def _change_spec(self, tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) -> None:
-        """Admit added silos, revoke removed ones; aggregation changes wait for the next round."""
-        if new.metadata.name != row.name:
-            raise Invalid(f"the document names job {new.metadata.name!r}, not {row.name!r}", "invalid_spec")
-        try:
-            strategies.create(new.spec.aggregation.strategy, new.spec.aggregation.params)
-        except ValueError as exc:
-            raise Invalid(f"spec.aggregation: {exc}", "invalid_spec") from None
-        current = parse_job(row.pending_document or row.document)
-        problems = immutable_changes(current.spec, new.spec)
-        if problems:
-            raise Invalid(
-                f"cannot change {', '.join(problems)} of a job that has started; create a new job", "immutable"
-            )
-        old_names = {s.name for s in current.spec.silos}
-        new_names = {s.name for s in new.spec.silos}
-        added, removed = new_names - old_names, old_names - new_names
-        missing = sorted(added - set(tokens))
-        if missing:
-            raise Invalid(f"silo_tokens must carry a token for every added silo: {missing}", "invalid_spec")
-        self._check_tokens({n: t for n, t in tokens.items() if n in added}, added)
-        for silo in new.spec.silos:
-            if silo.name in added:
-                existing = tx.s.get(SiloRow, (row.name, silo.name))
-                if existing is None:
-                    tx.s.add(
-                        SiloRow(job=row.name, name=silo.name, role=silo.role, token_hash=token_hash(tokens[silo.name]))
-                    )
-                else:  # re-added after a removal: a new token, a clean record
-                    existing.token_hash, existing.revoked_at, existing.role = (
-                        token_hash(tokens[silo.name]),
-                        None,
-                        silo.role,
-                    )
-        for name in removed:
-            silo_row = tx.s.get(SiloRow, (row.name, name))
-            if silo_row is not None:
-                silo_row.revoked_at = tx.now
-        in_force = parse_job(row.document).spec.aggregation
-        new_document = dump_job(new)
-        row.document = dump_job(with_aggregation(new, in_force))
-        row.pending_document = new_document if new_document != row.document else None
-        if row.phase in (Phase.PENDING, Phase.SUCCEEDED, Phase.FAILED) and row.pending_document is not None:
-            row.document, row.pending_document = row.pending_document, None
-        tx.dirty = True
-        if removed and row.phase == Phase.RUNNING:
-            self._drop_from_round(tx, row, removed)
-        log.info(
-            "job %s: spec changed (added %s, removed %s, aggregation change pending: %s)",
-            row.name,
-            sorted(added),
-            sorted(removed),
-            row.pending_document is not None,
-        )
-
-    def _drop_from_round(self, tx: Tx, row: JobRow, removed: set[str]) -> None:
-        rnd = tx.s.get(RoundRow, (row.name, row.current_round))
-        if rnd is None or rnd.state != RoundState.OPEN:
-            return
-        received = _received(tx.s, row.name, rnd.number)
-        rnd.participants = [p for p in rnd.participants if p not in removed or p in received]
-        spec = parse_job(row.document).spec
-        if received and round_complete(spec.aggregation, list(rnd.participants), received):
-            rnd.state = RoundState.AGGREGATING
-            tx.on_commit(self.wakeup.set)
 
     def document(self, name: str) -> dict[str, Any]:
         with self.sessions() as s:
@@ -364,7 +239,7 @@ class Engine:
             if s.get(JobRow, job) is None:
                 raise NotFound(f"no job named {job!r}")
             row = s.get(SiloRow, (job, silo))
-            if row is None or not hmac.compare_digest(row.token_hash, token_hash(token)):
+            if row is None or not hmac.compare_digest(row.token_hash, changes.token_hash(token)):
                 raise Unauthorized("invalid silo token")
             if row.revoked_at is not None:
                 raise Unauthorized(f"silo {silo!r} was removed from job {job!r}", "revoked")
@@ -380,7 +255,7 @@ class Engine:
             silo_row.n_train_examples, silo_row.n_eval_examples = req.n_train_examples, req.n_eval_examples
             silo_row.throughput = req.throughput_examples_per_second
             tx.s.flush()
-            self._maybe_start(tx, row)
+            transitions.maybe_start(tx, row, self.metrics)
             joined = tx.s.scalar(select(func.count()).where(SiloRow.job == job, SiloRow.joined_at.is_not(None)))
             tx.on_commit(lambda: self.metrics.silos_joined.labels(job).set(joined or 0))
             live = self._live_for(tx.s, row)
@@ -394,7 +269,7 @@ class Engine:
             assert silo_row is not None
             if silo_row.joined_at is None:
                 raise Conflict("join the job first", "not_joined")
-            task = self._task(s, row, silo_row)
+            task = transitions.next_task(s, row, silo_row, self._live_for(s, row))
             state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
             now = self.clock()
             stale = silo_row.last_seen is None or now - aware(silo_row.last_seen) > SEEN_EVERY  # type: ignore[operator]
@@ -409,48 +284,6 @@ class Engine:
             except Fenced:
                 pass  # bookkeeping only; the lease holder answers the silo's next call
         return task
-
-    def _evaluated(self, s: Session, job: str, silo: str, version: int) -> bool:
-        query = select(EvaluationRow.split).where(
-            EvaluationRow.job == job, EvaluationRow.silo == silo, EvaluationRow.version == version
-        )
-        return s.scalars(query).first() is not None
-
-    def _task(self, s: Session, row: JobRow, silo: SiloRow) -> m.Task:
-        if row.phase == Phase.FAILED:
-            return m.Task(action="wait", round=row.current_round, version=row.version)
-        live = self._live_for(s, row)
-        silo_spec = live.job.spec.silo(silo.name)
-        if row.version < 0:
-            full_rank = silo_spec.rank in (None, live.job.spec.peft.r)
-            return m.Task(action="init" if silo.role == "trainer" and full_rank else "wait")
-        if silo.role == "evaluator":
-            for version in range(row.version + 1):
-                if not self._evaluated(s, row.name, silo.name, version):
-                    return m.Task(action="evaluate", version=version)
-            return m.Task(action="done" if row.phase == Phase.SUCCEEDED else "wait", version=row.version)
-        if row.phase == Phase.RUNNING:
-            rnd = s.get(RoundRow, (row.name, row.current_round))
-            if (
-                rnd is not None
-                and rnd.state == RoundState.OPEN
-                and silo.name in rnd.participants
-                and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
-            ):
-                return m.Task(
-                    action="train",
-                    round=rnd.number,
-                    version=rnd.number - 1,
-                    deadline=aware(rnd.deadline),
-                    client_config=live.strategy.client_config(),
-                    rank=silo_spec.rank,
-                    local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
-                )
-        if row.phase == Phase.SUCCEEDED:
-            if silo.n_eval_examples > 0 and not self._evaluated(s, row.name, silo.name, row.version):
-                return m.Task(action="evaluate", version=row.version)
-            return m.Task(action="done", version=row.version)
-        return m.Task(action="wait", round=row.current_round, version=row.version)
 
     # ---- adapters -------------------------------------------------------------------
 
@@ -472,7 +305,7 @@ class Engine:
             tx.s.add(VersionRow(job=job, version=0, sha256=digest, n_bytes=len(payload), created_at=tx.now))
             row.version = 0
             tx.s.flush()
-            self._maybe_start(tx, row)
+            transitions.maybe_start(tx, row, self.metrics)
             return digest
 
     def adapter(self, job: str, version: int) -> tuple[bytes, str]:
@@ -519,68 +352,6 @@ class Engine:
 
     # ---- round transitions ----------------------------------------------------------
 
-    def _maybe_start(self, tx: Tx, row: JobRow) -> None:
-        if row.phase != Phase.PENDING or row.version < 0:
-            return
-        spec = parse_job(row.document).spec
-        trainers = tx.s.scalars(
-            select(SiloRow).where(SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.revoked_at.is_(None))
-        ).all()
-        joined = [t for t in trainers if t.joined_at is not None]
-        waited = (tx.now - aware(row.created_at)).total_seconds()  # type: ignore[operator]
-        everyone = len(joined) == len(trainers)
-        if everyone or (len(joined) >= spec.aggregation.min_silos and waited >= spec.aggregation.round_timeout_seconds):
-            row.phase, row.started_at = Phase.RUNNING, tx.now
-            self._open_round(tx, row, 1)
-
-    def _sample(self, s: Session, row: JobRow, number: int) -> list[str]:
-        spec = parse_job(row.document).spec
-        joined = s.scalars(
-            select(SiloRow.name).where(
-                SiloRow.job == row.name,
-                SiloRow.role == "trainer",
-                SiloRow.joined_at.is_not(None),
-                SiloRow.revoked_at.is_(None),
-            )
-        ).all()
-        if spec.aggregation.mode == "async":
-            return sorted(joined)
-        return strategies.sample_silos(
-            sorted(joined), spec.aggregation.fraction, spec.aggregation.min_silos, spec.training.seed, number
-        )
-
-    def _open_round(self, tx: Tx, row: JobRow, number: int) -> None:
-        if row.pending_document is not None:  # a changed aggregation takes effect here
-            old_strategy = parse_job(row.document).spec.aggregation.strategy
-            row.document, row.pending_document = row.pending_document, None
-            if parse_job(row.document).spec.aggregation.strategy != old_strategy:
-                row.server_state_sha = None  # another strategy's optimiser state means nothing
-            tx.dirty = True
-        spec = parse_job(row.document).spec
-        participants = self._sample(tx.s, row, number)
-        plan: dict[str, Any] = {}
-        if spec.aggregation.balance_workload and spec.training.local_steps:
-            rows = tx.s.scalars(select(SiloRow).where(SiloRow.job == row.name, SiloRow.name.in_(participants))).all()
-            plan["steps"] = strategies.assign_steps(
-                {r.name: r.throughput for r in rows}, spec.training.local_steps, spec.training.batch_size
-            )
-        deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
-        tx.s.add(
-            RoundRow(
-                job=row.name,
-                number=number,
-                state=RoundState.OPEN,
-                participants=participants,
-                opened_at=tx.now,
-                deadline=deadline,
-                metrics=plan,
-            )
-        )
-        row.current_round = number
-        name = row.name
-        tx.on_commit(lambda: self.metrics.round.labels(name).set(number))
-        tx.on_commit(lambda: self.metrics.silos_participating.labels(name).set(len(participants)))
-
     def _close_round(self, tx: Tx, row: JobRow, rnd: RoundRow) -> None:
         """Aggregate the round's committed updates into the next global adapter."""
         live = self._live_for(tx.s, row, with_acc=True)
@@ -604,7 +375,7 @@ class Engine:
         if rnd.number >= row.rounds:
             row.phase, row.finished_at = Phase.SUCCEEDED, tx.now
         else:
-            self._open_round(tx, row, rnd.number + 1)
+            transitions.open_round(tx, row, rnd.number + 1, self.metrics)
         name, number, opened = row.name, rnd.number, aware(rnd.opened_at)
 
         def installed() -> None:
@@ -682,7 +453,7 @@ class Engine:
         with self._write(name) as tx:
             row = self._job(tx.s, name, lock=True)
             if row.phase == Phase.PENDING:
-                self._maybe_start(tx, row)
+                transitions.maybe_start(tx, row, self.metrics)
             if row.phase != Phase.RUNNING:
                 return
             rnd = tx.s.get(RoundRow, (name, row.current_round))
@@ -691,26 +462,9 @@ class Engine:
             if rnd.state == RoundState.OPEN:
                 if tx.now < aware(rnd.deadline):  # type: ignore[operator]
                     return
-                self._deadline(tx, row, rnd)
+                transitions.deadline_passed(tx, row, rnd)
             if rnd.state == RoundState.AGGREGATING:
                 self._close_round(tx, row, rnd)
-
-    def _deadline(self, tx: Tx, row: JobRow, rnd: RoundRow) -> None:
-        spec = parse_job(row.document).spec
-        received = _received(tx.s, row.name, rnd.number)
-        for silo in set(rnd.participants) - set(received):
-            late = tx.s.get(SiloRow, (row.name, silo))
-            if late is not None:
-                late.state = "late"
-        if received and len(received) >= spec.aggregation.min_silos:
-            rnd.state = RoundState.AGGREGATING
-            return
-        row.phase, row.finished_at = Phase.FAILED, tx.now
-        row.message = (
-            f"round {rnd.number}: {len(received)} update(s) by the deadline, "
-            f'aggregation.minSilos is {spec.aggregation.min_silos}; resume with PATCH {{"resume": true}}'
-        )
-        log.error("job %s: %s", row.name, row.message)
 
     # ---- evaluations ----------------------------------------------------------------
 
