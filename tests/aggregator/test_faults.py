@@ -27,7 +27,7 @@ from tests.conftest import job_document
 from fedsilo.adapters import from_bytes, sha256, to_bytes
 from fedsilo.aggregator.acceptance import Incoming
 from fedsilo.aggregator.blobs import Blobs
-from fedsilo.aggregator.errors import EngineError, Fenced
+from fedsilo.aggregator.errors import EngineError, Fenced, Unavailable
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.store import UpdateRow, VersionRow, make_sessions
@@ -227,3 +227,31 @@ def test_a_paused_writer_is_fenced_after_takeover(tmp_path: Path) -> None:
         for k, v in v0().items()
     }
     assert all(torch.equal(audit_round[k], expected[k]) for k in expected)
+
+
+def test_async_upload_while_a_buffer_closes_lands_in_the_next(tmp_path: Path) -> None:
+    """Between a full buffer and its close, an async upload is asked to retry (503), not lost."""
+    engine = Engine(make_sessions(f"sqlite:///{tmp_path / 'a.db'}"), Blobs(tmp_path / "blobs"), Metrics())
+    doc = job_document(
+        training={"rounds": 3, "localSteps": 1},
+        aggregation={"strategy": "fedavg", "minSilos": 1, "mode": "async", "bufferSize": 2},
+        silos=[{"name": n, "data": {"path": f"{n}.csv"}} for n in SILOS],
+    )
+    engine.create_job(parse_job(doc), {n: f"{n}-token-0123456789" for n in SILOS})
+    for name, n in SILOS.items():
+        engine.join("demo", name, m.JoinRequest(n_train_examples=n, n_eval_examples=0))
+    engine.put_initial("demo", "alpha", to_bytes(v0()))
+
+    def upload(silo: str) -> m.UpdateAccepted:
+        data = to_bytes(delta(silo, 1))
+        return engine.submit_update("demo", Incoming(silo, 1, data, sha256(data), SILOS[silo]))
+
+    upload("alpha")
+    upload("beta")  # buffer 1 is full; it closes at the next tick
+    with pytest.raises(Unavailable) as refused:
+        upload("gamma")
+    assert refused.value.reason == "aggregating"
+    engine.tick()
+    assert upload("gamma").round == 2  # one version stale, in buffer 2
+    history = engine.history("demo")
+    assert [h.updates for h in history] == [2, 1]

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from fedsilo.adapters import AdapterError, Schema, State, check_schema
 from fedsilo.aggregator.blobs import Blobs
-from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge
+from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge, Unavailable
 from fedsilo.aggregator.lifecycle import Live, Phase, RoundState, Tx, round_complete, update_weight
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
 from fedsilo.aggregator.uploads import validate_update
@@ -68,6 +68,9 @@ def accept(tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State, blobs: B
         raise Conflict(f"silo {up.silo!r} already sent a different update for round {up.round}", "duplicate")
     aggregation = live.job.spec.aggregation
     rnd = tx.s.get(RoundRow, (row.name, row.current_round))
+    if aggregation.mode == "async" and rnd is not None and rnd.state == RoundState.AGGREGATING:
+        # the buffer is full and closing: in a moment this update fits the next one
+        raise Unavailable(f"buffer {rnd.number} is being aggregated; send again in a moment", "aggregating")
     if row.phase != Phase.RUNNING or rnd is None or rnd.state != RoundState.OPEN:
         raise Conflict(f"round {up.round} is not open (current round {row.current_round}, {row.phase})", "wrong_round")
     staleness = row.current_round - up.round

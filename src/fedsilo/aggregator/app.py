@@ -33,6 +33,7 @@ from fedsilo.aggregator.errors import (
     NotFound,
     TooLarge,
     Unauthorized,
+    Unavailable,
 )
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.rounds import Engine
@@ -52,7 +53,7 @@ STATUS: tuple[tuple[type[EngineError], int], ...] = (
     (TooLarge, 413),
     (Invalid, 422),
     (Conflict, 409),
-    (Fenced, 503),
+    (Unavailable, 503),
 )
 
 
@@ -301,7 +302,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
         status = next(code for kind, code in STATUS if isinstance(exc, kind))
-        headers = {"Retry-After": "2"} if status == 503 else None
+        headers = {"Retry-After": "1" if exc.reason == "aggregating" else "2"} if status == 503 else None
         body = m.Problem(detail=exc.detail, reason=exc.reason).model_dump()
         return JSONResponse(body, status_code=status, headers=headers)
 

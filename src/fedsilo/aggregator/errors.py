@@ -39,7 +39,13 @@ class Invalid(EngineError):
     default_reason = "invalid"
 
 
-class Fenced(EngineError):
+class Unavailable(EngineError):
+    """Not now, but soon: the caller should retry (HTTP 503 with Retry-After)."""
+
+    default_reason = "unavailable"
+
+
+class Fenced(Unavailable):
     """Another aggregator process holds this job's lease: retry later (or elsewhere)."""
 
     default_reason = "fenced"

@@ -31,7 +31,7 @@ from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, to_byte
 from fedsilo.aggregator import changes, lease, reads, transitions
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, refusal
 from fedsilo.aggregator.blobs import Blobs
-from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized
+from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized, Unavailable
 from fedsilo.aggregator.lifecycle import (
     Live,
     Phase,
@@ -340,7 +340,8 @@ class Engine:
                     tx.on_commit(self.wakeup.set)
             return answer
         except EngineError as exc:
-            self.metrics.updates_rejected.labels(job, exc.reason).inc()
+            if not isinstance(exc, Unavailable):  # "try again" is not a rejection
+                self.metrics.updates_rejected.labels(job, exc.reason).inc()
             raise
 
     def _count_upload(self, job: str, up: Incoming) -> None:
