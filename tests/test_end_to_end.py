@@ -1,4 +1,4 @@
-"""A tiny real federation: MiniLM + LoRA, 2 silos x 2 rounds over real HTTP, then load the adapter."""
+"""A tiny real federation: MiniLM + LoRA, 2 silos x 3 rounds over real HTTP, then load the adapter."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _data(tmp_path: Path) -> Path:
     return out
 
 
-def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path: Path) -> None:
+def test_two_silos_three_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path: Path) -> None:
     data = _data(tmp_path)
     job = {
         "apiVersion": "fedsilo.io/v1alpha1",
@@ -63,7 +63,7 @@ def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path:
             "baseModel": {"path": str(_minilm())},
             "task": {"labels": ["rotten", "fresh"]},
             "peft": {"r": 8, "alpha": 16, "targetModules": ["query", "value"]},
-            "training": {"rounds": 2, "localSteps": 25, "batchSize": 16, "learningRate": 0.003, "maxLength": 48},
+            "training": {"rounds": 3, "localSteps": 25, "batchSize": 16, "learningRate": 0.003, "maxLength": 48},
             "aggregation": {"minSilos": 2},
             "silos": [
                 {"name": "north", "data": {"path": "data/silo-a.csv"}},
@@ -79,7 +79,7 @@ def test_two_silos_two_rounds_beat_chance_and_leave_a_loadable_adapter(tmp_path:
 
     run = tmp_path / "runs" / "tiny"
     rows = list(csv.DictReader((run / "rounds.csv").open()))
-    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
     final = float(rows[-1]["accuracy"])
     assert final > 0.6, rows  # balanced binary test set of unseen movies: chance is 0.5
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
@@ -139,7 +139,7 @@ def test_strategies_with_silo_side_hooks_run_end_to_end(
     assert run_local(load_job(job_file), tmp_path, tmp_path / "runs") == 0
     run = tmp_path / "runs" / f"hooks-{strategy}"
     rows = list(csv.DictReader((run / "rounds.csv").open()))
-    assert [r["round"] for r in rows] == ["0", "1", "2"] and all(r["updates"] == "2" for r in rows[1:])
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"] and all(r["updates"] == "2" for r in rows[1:])
     from safetensors.torch import load_file
 
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
