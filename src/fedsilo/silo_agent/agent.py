@@ -30,6 +30,7 @@ from fedsilo.spec import FederatedJob, SiloSpec
 from fedsilo.strategies import is_lora_a, pad_rank, proximal_term, truncate_rank
 
 log = logging.getLogger("fedsilo.silo")
+OWED_WAIT = 1.0  # seconds a silo with validations owed waits for a next round before validating
 
 
 class AgentMetrics:
@@ -95,6 +96,7 @@ class Agent:
         self.loaded_version: int | None = None
         self.global_state: dict[str, torch.Tensor] = {}
         self.evaluated: set[int] = set()
+        self.owed: list[int] = []  # versions to validate when idle
         self.split: Literal["validation", "test"] = "test" if silo.role == "evaluator" else "validation"
         self.global_rank = global_rank
         self.rank = silo.rank if silo.rank not in (None, global_rank) else None
@@ -185,9 +187,9 @@ class Agent:
             len(data),
             "" if upload.outcome is Outcome.ACCEPTED else f" ({upload.outcome.value})",
         )
-        # Validate the adapter this round started from while the slower silos still train:
-        # off the round's critical path for every silo but the last.
-        self.evaluate(task.version)
+        # Validate the adapter this round started from when there is nothing else to do: the
+        # next round's training comes first, so validation is never on a round's critical path.
+        self.owed.append(task.version)
 
     def _strategy_hooks(self, task: m.Task) -> Callable[[Any], torch.Tensor] | None:
         """Apply the strategy's client config: freeze LoRA A (ffa-lora), add FedProx's proximal term."""
@@ -212,10 +214,16 @@ class Agent:
         while True:
             asked = time.monotonic()
             try:
-                task = self.client.task(wait=0 if self.resuming else self.settings.long_poll_seconds)
+                # with validations owed, wait only briefly: a round that is closing right now
+                # (our upload may have been the last) hands out the next training first
+                idle_wait = 0 if self.resuming else OWED_WAIT if self.owed else self.settings.long_poll_seconds
+                task = self.client.task(wait=idle_wait)
                 if self.resuming:
                     self.resuming = False
                     self._resume(task)
+                if task.action in ("done", "wait") and self.owed:  # idle: validate what training skipped
+                    self.evaluate(self.owed.pop(0))
+                    continue
                 if task.action == "done":
                     log.info("job finished at version %d", task.version)
                     return 0
