@@ -81,6 +81,8 @@ class Engine:
         self._live: dict[str, Live] = {}
         self._epochs: dict[str, int] = {}  # leases this process holds
         self._fenced_logged: set[str] = set()
+        self._parse_lock = threading.Lock()
+        self._parsed_docs: dict[str, tuple[dict[str, Any], FederatedJob, strategies.ClientConfig]] = {}
 
     # ---- the commit boundary ----------------------------------------------------------
 
@@ -263,13 +265,13 @@ class Engine:
 
     def task(self, job: str, silo: str) -> m.Task:
         """What `silo` should do now. A read: it writes only when the silo's state changes."""
-        with self._lock, self.sessions() as s:
+        with self.sessions() as s:  # no engine lock: polls never wait behind an aggregation
             row = self._job(s, job)
             silo_row = s.get(SiloRow, (job, silo))
             assert silo_row is not None
             if silo_row.joined_at is None:
                 raise Conflict("join the job first", "not_joined")
-            task = transitions.next_task(s, row, silo_row, self._live_for(s, row))
+            task = transitions.next_task(s, row, silo_row, *self._parsed(row))
             state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
             now = self.clock()
             stale = silo_row.last_seen is None or now - aware(silo_row.last_seen) > SEEN_EVERY  # type: ignore[operator]
@@ -284,6 +286,16 @@ class Engine:
             except Fenced:
                 pass  # bookkeeping only; the lease holder answers the silo's next call
         return task
+
+    def _parsed(self, row: JobRow) -> tuple[FederatedJob, strategies.ClientConfig]:
+        """The job's spec and strategy hooks for read paths, cached by document (own small lock)."""
+        with self._parse_lock:
+            cached = self._parsed_docs.get(row.name)
+            if cached is None or cached[0] != row.document:
+                job = parse_job(row.document)
+                hooks = strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params).client_config()
+                cached = self._parsed_docs[row.name] = (dict(row.document), job, hooks)
+            return cached[1], cached[2]
 
     # ---- adapters -------------------------------------------------------------------
 

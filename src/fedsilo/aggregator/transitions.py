@@ -15,11 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedsilo import strategies
-from fedsilo.aggregator.lifecycle import Live, Phase, RoundState, Tx
+from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import EvaluationRow, JobRow, RoundRow, SiloRow, UpdateRow, aware
 from fedsilo.api import models as m
-from fedsilo.spec import parse_job
+from fedsilo.spec import FederatedJob, parse_job
 
 log = logging.getLogger("fedsilo.aggregator")
 
@@ -141,13 +141,13 @@ def _evaluated(s: Session, job: str, silo: str, version: int) -> bool:
     return s.scalars(query).first() is not None
 
 
-def next_task(s: Session, row: JobRow, silo: SiloRow, live: Live) -> m.Task:
-    """What `silo` should do now, from committed rows only."""
+def next_task(s: Session, row: JobRow, silo: SiloRow, job: FederatedJob, hooks: strategies.ClientConfig) -> m.Task:
+    """What `silo` should do now, from committed rows only (`hooks`: the strategy's client config)."""
     if row.phase == Phase.FAILED:  # agents wait for a resume instead of leaving
         return m.Task(action="wait", round=row.current_round, version=row.version)
-    silo_spec = live.job.spec.silo(silo.name)
+    silo_spec = job.spec.silo(silo.name)
     if row.version < 0:
-        full_rank = silo_spec.rank in (None, live.job.spec.peft.r)
+        full_rank = silo_spec.rank in (None, job.spec.peft.r)
         return m.Task(action="init" if silo.role == "trainer" and full_rank else "wait")
     if silo.role == "evaluator":
         for version in range(row.version + 1):
@@ -167,7 +167,7 @@ def next_task(s: Session, row: JobRow, silo: SiloRow, live: Live) -> m.Task:
                 round=rnd.number,
                 version=rnd.number - 1,
                 deadline=aware(rnd.deadline),
-                client_config=live.strategy.client_config(),
+                client_config=hooks,
                 rank=silo_spec.rank,
                 local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
             )
