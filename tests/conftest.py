@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,12 @@ def job_document(**spec_overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def job_doc() -> dict[str, Any]:
     return job_document()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """Leave the machine's PostgreSQL server as the session found it."""
+    yield
+    from tests.aggregator.conftest import drop_created_databases
+
+    drop_created_databases()

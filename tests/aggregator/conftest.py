@@ -81,6 +81,9 @@ class AggregatorProcess:
             self.proc.wait(20)
 
 
+CREATED: list[str] = []  # databases this test session made; dropped at its end
+
+
 def postgres_database() -> str:
     """A fresh database on the machine's PostgreSQL server; skip if none answers."""
     name = f"fedsilo_test_{uuid.uuid4().hex[:10]}"
@@ -91,7 +94,20 @@ def postgres_database() -> str:
         engine.dispose()
     except Exception as exc:  # no server: only then is skipping honest
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    CREATED.append(name)
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_created_databases() -> None:
+    """Drop every database `postgres_database` made (aggregators still connected are cut off)."""
+    if not CREATED:
+        return
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for name in CREATED:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+    CREATED.clear()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
