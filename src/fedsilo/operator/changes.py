@@ -32,6 +32,7 @@ from fedsilo.spec import API_GROUP, FederatedJob, SpecError
 # change detection (its own storage prefix), so a timer compares it with status.resumeRequest.
 RESUME_ANNOTATION = f"{API_GROUP}/resume"
 RESUME_MEMO = "fedsilo_resume"  # kopf memo key: (value, outcome, message) already sent
+RESUME_EVENT_MEMO = "fedsilo_resume_event"  # kopf memo key: the value whose Event was posted
 
 
 def admin_client(
@@ -149,4 +150,9 @@ async def resume_job(
     restarted: list[str] = []
     if outcome == "Resumed":
         restarted = await restart_silo_jobs(kube, job, str(meta.get("uid") or ""), settings)
-    return resume_patch(value, outcome, message, restarted, now or datetime.now(UTC))
+    fields, events = resume_patch(value, outcome, message, restarted, now or datetime.now(UTC))
+    # the timer may fire again before our status write is visible: one Event per value
+    if memo.get(RESUME_EVENT_MEMO) == value:
+        return fields, []
+    memo[RESUME_EVENT_MEMO] = value
+    return fields, events
