@@ -54,7 +54,7 @@ def fence(s: Session, job: str, holder: str, held: int | None, now: datetime, se
     return Claim(lease.epoch, True, downtime)
 
 
-def release(s: Session, job: str, holder: str, held: int, now: datetime) -> None:
+def release(s: Session, job: str, holder: str, now: datetime) -> None:
     """Let a successor take the lease at once (graceful shutdown)."""
     lease = s.get(LeaseRow, job, with_for_update=True)
     if lease is not None and lease.holder == holder:

@@ -43,7 +43,6 @@ from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
     EvaluationRow,
     JobRow,
-    LeaseRow,
     RoundRow,
     SiloRow,
     UpdateRow,
@@ -136,8 +135,8 @@ class Engine:
     def release_leases(self) -> None:
         """Graceful shutdown: let a successor take over without waiting for expiry."""
         with self._lock, self.sessions.begin() as s:
-            for job, epoch in self._epochs.items():
-                lease.release(s, job, self.holder, epoch, self.clock())
+            for job in self._epochs:
+                lease.release(s, job, self.holder, self.clock())
             self._epochs.clear()
 
     # ---- in-memory state, derived from rows ---------------------------------------------
@@ -300,8 +299,8 @@ class Engine:
     # ---- adapters -------------------------------------------------------------------
 
     def put_initial(self, job: str, silo: str, data: bytes) -> str:
-        with self.sessions() as s:
-            limit = self._live_for(s, self._job(s, job)).job.spec.aggregation.max_update_bytes
+        with self.sessions() as s:  # a read: the parse cache, not the engine's locked state
+            limit = self._parsed(self._job(s, job))[0].spec.aggregation.max_update_bytes
         try:
             state = validate_initial(data, limit)
         except AdapterError as exc:
@@ -532,11 +531,6 @@ class Engine:
     def evaluations(self, job: str) -> list[dict[str, Any]]:
         with self.sessions() as s:
             return reads.evaluations(s, self._job(s, job))
-
-    def lease_holder(self, job: str) -> str | None:
-        with self.sessions() as s:
-            row = s.get(LeaseRow, job)
-            return row.holder if row is not None else None
 
     def ensure_job(self, job_document: dict[str, Any], tokens: dict[str, str]) -> None:
         """Create the job from a start-up file unless it exists; a changed file is applied as a patch."""
