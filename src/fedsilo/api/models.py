@@ -134,6 +134,18 @@ class RoundInfo(Wire):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class PrivacyStatus(Wire):
+    """The job's privacy settings and the differential-privacy budget spent so far."""
+
+    secure_aggregation: bool = False
+    dp: bool = False
+    epsilon: float | None = Field(default=None, description="Spent at `delta` after the closed rounds (DP on).")
+    delta: float | None = None
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    clip_norm: float | None = None
+
+
 class JobStatus(Wire):
     name: str
     phase: Phase
@@ -147,6 +159,7 @@ class JobStatus(Wire):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    privacy: PrivacyStatus = Field(default_factory=PrivacyStatus)
 
 
 class Problem(Wire):
