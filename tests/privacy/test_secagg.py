@@ -42,6 +42,7 @@ class Cohort:
     n: int
     fraction: float = 0.6
     round_: int = 1
+    shape: tuple[int, ...] = (SIZE,)
 
     def __post_init__(self) -> None:
         self.context = context_for("job-a", self.round_)
@@ -50,7 +51,7 @@ class Cohort:
         self.roster = {name: k.public() for name, k in self.keys.items()}
         self.t = threshold_for(self.n, self.fraction)
         rng = np.random.default_rng(self.n)
-        self.x = {name: rng.uniform(-3.0, 3.0, SIZE) for name in self.names}
+        self.x = {name: rng.uniform(-3.0, 3.0, self.shape) for name in self.names}
 
     def share(self, absent: Sequence[str] = ()) -> dict[str, dict[str, bytes]]:
         """Step 2: who posted shares (U2) -> recipient -> ciphertext."""
@@ -85,6 +86,14 @@ def assert_sum(cohort: Cohort, got: np.ndarray, survivors: Sequence[str]) -> Non
 def test_masked_sum_equals_plain_sum(n: int) -> None:
     cohort = Cohort(n)
     assert_sum(cohort, cohort.run(), cohort.names)
+
+
+@pytest.mark.parametrize("shape", [(3, 30_001), (0,), (1,)])
+def test_long_shaped_and_tiny_vectors(shape: tuple[int, ...]) -> None:
+    cohort = Cohort(3, shape=shape)  # 90_003 elements span two keystream chunks, unevenly
+    got = cohort.run(after=["silo-2"])
+    assert got.shape == shape
+    assert_sum(cohort, got, ["silo-0", "silo-1"])
 
 
 @pytest.mark.parametrize(("n", "fraction", "drops"), [(4, 0.6, 1), (7, 0.6, 1), (7, 0.51, 3), (5, 0.6, 2)])

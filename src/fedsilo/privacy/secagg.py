@@ -27,7 +27,7 @@ import itertools
 import math
 import secrets
 import struct
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,6 +47,7 @@ Y_BYTES = 66  # ceil(521 / 8): a field element on the wire
 MAX_SUBSETS = 64  # reconstruction attempts per secret before blaming its shares
 _LIMIT = 2.0**62  # |x| * 2^FRACTION_BITS must stay below this: headroom for sums
 _NONCE_BYTES = 12
+_CHUNK = 1 << 16  # ring elements expanded per keystream call: 512 KiB of scratch, stays in cache
 _PLAINTEXT = struct.Struct(f">I{Y_BYTES}s{Y_BYTES}s")  # x, s_sk share y, b share y
 _LABEL = b"fedsilo-secagg-v1"
 
@@ -213,16 +214,9 @@ def mask(vector: np.ndarray, keys: RoundKeys, me: str, u2: Mapping[str, PublicKe
     """y = x + PRG(b) + sum over v in U2 of sign(me, v) * PRG(s_me,v) in Z_2^64. Call once per round keys."""
     _check_ring(vector, "vector")
     _check_roster(u2, me, keys, context)
-    flat = vector.reshape(-1)
-    out: np.ndarray = flat + _prg(_self_mask_key(keys.b_seed, context), flat.size)
-    for peer in sorted(u2):
-        if peer == me:
-            continue
-        stream = _prg(_pair_key(keys.s_sk, u2[peer].s_pk, me, peer, context), flat.size)
-        if me < peer:
-            out += stream
-        else:
-            out -= stream
+    out = vector.flatten()
+    pairs = ((_pair_key(keys.s_sk, u2[peer].s_pk, me, peer, context), me < peer) for peer in sorted(u2) if peer != me)
+    _add_streams(out, itertools.chain([(_self_mask_key(keys.b_seed, context), True)], pairs))
     return out.reshape(vector.shape)
 
 
@@ -269,19 +263,15 @@ def unmask(
     if type(threshold) is not int or threshold < 1 or len(survivors) < threshold or len(reveals) < threshold:
         raise SecAggError(f"need >= {threshold} survivors and reveals, got {len(survivors)} and {len(reveals)}")
     points = _collect(reveals, u2, survivors)
-    flat = masked_sum.reshape(-1)
-    out = flat.copy()
-    for sender in sorted(u2):
-        secret = _reconstruct(sender, points[sender], threshold, _verifier(u2[sender], sender in survivors, context))
-        if sender in survivors:
-            out -= _prg(_self_mask_key(secret, context), flat.size)
-            continue
-        for peer in sorted(survivors):  # undo what peer added for the pair (peer, sender)
-            stream = _prg(_pair_key(secret, u2[peer].s_pk, sender, peer, context), flat.size)
-            if peer < sender:
-                out -= stream
-            else:
-                out += stream
+    found = {  # every secret first: a bad share fails the round before any expansion
+        sender: _reconstruct(sender, points[sender], threshold, _verifier(u2[sender], sender in survivors, context))
+        for sender in sorted(u2)
+    }
+    removals = [(_self_mask_key(found[u], context), False) for u in sorted(survivors)]
+    for sender in sorted(set(u2) - survivors):  # undo what each survivor added for its pair with sender
+        removals += [(_pair_key(found[sender], u2[u].s_pk, sender, u, context), u > sender) for u in sorted(survivors)]
+    out = masked_sum.flatten()
+    _add_streams(out, removals)
     return out.reshape(masked_sum.shape)
 
 
@@ -408,10 +398,22 @@ def _self_mask_key(b_seed: bytes, context: bytes) -> bytes:
     return _hkdf(b_seed, b"self-mask", context)
 
 
-def _prg(key: bytes, n: int) -> np.ndarray:
-    """n pseudorandom ring elements: the AES-256-CTR keystream (zero nonce; each key masks one vector)."""
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * n)), dtype="<u8").astype(np.uint64, copy=False)
+def _add_streams(out: np.ndarray, streams: Iterable[tuple[bytes, bool]]) -> None:
+    """out +/-= PRG(key) in place, per (key, add): the AES-256-CTR keystream (zero nonce, one vector per key)
+    read as little-endian uint64, expanded a chunk at a time into one reused buffer."""
+    chunk = max(1, min(out.size, _CHUNK))
+    zeros = memoryview(bytes(8 * chunk))
+    scratch = bytearray(8 * chunk + 15)  # update_into wants a block's slack
+    stream = np.frombuffer(scratch, dtype="<u8", count=chunk)
+    for key, add in streams:
+        encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        for start in range(0, out.size, chunk):
+            part = out[start : start + chunk]
+            encryptor.update_into(zeros[: 8 * part.size], scratch)
+            if add:
+                part += stream[: part.size]
+            else:
+                part -= stream[: part.size]
 
 
 def _split(secret: int, threshold: int, n: int) -> list[int]:
