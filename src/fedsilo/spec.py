@@ -45,6 +45,9 @@ DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pa
 # Strategies whose accumulator is a weighted sum of deltas: they stay correct when the deltas
 # of one buffer were trained from different global versions (aggregation.mode async).
 ASYNC_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "clipped-fedavg", "ffa-lora"})
+# Strategies that need only the (weighted) sum of a round's deltas, never one silo's delta:
+# they work under secure aggregation (the aggregator learns only the sum) and client-level DP.
+SUM_STRATEGIES = ASYNC_STRATEGIES | {"fedkd"}
 
 
 class Model(BaseModel):
@@ -187,6 +190,51 @@ class AggregationSpec(Model):
         ge=0,
         description="async: an update s versions stale is weighted by n_examples / (1 + s) ** stalenessExponent.",
     )
+    secure: bool = Field(
+        default=False,
+        description="Secure aggregation (pairwise-masked updates, SecAgg): the aggregator learns only the sum "
+        "of a round's updates. Needs mode sync, a weighted-sum strategy and minSilos >= 2.",
+    )
+    secure_threshold: float = Field(
+        default=0.6,
+        gt=0.5,
+        le=1,
+        description="secure: fraction of a round's participants whose shares unmask the sum (t = ceil(f * n), "
+        "at least 2). Up to n - t silos may drop after masking; a coalition of the aggregator with fewer than t "
+        "silos learns nothing beyond the sum.",
+    )
+    secure_stage_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="secure: how long the key and share exchanges and the unmasking wait for silos that are "
+        "slow to answer before going on without them (at least t are needed).",
+    )
+
+
+class DPSpec(Model):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): clip, then add Gaussian noise."""
+
+    clip_norm: float = Field(gt=0, description="Each silo's update is scaled to at most this L2 norm (C).")
+    noise_multiplier: float = Field(
+        ge=0,
+        description="sigma: the round's sum carries Gaussian noise of standard deviation sigma * C "
+        "(added by the aggregator, or in shares by the silos under secure aggregation).",
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="The delta at which epsilon is reported.")
+    target_epsilon: float | None = Field(
+        default=None, gt=0, description="Privacy budget: no round starts that would spend more than this."
+    )
+    on_target: Literal["stop", "warn"] = Field(
+        default="stop",
+        description="stop: finish the job with the last adapter inside the budget. warn: go on, flagged.",
+    )
+    accountant: Literal["rdp", "prv"] = Field(default="rdp", description="Opacus accountant that computes epsilon.")
+
+
+class PrivacySpec(Model):
+    """Privacy guarantees of the job."""
+
+    dp: DPSpec | None = Field(default=None, description="Client-level differential privacy; off when absent.")
 
 
 class DataSpec(Model):
@@ -316,6 +364,7 @@ class FederatedJobSpec(Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     silos: list[SiloSpec] = Field(min_length=1, description="Participating organisations.")
 
     @model_validator(mode="after")
@@ -336,6 +385,23 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 f"aggregation.mode async needs a weighted-sum strategy ({', '.join(sorted(ASYNC_STRATEGIES))}); "
                 f"{strategy} needs every update of a round trained from the same global adapter"
+            )
+        sums = ", ".join(sorted(SUM_STRATEGIES))
+        if self.aggregation.secure:
+            if self.aggregation.mode != "sync":
+                raise ValueError("aggregation.secure needs mode sync: masks cancel only within one round's cohort")
+            if strategy not in SUM_STRATEGIES:
+                raise ValueError(
+                    f"aggregation.secure needs a strategy that uses only the sum of the updates ({sums}); "
+                    f"{strategy} needs each silo's update, which secure aggregation hides"
+                )
+            if self.aggregation.min_silos < 2:
+                raise ValueError(
+                    "aggregation.secure needs minSilos >= 2: the sum of one silo's update is that update"
+                )
+        if self.privacy.dp is not None and strategy not in SUM_STRATEGIES:
+            raise ValueError(
+                f"privacy.dp needs a strategy that uses only the sum of the updates ({sums}), not {strategy}"
             )
         if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
             raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")

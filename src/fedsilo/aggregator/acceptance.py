@@ -10,12 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import select
 
-from fedsilo.adapters import AdapterError, Schema, State, check_schema
+from fedsilo.adapters import AdapterError, Schema, State, check_schema, sha256
+from fedsilo.aggregator import secure
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge, Unavailable
-from fedsilo.aggregator.lifecycle import Live, Phase, RoundState, Tx, round_complete, update_weight
+from fedsilo.aggregator.lifecycle import (
+    Live,
+    MaskedSum,
+    Phase,
+    RoundState,
+    Tx,
+    fold,
+    round_complete,
+    secure_weight,
+)
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
 from fedsilo.aggregator.uploads import validate_update
 from fedsilo.api import models as m
@@ -48,6 +59,17 @@ def parse(up: Incoming, schema: Schema, max_bytes: int) -> State:
         raise refusal(exc) from None
 
 
+def parse_masked(up: Incoming, size: int) -> np.ndarray:
+    """A secure round's upload: exactly `size` little-endian uint64 ring elements, checksummed."""
+    if up.n_examples < 1:
+        raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
+    if sha256(up.data) != up.claimed_sha256.lower():
+        raise Invalid("the body does not match X-Fedsilo-Sha256", "checksum")
+    if len(up.data) != 8 * size:
+        raise Invalid(f"a masked update has {8 * size} bytes ({size} ring elements), got {len(up.data)}", "bad_masked")
+    return np.frombuffer(up.data, dtype="<u8").astype(np.uint64)
+
+
 def _previous(tx: Tx, job: str, up: Incoming) -> UpdateRow | None:
     """The update this silo already sent for this round (sync) or from this base version (async)."""
     found = tx.s.get(UpdateRow, (job, up.round, up.silo))
@@ -59,8 +81,13 @@ def _previous(tx: Tx, job: str, up: Incoming) -> UpdateRow | None:
     return found
 
 
-def accept(tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State, blobs: Blobs) -> tuple[m.UpdateAccepted, bool]:
-    """Accept `delta` into the job's open round; returns the answer and whether the round is now complete."""
+def accept(
+    tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State | np.ndarray, blobs: Blobs
+) -> tuple[m.UpdateAccepted, bool]:
+    """Accept `delta` (a masked vector in a secure round) into the job's open round.
+
+    Returns the answer and whether the round is now complete (ready to aggregate).
+    """
     previous = _previous(tx, row.name, up)
     if previous is not None:
         if previous.sha256 == up.claimed_sha256.lower():
@@ -85,10 +112,18 @@ def accept(tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State, blobs: B
     if up.silo not in rnd.participants:
         raise Forbidden(f"silo {up.silo!r} is not sampled for round {rnd.number}", "not_participant")
     assert live.schema is not None and live.acc is not None
-    try:
-        check_schema(delta, live.schema)  # the schema the parse saw may predate a takeover
-    except AdapterError as exc:
-        raise refusal(exc) from None
+    masked = rnd.secagg is not None
+    if masked:
+        secure.check_upload(rnd, up.silo)
+        if not isinstance(delta, np.ndarray) or not isinstance(live.acc, MaskedSum):
+            raise Conflict(f"round {rnd.number} is secure: send a masked update", "wrong_stage")
+    elif isinstance(delta, np.ndarray):
+        raise Conflict(f"round {rnd.number} is not secure: send a plain update", "wrong_stage")
+    else:
+        try:
+            check_schema(delta, live.schema)  # the schema the parse saw may predate a takeover
+        except AdapterError as exc:
+            raise refusal(exc) from None
     digest = blobs.put(up.data)
     tx.s.add(
         UpdateRow(
@@ -110,12 +145,19 @@ def accept(tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State, blobs: B
         silo_row.throughput = up.examples_seen / up.train_seconds
     tx.s.flush()
     received = tx.s.scalars(select(UpdateRow.silo).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number))
-    complete = round_complete(aggregation, list(rnd.participants), list(received))
-    if complete:
-        rnd.state = RoundState.AGGREGATING
+    if masked:
+        secure.uploaded(tx, rnd, list(received))
+        complete = False  # a secure round aggregates after its unmasking stage
+    else:
+        complete = round_complete(aggregation, list(rnd.participants), list(received))
+        if complete:
+            rnd.state = RoundState.AGGREGATING
     tx.dirty = True  # from here on the accumulator holds an uncommitted fold
     try:
-        live.strategy.add(live.acc, delta, update_weight(up.n_examples, staleness, aggregation))
+        if isinstance(delta, np.ndarray):
+            live.acc.add(delta, secure_weight(up.n_examples, live.job))
+        else:
+            fold(live, live.acc, delta, up.n_examples, staleness)
     except AdapterError as exc:
         raise refusal(exc) from None
     except ValueError as exc:

@@ -216,6 +216,48 @@ async def put_update(
     return await asyncio.to_thread(engine.submit_update, job, update)
 
 
+@silos.get("/rounds/{round}/secagg/{silo}", dependencies=[Silo])
+async def secagg_view(
+    job: str,
+    round: int,
+    silo: str,
+    engine: EngineDep,
+    request: Request,
+    after: Annotated[m.SecAggStage | None, Query(description="Long-poll: answer once the stage is not this.")] = None,
+    wait: Annotated[float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds.")] = 0,
+) -> m.SecAggView:
+    """A secure round's stage, key roster, this silo's share inbox and the survivors (see `secure.py`)."""
+    until = time.monotonic() + wait
+    while True:
+        seen = engine.changed
+        view = await asyncio.to_thread(engine.secagg_view, job, silo, round)
+        if view.stage != after or time.monotonic() >= until:
+            return view
+        recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
+        while engine.changed == seen and time.monotonic() < min(until, recheck):
+            if await request.is_disconnected():
+                return view
+            await asyncio.sleep(0.05)
+
+
+@silos.put("/rounds/{round}/secagg/{silo}/keys", status_code=204, dependencies=[Silo])
+def secagg_keys(job: str, round: int, silo: str, body: m.SecAggKeys, engine: EngineDep) -> Response:
+    engine.secagg_keys(job, silo, round, body)
+    return Response(status_code=204)
+
+
+@silos.put("/rounds/{round}/secagg/{silo}/shares", status_code=204, dependencies=[Silo])
+def secagg_shares(job: str, round: int, silo: str, body: m.SecAggShares, engine: EngineDep) -> Response:
+    engine.secagg_shares(job, silo, round, body)
+    return Response(status_code=204)
+
+
+@silos.put("/rounds/{round}/secagg/{silo}/reveal", status_code=204, dependencies=[Silo])
+def secagg_reveal(job: str, round: int, silo: str, body: m.SecAggReveal, engine: EngineDep) -> Response:
+    engine.secagg_reveal(job, silo, round, body)
+    return Response(status_code=204)
+
+
 async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
     """Read at most the job's upload limit, refusing early instead of buffering a flood."""
     limit = request.app.state.settings_limit

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from fedsilo import strategies
 from fedsilo.adapters import sha256
+from fedsilo.aggregator import secure
 from fedsilo.aggregator.errors import Conflict, Invalid
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx, immutable_changes, round_complete, with_aggregation
 from fedsilo.aggregator.metrics import Metrics
@@ -58,9 +59,15 @@ def resume(tx: Tx, row: JobRow, metrics: Metrics) -> None:
     if rnd is None or rnd.state == RoundState.CLOSED:
         open_round(tx, row, row.current_round + 1 if rnd is not None else 1, metrics)
         return
+    rnd.deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+    if rnd.secagg is not None:
+        rnd.participants = sample(tx.s, row, rnd.number)
+        secure.restart(tx, rnd, spec.aggregation)
+        tx.dirty = True  # the accumulator folded updates that are gone now
+        log.info("job %s: resumed at secure round %d, which starts over", row.name, rnd.number)
+        return
     got = received(tx.s, row.name, rnd.number)
     rnd.participants = sorted(set(got) | set(sample(tx.s, row, rnd.number)))
-    rnd.deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
     log.info("job %s: resumed at round %d", row.name, rnd.number)
 
 
@@ -114,8 +121,8 @@ def change_spec(tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) 
 def _drop_from_round(tx: Tx, row: JobRow, removed: set[str]) -> bool:
     """The open round stops waiting for removed silos (their accepted updates stay)."""
     rnd = tx.s.get(RoundRow, (row.name, row.current_round))
-    if rnd is None or rnd.state != RoundState.OPEN:
-        return False
+    if rnd is None or rnd.state != RoundState.OPEN or rnd.secagg is not None:
+        return False  # a secure round treats a removed silo as a dropout (its stages time out)
     got = received(tx.s, row.name, rnd.number)
     rnd.participants = [p for p in rnd.participants if p not in removed or p in got]
     aggregation = parse_job(row.document).spec.aggregation

@@ -16,10 +16,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from fedsilo import strategies
 from fedsilo.adapters import Schema, State
+from fedsilo.privacy.dp import clip
 from fedsilo.spec import AggregationSpec, FederatedJob, FederatedJobSpec
 
 
@@ -48,6 +50,34 @@ def update_weight(n_examples: int, staleness: int, aggregation: AggregationSpec)
     return float(n_examples) / float(1 + staleness) ** aggregation.staleness_exponent
 
 
+def secure_weight(n_examples: int, job: FederatedJob) -> float:
+    """The weight a silo multiplies its secure update by: its examples, or 1 under DP (sensitivity C)."""
+    return 1.0 if job.spec.privacy.dp is not None else float(n_examples)
+
+
+def fold(live: Live, acc: Any, delta: State, n_examples: int, staleness: int) -> None:
+    """Fold one plain update; under central DP it is clipped to C and weighted 1 (the sum's sensitivity is C)."""
+    dp = live.job.spec.privacy.dp
+    if dp is not None:
+        live.strategy.add(acc, clip(delta, dp.clip_norm), 1.0)
+    else:
+        live.strategy.add(acc, delta, update_weight(n_examples, staleness, live.job.spec.aggregation))
+
+
+@dataclass
+class MaskedSum:
+    """A secure round's accumulator: the ring sum (mod 2^64) of the masked updates so far."""
+
+    ring: np.ndarray | None = None
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, masked: np.ndarray, weight: float) -> None:
+        self.ring = masked.copy() if self.ring is None else self.ring + masked
+        self.weight += weight
+        self.count += 1
+
+
 def round_complete(aggregation: AggregationSpec, participants: list[str], received: list[str]) -> bool:
     """Sync: every sampled silo sent its update. Async: the buffer is full."""
     if aggregation.mode == "async":
@@ -58,11 +88,12 @@ def round_complete(aggregation: AggregationSpec, participants: list[str], receiv
 def immutable_changes(old: FederatedJobSpec, new: FederatedJobSpec) -> list[str]:
     """Fields a running job cannot change: running silos loaded them at start.
 
-    Mutable: training.rounds, the whole aggregation section (from the next round), the
+    Mutable: training.rounds, the whole aggregation section (secure included) (from the next round), the
     aggregator's cluster settings, and the silo list (added silos are admitted, removed
     ones revoked); a silo's pod settings are the operator's business, not the engine's.
     """
-    problems = [f"spec.{name}" for name in ("base_model", "task", "peft") if getattr(old, name) != getattr(new, name)]
+    fixed = ("base_model", "task", "peft", "privacy")  # privacy: a budget is accounted under one mechanism
+    problems = [f"spec.{name}" for name in fixed if getattr(old, name) != getattr(new, name)]
     if old.training.model_copy(update={"rounds": 0}) != new.training.model_copy(update={"rounds": 0}):
         problems.append("spec.training (only rounds may change)")
     before = {s.name: s for s in old.silos}

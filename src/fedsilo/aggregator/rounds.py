@@ -23,22 +23,17 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedsilo import strategies
 from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, to_bytes
-from fedsilo.aggregator import changes, lease, reads, transitions
-from fedsilo.aggregator.acceptance import Incoming, accept, parse, refusal
+from fedsilo.aggregator import budget, changes, lease, reads, secure, transitions
+from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized, Unavailable
-from fedsilo.aggregator.lifecycle import (
-    Live,
-    Phase,
-    RoundState,
-    Tx,
-    update_weight,
-)
+from fedsilo.aggregator.lifecycle import Live, MaskedSum, Phase, RoundState, Tx, fold, secure_weight
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
     EvaluationRow,
@@ -52,7 +47,11 @@ from fedsilo.aggregator.store import (
 )
 from fedsilo.aggregator.uploads import validate_initial
 from fedsilo.api import models as m
+from fedsilo.privacy import dp as privacy_dp
+from fedsilo.privacy import secagg
+from fedsilo.privacy.vectors import unflatten
 from fedsilo.spec import FederatedJob, SpecError, dump_job, parse_job
+from fedsilo.strategies import WeightedSum
 
 __all__ = ["Engine", "Incoming"]
 
@@ -170,12 +169,18 @@ class Engine:
     def _rebuild_accumulator(self, s: Session, row: JobRow, live: Live) -> Any:
         """Fold exactly the committed updates of the current round, in a fixed order."""
         assert live.global_state is not None
-        acc = live.strategy.accumulator(live.global_state)
+        rnd = s.get(RoundRow, (row.name, row.current_round))
         query = select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == row.current_round)
+        if rnd is not None and rnd.secagg is not None:
+            masked = MaskedSum()
+            for u in s.scalars(query.order_by(UpdateRow.silo)):
+                vector = np.frombuffer(self.blobs.get(u.sha256), dtype="<u8").astype(np.uint64)
+                masked.add(vector, secure_weight(u.n_examples, live.job))
+            return masked
+        acc = live.strategy.accumulator(live.global_state)
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
-            weight = update_weight(u.n_examples, staleness, live.job.spec.aggregation)
-            live.strategy.add(acc, from_bytes(self.blobs.get(u.sha256)), weight)
+            fold(live, acc, from_bytes(self.blobs.get(u.sha256)), u.n_examples, staleness)
         return acc
 
     # ---- jobs -----------------------------------------------------------------------
@@ -187,6 +192,7 @@ class Engine:
             strategies.create(spec.aggregation.strategy, spec.aggregation.params)
         except ValueError as exc:
             raise Invalid(f"spec.aggregation: {exc}", "invalid_spec") from None
+        budget.check_first_round(spec)
         names = {s.name for s in spec.silos}
         changes.check_tokens(tokens, names)
         name = job.metadata.name
@@ -339,8 +345,11 @@ class Engine:
                 with self._lock:
                     live = self._live_for(s, row)
                     schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+                    hooks = live.strategy.client_config()
+                rnd = s.get(RoundRow, (job, row.current_round))
+                masked = rnd is not None and rnd.secagg is not None and rnd.number == up.round
             assert schema is not None
-            delta = parse(up, schema, limit)
+            delta = parse_masked(up, secure.layout(schema, hooks).size) if masked else parse(up, schema, limit)
             with self._write(job) as tx:
                 row = self._job(tx.s, job, lock=True)
                 live = self._live_for(tx.s, row, with_acc=True)
@@ -362,6 +371,32 @@ class Engine:
         if up.train_seconds is not None:
             self.metrics.silo_train_seconds.labels(job, up.silo).set(up.train_seconds)
 
+    # ---- secure aggregation's stages ------------------------------------------------
+
+    def _secure_round(self, s: Session, job: str, number: int) -> RoundRow:
+        self._job(s, job)
+        rnd = s.get(RoundRow, (job, number))
+        if rnd is None or rnd.secagg is None:
+            raise NotFound(f"job {job!r} has no secure round {number}", "not_secure")
+        return rnd
+
+    def secagg_view(self, job: str, silo: str, number: int) -> m.SecAggView:
+        with self.sessions() as s:
+            return secure.view(s, self._secure_round(s, job, number), silo)
+
+    def secagg_keys(self, job: str, silo: str, number: int, keys: m.SecAggKeys) -> None:
+        with self._write(job) as tx:
+            secure.post_keys(tx, self._secure_round(tx.s, job, number), silo, keys)
+
+    def secagg_shares(self, job: str, silo: str, number: int, shares: m.SecAggShares) -> None:
+        with self._write(job) as tx:
+            secure.post_shares(tx, self._secure_round(tx.s, job, number), silo, shares)
+
+    def secagg_reveal(self, job: str, silo: str, number: int, reveal: m.SecAggReveal) -> None:
+        with self._write(job) as tx:
+            if secure.post_reveal(tx, self._secure_round(tx.s, job, number), silo, reveal):
+                tx.on_commit(self.wakeup.set)
+
     # ---- round transitions ----------------------------------------------------------
 
     def _close_round(self, tx: Tx, row: JobRow, rnd: RoundRow) -> None:
@@ -371,7 +406,18 @@ class Engine:
         started = time.perf_counter()
         server_state: State = from_bytes(self.blobs.get(row.server_state_sha)) if row.server_state_sha else {}
         tx.dirty = True  # aggregate may consume the accumulator
-        result = live.strategy.aggregate(live.global_state, live.acc, server_state)
+        acc = live.acc
+        if isinstance(acc, MaskedSum):  # remove the masks: the aggregator learns the sum, nothing else
+            assert acc.ring is not None and live.schema is not None
+            lay = secure.layout(live.schema, live.strategy.client_config())
+            total = unflatten(secagg.decode(secure.unmask(tx.s, rnd, acc.ring)), lay)
+            acc = WeightedSum(total=total, weight=acc.weight, count=acc.count)
+        dp = live.job.spec.privacy.dp
+        if dp is not None and rnd.secagg is None:  # central DP: the aggregator adds the noise
+            noise = privacy_dp.gaussian(acc.total, privacy_dp.central_std(dp.noise_multiplier, dp.clip_norm))
+            for name, tensor in noise.items():
+                acc.total[name].add_(tensor)
+        result = live.strategy.aggregate(live.global_state, acc, server_state)
         data = to_bytes(result.state)
         digest = self.blobs.put(data)
         if result.server_state:
@@ -380,12 +426,17 @@ class Engine:
         tx.s.add(VersionRow(job=row.name, version=rnd.number, sha256=digest, n_bytes=len(data), created_at=tx.now))
         rnd.state, rnd.closed_at, rnd.aggregation_seconds = RoundState.CLOSED, tx.now, seconds
         rnd.metrics = {**(rnd.metrics or {}), **{k: float(v) for k, v in result.metrics.items()}}
+        if rnd.secagg is not None:
+            rnd.secagg = {**rnd.secagg, "stage": "closed"}
+        spent = budget.spend(tx, row, rnd, dp) if dp is not None else None
         row.version = rnd.number
         updates = list(
             tx.s.scalars(select(UpdateRow.sha256).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number))
         )
         if rnd.number >= row.rounds:
             row.phase, row.finished_at = Phase.SUCCEEDED, tx.now
+        elif dp is not None and budget.exhausted(tx, row, rnd, dp):
+            pass  # stopped inside the privacy budget: `exhausted` finished the job and said why
         else:
             transitions.open_round(tx, row, rnd.number + 1, self.metrics)
         name, number, opened = row.name, rnd.number, aware(rnd.opened_at)
@@ -395,6 +446,8 @@ class Engine:
                 live.global_state, live.version, live.acc = result.state, number, None
             self.metrics.aggregation_duration.labels(name).observe(seconds)
             self.metrics.round_duration.labels(name).observe((tx.now - opened).total_seconds())  # type: ignore[operator]
+            if spent is not None:
+                self.metrics.privacy_epsilon.labels(name).set(spent)
             if "lora_truncation_error" in result.metrics:
                 self.metrics.lora_truncation_error.labels(name).set(result.metrics["lora_truncation_error"])
             log.info("job %s: round %d closed -> version %d (%.3fs aggregation)", name, number, number, seconds)
@@ -454,6 +507,8 @@ class Engine:
             if row.phase != Phase.RUNNING:
                 return False
             rnd = s.get(RoundRow, (name, row.current_round))
+            if rnd is not None and rnd.secagg is not None:
+                return rnd.state == RoundState.AGGREGATING or secure.due(rnd, self.clock())
             return rnd is not None and (
                 rnd.state == RoundState.AGGREGATING
                 or (rnd.state == RoundState.OPEN and self.clock() >= aware(rnd.deadline))  # type: ignore[operator]
@@ -471,7 +526,11 @@ class Engine:
             rnd = tx.s.get(RoundRow, (name, row.current_round))
             if rnd is None or rnd.state == RoundState.CLOSED:
                 return
-            if rnd.state == RoundState.OPEN:
+            if rnd.state == RoundState.OPEN and rnd.secagg is not None:
+                if not secure.due(rnd, tx.now):
+                    return
+                secure.expire(tx, row, rnd, parse_job(row.document).spec.aggregation.min_silos)
+            elif rnd.state == RoundState.OPEN:
                 if tx.now < aware(rnd.deadline):  # type: ignore[operator]
                     return
                 transitions.deadline_passed(tx, row, rnd)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -89,6 +89,7 @@ class RoundRow(Base):
     closed_at: Mapped[datetime | None] = mapped_column(default=None)
     aggregation_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    secagg: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # secure rounds: stage, threshold, U1..U3
 
 
 class UpdateRow(Base):
@@ -127,6 +128,40 @@ class EvaluationRow(Base):
     n_examples: Mapped[int]
     extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SecAggKeyRow(Base):
+    """A silo's public keys for one secure round (relayed to the round's other silos)."""
+
+    __tablename__ = "secagg_keys"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(primary_key=True)
+    silo: Mapped[str] = mapped_column(String(63), primary_key=True)
+    public: Mapped[dict[str, Any]]
+
+
+class SecAggShareRow(Base):
+    """One encrypted share bundle from `sender` to `recipient`: the aggregator cannot open it."""
+
+    __tablename__ = "secagg_shares"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(primary_key=True)
+    sender: Mapped[str] = mapped_column(String(63), primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(63), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+
+
+class SecAggRevealRow(Base):
+    """The shares one surviving silo revealed to unmask a round: per sender, of b or of s_sk."""
+
+    __tablename__ = "secagg_reveals"
+
+    job: Mapped[str] = mapped_column(ForeignKey("jobs.name", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(primary_key=True)
+    silo: Mapped[str] = mapped_column(String(63), primary_key=True)
+    shares: Mapped[dict[str, Any]]
 
 
 class LeaseRow(Base):

@@ -15,10 +15,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedsilo import strategies
+from fedsilo.aggregator import secure
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx
 from fedsilo.aggregator.metrics import Metrics
-from fedsilo.aggregator.store import EvaluationRow, JobRow, RoundRow, SiloRow, UpdateRow, aware
+from fedsilo.aggregator.store import EvaluationRow, JobRow, RoundRow, SecAggKeyRow, SiloRow, UpdateRow, aware
 from fedsilo.api import models as m
+from fedsilo.privacy.dp import share_std
 from fedsilo.spec import FederatedJob, parse_job
 
 log = logging.getLogger("fedsilo.aggregator")
@@ -64,17 +66,18 @@ def open_round(tx: Tx, row: JobRow, number: int, metrics: Metrics) -> None:
             {r.name: r.throughput for r in rows}, spec.training.local_steps, spec.training.batch_size
         )
     deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
-    tx.s.add(
-        RoundRow(
-            job=row.name,
-            number=number,
-            state=RoundState.OPEN,
-            participants=participants,
-            opened_at=tx.now,
-            deadline=deadline,
-            metrics=plan,
-        )
+    rnd = RoundRow(
+        job=row.name,
+        number=number,
+        state=RoundState.OPEN,
+        participants=participants,
+        opened_at=tx.now,
+        deadline=deadline,
+        metrics=plan,
     )
+    if spec.aggregation.secure:
+        secure.start(tx, rnd, spec.aggregation)
+    tx.s.add(rnd)
     row.current_round = number
     name = row.name
     tx.on_commit(lambda: metrics.round.labels(name).set(number))
@@ -101,6 +104,9 @@ def deadline_passed(tx: Tx, row: JobRow, rnd: RoundRow) -> None:
     """At the deadline: aggregate with a quorum, else fail the job (resumable)."""
     spec = parse_job(row.document).spec
     got = received(tx.s, row.name, rnd.number)
+    if rnd.secagg is not None:  # a secure round goes on to unmasking, not straight to aggregation
+        secure.expire(tx, row, rnd, spec.aggregation.min_silos)
+        return
     for silo in set(rnd.participants) - set(got):
         late = tx.s.get(SiloRow, (row.name, silo))
         if late is not None:
@@ -141,6 +147,21 @@ def _evaluated(s: Session, job: str, silo: str, version: int) -> bool:
     return s.scalars(query).first() is not None
 
 
+def _may_join_secure(s: Session, rnd: RoundRow, silo: str) -> bool:
+    """A secure round is joined at its key stage, once: a silo that posted keys and asks again
+    (restarted, its private keys gone) sits the round out; the threshold covers it."""
+    return secure.stage(rnd) == "keys" and s.get(SecAggKeyRow, (rnd.job, rnd.number, silo)) is None
+
+
+def _dp_share(job: FederatedJob, rnd: RoundRow) -> dict[str, float]:
+    """Secure rounds with DP: each silo clips and adds its share of the noise (the aggregator cannot)."""
+    dp = job.spec.privacy.dp
+    if dp is None or rnd.secagg is None:
+        return {}
+    threshold = int(rnd.secagg["threshold"])
+    return {"clip_norm": dp.clip_norm, "noise_std": share_std(dp.noise_multiplier, dp.clip_norm, threshold)}
+
+
 def next_task(s: Session, row: JobRow, silo: SiloRow, job: FederatedJob, hooks: strategies.ClientConfig) -> m.Task:
     """What `silo` should do now, from committed rows only (`hooks`: the strategy's client config)."""
     if row.phase == Phase.FAILED:  # agents wait for a resume instead of leaving
@@ -161,6 +182,7 @@ def next_task(s: Session, row: JobRow, silo: SiloRow, job: FederatedJob, hooks: 
             and rnd.state == RoundState.OPEN
             and silo.name in rnd.participants
             and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
+            and (rnd.secagg is None or _may_join_secure(s, rnd, silo.name))
         ):
             return m.Task(
                 action="train",
@@ -170,6 +192,8 @@ def next_task(s: Session, row: JobRow, silo: SiloRow, job: FederatedJob, hooks: 
                 client_config=hooks,
                 rank=silo_spec.rank,
                 local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
+                secure=rnd.secagg is not None,
+                dp=_dp_share(job, rnd),
             )
     if row.phase == Phase.SUCCEEDED:
         if silo.n_eval_examples > 0 and not _evaluated(s, row.name, silo.name, row.version):

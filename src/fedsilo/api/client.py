@@ -37,7 +37,8 @@ __all__ = ["Backoff", "Client", "ClientError", "Outcome", "Upload"]
 log = logging.getLogger("fedsilo.client")
 
 RETRIED_STATUSES = frozenset({408, 429})  # and every 5xx
-LATE_REASONS = frozenset({"wrong_round", "stale"})  # 409s that mean "this round has moved on without you"
+# 409s that mean "this round has moved on without you"
+LATE_REASONS = frozenset({"wrong_round", "stale", "wrong_stage"})
 MAX_LONG_POLL = 30.0  # the server's ceiling for `?wait=`
 LONG_POLL_MARGIN = 30.0  # read timeout of a long poll: wait + this
 MAX_RETRY_AFTER = 600.0  # a Retry-After longer than this is read as this
@@ -297,6 +298,24 @@ class Client:
 
     def post_metrics(self, report: m.MetricsReport) -> None:
         self._request("POST", f"{self._silo_path()}/metrics", json=report.model_dump())
+
+    # secure aggregation (the stages of `aggregator/secure.py`)
+    def _secagg_path(self, round_: int) -> str:
+        return f"/v1/jobs/{self.job}/rounds/{round_}/secagg/{self.silo}"
+
+    def secagg_view(self, round_: int, after: str | None = None, wait: float = 0.0) -> m.SecAggView:
+        """The secure round's stage; with `after` and `wait`, held until the stage is not `after`."""
+        params: dict[str, str] = {}
+        if after is not None and wait > 0:
+            wait = min(wait, MAX_LONG_POLL)
+            params = {"after": after, "wait": f"{wait:g}"}
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, float(params.get("wait", 0)) + LONG_POLL_MARGIN))
+        response = self._request("GET", self._secagg_path(round_), params=params, timeout=timeout)
+        return m.SecAggView.model_validate(response.json())
+
+    def secagg_put(self, round_: int, what: str, body: m.Wire) -> None:
+        """Post keys, shares or a reveal; a retry of the same body is answered like the first."""
+        self._request("PUT", f"{self._secagg_path(round_)}/{what}", json=body.model_dump(mode="json"))
 
 
 def _transient(status: int) -> bool:

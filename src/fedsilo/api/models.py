@@ -85,6 +85,55 @@ class Task(Wire):
     local_steps: int | None = None
     rank: int | None = None
     deadline: datetime | None = None
+    secure: bool = Field(default=False, description="Secure aggregation: run the round's SecAgg stages.")
+    dp: dict[str, float] = Field(
+        default_factory=dict,
+        description="Secure aggregation with DP: clip_norm and noise_std, the silo's share of the noise.",
+    )
+
+
+SecAggStage = Literal["keys", "shares", "masking", "unmasking", "aggregating", "closed", "failed"]
+class SecAggKeys(Wire):
+    """A silo's public keys for one secure round (base64): channel key, mask key, seed commitment."""
+
+    c_pk: str = Field(max_length=64)
+    s_pk: str = Field(max_length=64)
+    b_commit: str = Field(max_length=64)
+
+
+class SecAggShares(Wire):
+    """Encrypted share bundles, one per silo of the round's key roster (itself included)."""
+
+    ciphertexts: dict[str, str] = Field(description="recipient -> base64 AES-GCM ciphertext")
+
+
+class RevealedShare(Wire):
+    kind: Literal["b", "s"]
+    x: int = Field(ge=1, lt=2**32)
+    y: str = Field(max_length=128)
+
+
+class SecAggReveal(Wire):
+    """A surviving silo's shares for unmasking: of b for silos that uploaded, of s_sk for those that dropped."""
+
+    shares: dict[str, RevealedShare]
+
+
+class SecAggView(Wire):
+    """Where a secure round stands, and what this silo needs from the others for its next step.
+
+    roster: every silo's public keys once the key stage closed (U1); inbox: the share bundles
+    addressed to this silo, once the share stage closed (from U2); masked: the silos whose
+    masked update counts (U3), once the upload stage closed.
+    """
+
+    round: int
+    stage: SecAggStage
+    threshold: int
+    roster: dict[str, SecAggKeys] = Field(default_factory=dict)
+    inbox: dict[str, str] = Field(default_factory=dict)
+    shared: list[str] = Field(default_factory=list)
+    masked: list[str] = Field(default_factory=list)
 
 
 class MetricsReport(Wire):

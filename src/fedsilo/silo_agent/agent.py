@@ -18,14 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from fedsilo.adapters import delta, from_bytes, to_bytes
 from fedsilo.api import models as m
-from fedsilo.api.client import Client, ClientError, Outcome
+from fedsilo.api.client import Client, ClientError, Outcome, Upload
 from fedsilo.silo_agent import hardware
 from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, generation_prompts
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
 from fedsilo.silo_agent.distill import DistillConfig, Distiller
 from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
+from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
-from fedsilo.silo_agent.trainer import Trainer
+from fedsilo.silo_agent.trainer import Trainer, TrainResult
 from fedsilo.spec import FederatedJob, SiloSpec
 from fedsilo.strategies import is_lora_a, pad_rank, proximal_term, truncate_rank
 
@@ -150,6 +151,21 @@ class Agent:
 
     def train(self, task: m.Task) -> None:
         self._load_version(task.version)
+        if task.secure:
+            self._train_secure(task)
+        else:
+            local, result = self._train_delta(task)
+            data = to_bytes(local)
+            upload = self.client.put_update(
+                task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
+            )
+            self._report(task, result, len(data), upload)
+        # Validate the adapter this round started from when there is nothing else to do: the
+        # next round's training comes first, so validation is never on a round's critical path.
+        self.owed.append(task.version)
+
+    def _train_delta(self, task: m.Task) -> tuple[dict[str, torch.Tensor], TrainResult]:
+        """Train round `task.round` locally; the delta to the global adapter, in the global shape."""
         if self.distiller is None and "distill_alpha" in task.client_config:
             config = DistillConfig.from_client_config(task.client_config)
             self.distiller = Distiller(self.trainer.model, config, self.trainer.training)
@@ -165,10 +181,28 @@ class Agent:
         trained = self.trainer.state()
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
-        data = to_bytes(delta(trained, self.global_state))
-        upload = self.client.put_update(
-            task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
-        )
+        return delta(trained, self.global_state), result
+
+    def _train_secure(self, task: m.Task) -> None:
+        """One secure round: keys, shares, local training, the masked upload, the reveal.
+
+        Private keys live only in this process: an agent restarted mid-round sits it out
+        (the threshold covers it) and joins the next round.
+        """
+        try:
+            secure = SecureRound(self.client, self.silo.name, task.round)
+            secure.exchange_keys()
+            local, result = self._train_delta(task)
+            n = len(self.trainer.train_data)
+            data = secure.masked(local, task, n)
+            upload = self.client.put_update(task.round, data, n, result.seconds, result.examples_seen)
+            self._report(task, result, len(data), upload)
+            if upload.outcome is not Outcome.LATE:
+                secure.reveal()
+        except SitOut as exc:
+            log.warning("round %d: sitting this secure round out (%s)", task.round, exc)
+
+    def _report(self, task: m.Task, result: TrainResult, n_bytes: int, upload: Upload) -> None:
         if upload.outcome is Outcome.LATE:
             log.warning("round %d: update not counted, the round moved on (%s)", task.round, upload.detail)
         elif upload.outcome is Outcome.DUPLICATE and upload.detail:  # a different update of ours is counted
@@ -177,19 +211,17 @@ class Agent:
         self.metrics.train_seconds.set(result.seconds)
         self.metrics.train_loss.set(result.loss)
         self.metrics.examples.inc(result.examples_seen)
-        self.metrics.bytes_sent.inc(len(data))
+        self.metrics.bytes_sent.inc(n_bytes)
         log.info(
-            "round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s",
+            "round %d: %d steps, loss %.4f, %.1fs training, %d bytes up%s%s",
             task.round,
             result.steps,
             result.loss,
             result.seconds,
-            len(data),
+            n_bytes,
+            " masked" if task.secure else "",
             "" if upload.outcome is Outcome.ACCEPTED else f" ({upload.outcome.value})",
         )
-        # Validate the adapter this round started from when there is nothing else to do: the
-        # next round's training comes first, so validation is never on a round's critical path.
-        self.owed.append(task.version)
 
     def _strategy_hooks(self, task: m.Task) -> Callable[[Any], torch.Tensor] | None:
         """Apply the strategy's client config: freeze LoRA A (ffa-lora), add FedProx's proximal term."""
