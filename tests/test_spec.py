@@ -46,6 +46,22 @@ def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
         (lambda d: d["spec"]["silos"][0].update(volume={"hostPath": "/x", "emptyDir": True}), "exactly one of"),
         (lambda d: d.update(kind="Job"), "kind"),
         (lambda d: d["spec"]["silos"][0]["data"].update(validationSplit=1.5), "validationSplit"),
+        (
+            lambda d: d["spec"]["aggregation"].update(secure=True, strategy="median"),
+            "median needs each silo's update, which secure aggregation hides",
+        ),
+        (lambda d: d["spec"]["aggregation"].update(secure=True, strategy="lora-exact"), "secure aggregation hides"),
+        (lambda d: d["spec"]["aggregation"].update(secure=True, mode="async"), "aggregation.secure needs mode sync"),
+        (lambda d: d["spec"]["aggregation"].update(secure=True, minSilos=1), "needs minSilos >= 2"),
+        (lambda d: d["spec"]["aggregation"].update(secure=True, secureThreshold=0.5), "secureThreshold"),
+        (
+            lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 1}})
+            or d["spec"]["aggregation"].update(strategy="trimmed-mean"),
+            "privacy.dp needs a strategy that uses only the sum",
+        ),
+        (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 0, "noiseMultiplier": 1}}), "clipNorm"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 1, "delta": 1}}), "delta"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1}}), "noiseMultiplier: Field required"),
     ],
 )
 def test_bad_documents_name_the_field(job_doc: dict[str, Any], mutate: Any, expected: str) -> None:

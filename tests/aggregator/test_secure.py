@@ -68,7 +68,7 @@ def run_silo(agg: AggregatorProcess, token: str, silo: str, rounds: int, drop_in
 
 
 def secure_hub(tmp_path: Path, url: str, silos: list[str], **aggregation: Any) -> tuple[Hub, AggregatorProcess]:
-    agg = process(tmp_path, url, "aggregator")
+    agg = process(tmp_path, url, "aggregator", FEDSILO_LEASE_SECONDS="2")  # a killed holder's lease expires fast
     agg.start()
     hub = Hub(agg.url, agg.admin, tokens_for(*silos))
     doc = document(silos, secure=True, minSilos=2, **aggregation)
@@ -112,6 +112,44 @@ def test_masked_sum_equals_the_plain_weighted_mean(tmp_path: Path, backend: str)
         assert_close(hub.adapter(2), v2, len(silos))
         assert hub.status()["privacy"]["secure_aggregation"] is True
     finally:
+        agg.stop()
+
+
+@pytest.mark.parametrize("strategy", ["clipped-fedavg", "ffa-lora"])
+def test_silo_side_strategy_contracts_hold_under_masking(tmp_path: Path, strategy: str) -> None:
+    """clipped-fedavg: the silo clips (the hub cannot); ffa-lora: A is left out of the vector and stays exact."""
+    silos = SILOS[:3]
+    params = {"clip_norm": 0.3} if strategy == "clipped-fedavg" else {}
+    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", silos, strategy=strategy, params=params)
+    clients = {s: Client(agg.url, "demo", hub.tokens[s], s, retries=None) for s in silos}
+    try:
+        task = clients[silos[0]].task()  # the strategy's silo-side hooks ride on the task
+        assert task.secure and task.client_config == (
+            {"clip_norm": 0.3} if strategy == "clipped-fedavg" else {"freeze_lora_a": True}
+        )
+        rounds = {s: SecureRound(clients[s], s, 1) for s in silos}
+        parallel(lambda s: rounds[s].exchange_keys(), silos)
+        deltas = {s: plain(s, 1) for s in silos}
+        if strategy == "ffa-lora":
+            deltas = {s: {k: v * 0 if "lora_A" in k else v for k, v in d.items()} for s, d in deltas.items()}
+        sizes = set()
+        for s in silos:
+            data = rounds[s].masked(deltas[s], task, examples(s))
+            sizes.add(len(data))
+            assert clients[s].put_update(1, data, examples(s), 0.1).outcome is Outcome.ACCEPTED
+        parallel(lambda s: rounds[s].reveal(), silos)
+        hub.wait_for("round 1 closed", lambda st: st["version"] >= 1)
+        if strategy == "clipped-fedavg":
+            want = combine(v0(), [(clip(deltas[s], 0.3), examples(s)) for s in silos])
+            assert sizes == {8 * sum(v.numel() for v in v0().values())}
+        else:
+            want = combine(v0(), [(deltas[s], examples(s)) for s in silos])
+            assert sizes == {8 * v0()["classifier.weight"].numel()}  # only what is trained travels
+            assert torch.equal(hub.adapter(1)["m.lora_A.weight"], v0()["m.lora_A.weight"])
+        assert_close(hub.adapter(1), want, len(silos))
+    finally:
+        for c in clients.values():
+            c.close()
         agg.stop()
 
 
@@ -255,6 +293,9 @@ def test_target_epsilon_stops_the_job_inside_the_budget(tmp_path: Path) -> None:
         status = hub.wait_for("the stop", lambda st: st["phase"] == "Succeeded")
         assert status["version"] == 1 and "privacy budget" in status["message"]
         assert status["privacy"]["epsilon"] == pytest.approx(one) and one <= status["privacy"]["target_epsilon"]
+        more = hub.patch({"rounds": 20})
+        assert more.status_code == 409 and more.json()["reason"] == "budget_exhausted"
+        assert hub.status()["phase"] == "Succeeded"
         too_tight = document(silos, minSilos=2)
         too_tight["metadata"]["name"] = "tight"
         too_tight["spec"]["privacy"] = {"dp": {"clipNorm": 1, "noiseMultiplier": 2.0, "targetEpsilon": one / 2}}
@@ -296,3 +337,39 @@ def httpx_get(url: str) -> str:
     import httpx
 
     return httpx.get(url).text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_aggregator_killed_mid_round_recovers_the_masked_sum_exactly(tmp_path: Path, backend: str) -> None:
+    """SIGKILL between masked uploads and again between reveals: every fold counts exactly once."""
+    url = f"sqlite:///{tmp_path / 'f.db'}" if backend == "sqlite" else postgres_database()
+    silos = SILOS[:4]
+    hub, agg = secure_hub(tmp_path, url, silos)
+    clients = {s: Client(agg.url, "demo", hub.tokens[s], s, retries=None, backoff_cap=0.5) for s in silos}
+    try:
+        rounds: dict[str, SecureRound] = {}
+
+        def keys(s: str) -> None:
+            rounds[s] = SecureRound(clients[s], s, 1)
+            rounds[s].exchange_keys()
+
+        parallel(keys, silos)
+        task = m.Task(action="train", round=1, secure=True)
+        masked = {s: rounds[s].masked(plain(s, 1), task, examples(s)) for s in silos}
+        for s in silos[:2]:
+            assert clients[s].put_update(1, masked[s], examples(s), 0.1).outcome is Outcome.ACCEPTED
+        agg.kill()
+        agg.start()  # same store, same port: the silos' clients retry into the new process
+        assert clients[silos[0]].put_update(1, masked[silos[0]], examples(silos[0]), 0.1).outcome is Outcome.DUPLICATE
+        for s in silos[2:]:
+            assert clients[s].put_update(1, masked[s], examples(s), 0.1).outcome is Outcome.ACCEPTED
+        rounds[silos[0]].reveal()
+        agg.kill()
+        agg.start()
+        parallel(lambda s: rounds[s].reveal(), silos[1:])
+        hub.wait_for("round 1 closed", lambda st: st["version"] >= 1, timeout=60)
+        assert_close(hub.adapter(1), combine(v0(), [(plain(s, 1), examples(s)) for s in silos]), len(silos))
+    finally:
+        for c in clients.values():
+            c.close()
+        agg.stop()

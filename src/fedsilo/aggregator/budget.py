@@ -13,7 +13,7 @@ import math
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedsilo.aggregator.errors import Invalid
+from fedsilo.aggregator.errors import Conflict, Invalid
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow
 from fedsilo.api import models as m
@@ -70,6 +70,22 @@ def exhausted(tx: Tx, row: JobRow, rnd: RoundRow, dp: DPSpec) -> bool:
     )
     log.warning("job %s: %s", row.name, row.message)
     return False
+
+
+def refuse_more_rounds(s: Session, row: JobRow, dp: DPSpec) -> None:
+    """A job stopped at its privacy target stays stopped: more rounds would spend past it."""
+    if dp.target_epsilon is None or dp.on_target != "stop":
+        return
+    history = _history(s, row.name, row.current_round + 1)
+    if not history:
+        return
+    after_next = epsilon([*history, history[-1]], dp.delta, dp.accountant)
+    if after_next > dp.target_epsilon:
+        raise Conflict(
+            f"one more round would take epsilon to {after_next:.3g} > targetEpsilon {dp.target_epsilon:g}: "
+            "the privacy budget of this job is spent",
+            "budget_exhausted",
+        )
 
 
 def check_first_round(spec: FederatedJobSpec) -> None:

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from fedsilo import strategies
 from fedsilo.adapters import sha256
-from fedsilo.aggregator import secure
+from fedsilo.aggregator import budget, secure
 from fedsilo.aggregator.errors import Conflict, Invalid
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx, immutable_changes, round_complete, with_aggregation
 from fedsilo.aggregator.metrics import Metrics
@@ -40,8 +40,12 @@ def check_tokens(tokens: dict[str, str], names: set[str]) -> None:
 def set_rounds(tx: Tx, row: JobRow, rounds: int, metrics: Metrics) -> None:
     if rounds < row.current_round:
         raise Invalid(f"rounds={rounds} is below the current round {row.current_round}", "invalid")
+    reopen = row.phase == Phase.SUCCEEDED and row.version < rounds
+    dp = parse_job(row.document).spec.privacy.dp
+    if reopen and dp is not None:
+        budget.refuse_more_rounds(tx.s, row, dp)
     row.rounds = rounds
-    if row.phase == Phase.SUCCEEDED and row.version < rounds:
+    if reopen:
         row.phase, row.finished_at = Phase.RUNNING, None
         open_round(tx, row, row.version + 1, metrics)
     name = row.name

@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsilo.adapters import State, l2_norm
 
@@ -56,6 +55,10 @@ def epsilon(history: Sequence[Round], delta: float, accountant: str = "rdp") -> 
         return 0.0
     if any(sigma <= 0 for sigma, _ in rounds):
         return math.inf
+    # imported here, not at module level: importing opacus calls logging.basicConfig, which would
+    # otherwise come before (and disable) the aggregator's and the silo agent's own logging setup
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = _compressed(rounds)
     with warnings.catch_warnings():  # PRV's log(0) at q = 1 is handled inside Opacus

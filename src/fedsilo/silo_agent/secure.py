@@ -75,6 +75,8 @@ class SecureRound:
         self.held = secagg.open_inbox(self.keys, self.me, self.roster, inbox, self.context)
         self.shared = view.shared
         weight = float(n_examples)
+        if "clip_norm" in task.client_config:  # clipped-fedavg: the aggregator cannot clip a masked delta
+            delta = dp.clip(delta, float(task.client_config["clip_norm"]))
         if task.dp:  # client-level DP: sensitivity C, each silo adds its share of the noise
             delta = dp.clip(delta, task.dp["clip_norm"])
             noise = dp.gaussian(delta, task.dp["noise_std"])

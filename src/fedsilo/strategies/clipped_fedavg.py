@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from fedsilo.adapters import l2_norm
-from fedsilo.strategies.base import Aggregate, WeightedSum
+from fedsilo.strategies.base import Aggregate, ClientConfig, WeightedSum
 from fedsilo.strategies.fedavg import FedAvg
 
 
@@ -43,6 +43,10 @@ class ClippedFedAvg(FedAvg):
 
     def check(self) -> None:
         self.require(self.params["clip_norm"] > 0, "clip_norm", "must be > 0")
+
+    def client_config(self) -> ClientConfig:
+        # under secure aggregation the aggregator never sees one delta: the silo clips its own
+        return {"clip_norm": self.params["clip_norm"]}
 
     def accumulator(self, global_state: Mapping[str, torch.Tensor]) -> ClippedSum:
         return ClippedSum()
