@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fedsilo.operator import manifests, naming
-from fedsilo.operator.handlers import CREATE_ONLY_KINDS
+from fedsilo.operator.children import CREATE_ONLY_KINDS
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import Tokens
 from fedsilo.spec import load_job

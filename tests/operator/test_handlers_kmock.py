@@ -22,9 +22,10 @@ import pytest
 import yaml
 
 from fedsilo.operator import naming
+from fedsilo.operator.children import reconcile
 from fedsilo.operator.crd import build_crd
-from fedsilo.operator.handlers import build_registry, reconcile
-from fedsilo.operator.kube import CHILD_KINDS, KubeClient
+from fedsilo.operator.handlers import build_registry
+from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import decode, tokens_from_secret
 
@@ -155,6 +156,8 @@ class VersionedEmulator(kmock.KubernetesEmulator):
     _version = 1
 
     async def _handle(self, request: Any) -> Any:
+        if request.method == "PATCH" and "apply-patch" in request.headers.get("Content-Type", ""):
+            await self._apply_creates(request)
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and request.data is not None:
             self._version += 1
             version = str(self._version)
@@ -186,6 +189,21 @@ class VersionedEmulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+    async def _apply_creates(self, request: Any) -> None:
+        """Server-side apply creates a missing object (kmock's PATCH answers 404); the apply
+        itself then proceeds as kmock's merge patch."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key in self._objects and not self._objects[key].deleted:
+                return
+            body = {**request.data, "metadata": {**request.data["metadata"], "uid": f"uid-{request.name}"}}
+            if key in self._objects:
+                self._objects[key].create(body)
+            else:
+                self._objects[key] = body
+            await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].raw})
+
+
 @contextlib.asynccontextmanager
 async def kmock_cluster() -> AsyncIterator[Cluster]:
     emulator = VersionedEmulator()
@@ -196,10 +214,14 @@ async def kmock_cluster() -> AsyncIterator[Cluster]:
         verbs={"get", "list", "watch", "create", "patch", "delete"},
     )
     emulator.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+    for api_version, kind in CHILD_KINDS:  # watched by the operator (repairs)
+        emulator.resources[f"{api_version}/{KINDS[kind][0]}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+        )
     emulator.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
     async with emulator, kmock.Server(emulator) as server:
         url = str(server.url).rstrip("/")
-        kube = KubeClient(httpx.AsyncClient(base_url=url))
+        kube = KubeClient.from_url(url)
         try:
             yield Cluster(kube, lambda **_: kopf.ConnectionInfo(server=url), emulator)
         finally:
@@ -371,13 +393,25 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["AggregatorReady"]["status"] == "True"
         assert conditions["SilosReady"]["status"] == "False" and "c" in conditions["SilosReady"]["message"]
-        assert status["externalSilos"] == [
-            {
-                "name": "c",
-                "aggregatorUrl": status["aggregatorUrl"],
-                "tokenSecret": "demo-silo-c-token",
-            }
-        ]
+        # No public URL yet: the external silo is told nothing rather than the in-cluster URL.
+        assert status["externalSilos"] == [{"name": "c", "tokenSecret": "demo-silo-c-token"}]
+        assert conditions["ExternalSilosReady"]["status"] == "False"
+        assert conditions["ExternalSilosReady"]["reason"] == "ExternalUrlMissing"
+        c_secret = await kube.get("v1", "Secret", NS, "demo-silo-c-token") or {}
+        assert "aggregator-url" not in c_secret["data"]
+        # The annotation, added after creation, is published without an operator restart.
+        url = "https://fl.example.org"
+        await kube.patch(*JOB_API, NS, "demo", {"metadata": {"annotations": {"fedsilo.io/external-url": url}}})
+
+        async def published() -> dict[str, Any] | None:
+            status = ((await cluster.job()) or {}).get("status") or {}
+            secret = await kube.get("v1", "Secret", NS, "demo-silo-c-token") or {}
+            in_secret = decode(secret.get("data", {}).get("aggregator-url", ""))
+            return status if status.get("externalSilos", [{}])[0].get("aggregatorUrl") == url == in_secret else None
+
+        status = await eventually(published, "external URL in status and in silo c's Secret")
+        ready = {c["type"]: c for c in status["conditions"]}["ExternalSilosReady"]
+        assert ready["status"] == "True" and ready["reason"] == "UrlPublished"
         assert status["startTime"] == "2026-01-01T00:00:01Z"
 
         # 4. Raising rounds reaches the aggregator and the ConfigMap.
@@ -484,8 +518,8 @@ async def silos_added_and_removed() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"silos": silos}})
 
         async def applied() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
-            return found if found.get("status") == "True" else None
+            found = await condition(cluster, "ConfigApplied")
+            return found if found.get("status") == "True" and found.get("observedGeneration") == 2 else None
 
         found = await applied_condition(applied)
         assert found["observedGeneration"] == 2 and found["reason"] == "Applied"
@@ -512,15 +546,15 @@ async def silos_added_and_removed() -> None:
         assert decode(d_secret["data"]["token"]) == tokens.silos["d"]
 
         async def applied_event() -> list[dict[str, Any]]:
-            return [e for e in posted_events(emulator) if e.get("reason") == "SpecApplied"]
+            return [e for e in posted_events(emulator) if e.get("reason") == "ConfigApplied"]
 
-        (event,) = await eventually(applied_event, "a SpecApplied Event")
+        (event,) = await eventually(applied_event, "a ConfigApplied Event")
         assert event["type"] == "Normal"
         assert "silos added: d" in event["message"] and "silos removed: b" in event["message"]
 
 
 async def applied_condition(check: Callable[[], Awaitable[Any]]) -> Any:
-    return await eventually(check, "SpecApplied=True")
+    return await eventually(check, "ConfigApplied=True")
 
 
 async def refused_then_unreachable() -> None:
@@ -536,10 +570,10 @@ async def refused_then_unreachable() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 16}}})
 
         async def refused() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "False" else None
 
-        found = await eventually(refused, "SpecApplied=False")
+        found = await eventually(refused, "ConfigApplied=False")
         assert found["reason"] == "Immutable" and found["message"] == fake.immutable
         assert found["observedGeneration"] == 2
 
@@ -557,10 +591,10 @@ async def refused_then_unreachable() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 8}, "training": {"rounds": 7}}})
 
         async def unknown() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "Unknown" else None
 
-        found = await eventually(unknown, "SpecApplied=Unknown")
+        found = await eventually(unknown, "ConfigApplied=Unknown")
         assert found["reason"] == "AggregatorUnreachable" and found["observedGeneration"] == 3
         spec_reads = len(fake.patches)
         await asyncio.sleep(1.5)  # backoff 0.3 s, 0.6 s, ...: at least two more tries
@@ -568,10 +602,10 @@ async def refused_then_unreachable() -> None:
         fake.available = True
 
         async def applied() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "True" and found.get("observedGeneration") == 3 else None
 
-        await eventually(applied, "SpecApplied=True for generation 3")
+        await eventually(applied, "ConfigApplied=True for generation 3")
         assert fake.rounds == 7
         assert fake.patches[-1]["job"]["spec"]["peft"]["r"] == 8
 

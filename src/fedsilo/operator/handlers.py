@@ -4,34 +4,35 @@
 `OperatorSettings`; tests pass a login function (kmock or a test cluster) and an httpx
 transport for the aggregator.
 
-Handlers: `reconcile` (children in place), `spec` (every later change of `spec` sent to the
-aggregator as a whole document), `status` (timer: the aggregator's status), `resume-request`
-(timer: the `fedsilo.io/resume` annotation), `cleanup` (children of a deleted job).
+Handlers on FederatedJobs: `reconcile` (children in place), `spec` (every later change of
+`spec` sent to the aggregator as a whole document), `status` (timer: the aggregator's
+status), `resync` (timer: children re-applied, the safety net), `external-url` (the
+annotation's changes), `resume-request` (timer: the `fedsilo.io/resume` annotation),
+`cleanup` (children of a deleted job). Handlers on the children (`repair-<kind>`, watched by
+label): a child deleted or changed away from what was applied is restored within seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import kopf
 
 from fedsilo.operator import naming
-from fedsilo.operator.aggregator_client import (
-    AggregatorError,
-    retry_delay,
-)
+from fedsilo.operator.aggregator_client import AggregatorError, retry_delay
 from fedsilo.operator.changes import RESUME_ANNOTATION, admin_client, resume_job, send_spec
+from fedsilo.operator.children import Desired, JobRef, Key, delete_children, describe, key, reconcile
 from fedsilo.operator.crd import PLURAL
-from fedsilo.operator.kube import CHILD_KINDS, KubeClient, KubeError
-from fedsilo.operator.manifests import (
-    job_children,
-)
-from fedsilo.operator.objects import ensure_tokens, job_from_body
+from fedsilo.operator.drift import EXTERNAL_URL_ANNOTATION, external_endpoint
+from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient, KubeError
+from fedsilo.operator.objects import job_from_body
+from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome, reconciled_patch
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.status import (
     Event,
@@ -41,13 +42,14 @@ from fedsilo.operator.status import (
     unreachable_patch,
 )
 from fedsilo.operator.tokens import tokens_from_secret
-from fedsilo.spec import API_GROUP, API_VERSION, FederatedJob, SpecError
+from fedsilo.spec import API_GROUP, API_VERSION, KIND, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
-EXTERNAL_URL_ANNOTATION = f"{API_GROUP}/external-url"
-# Children created once and never patched: a bound PVC's spec and a Job's pod template are
-# immutable (a patch would be refused), and a finished silo Job must stay as it is.
-CREATE_ONLY_KINDS = frozenset({"PersistentVolumeClaim", "Job"})
+JOB_API = (f"{API_GROUP}/{API_VERSION}", KIND)
+CHILD_SELECTOR = f"{naming.LABEL_JOB},app.kubernetes.io/managed-by={naming.MANAGED_BY}"
+log = logging.getLogger(__name__)
+
+__all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry", "poll_status"]
 
 
 class Connection:
@@ -56,10 +58,13 @@ class Connection:
     def __init__(self) -> None:
         self.info: kopf.ConnectionInfo | None = None
         self._client: KubeClient | None = None
+        self._old: list[KubeClient] = []
 
     def set(self, info: kopf.ConnectionInfo | None) -> None:
         self.info = info
-        self._client = None  # rebuilt on next use (old pool closed at cleanup)
+        if self._client is not None:
+            self._old.append(self._client)  # closed at cleanup: a request may still use it
+        self._client = None
 
     def client(self) -> KubeClient:
         """The client for the current credentials."""
@@ -70,82 +75,56 @@ class Connection:
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in [*self._old, *([self._client] if self._client else [])]:
+            await client.aclose()
+        self._old, self._client = [], None
 
 
-def _key(manifest: Mapping[str, Any]) -> tuple[str, str | None, str]:
-    meta = manifest["metadata"]
-    return manifest["kind"], meta.get("namespace"), meta["name"]
-
-
-async def job_objects(kube: KubeClient, job: FederatedJob) -> list[dict[str, Any]]:
-    """Every labelled child of the job, in every namespace."""
-    labels = {
-        naming.LABEL_JOB: job.metadata.name,
-        naming.LABEL_JOB_NAMESPACE: naming.job_namespace(job),
-    }
-    found: list[dict[str, Any]] = []
-    for api_version, kind in CHILD_KINDS:
-        for item in await kube.list(api_version, kind, None, labels):
-            found.append({**item, "apiVersion": api_version, "kind": kind})
-    return found
-
-
-async def delete_children(kube: KubeClient, job: FederatedJob, keep: set[tuple[str, str | None, str]]) -> int:
-    """Delete the job's labelled children not in `keep`; returns how many were deleted."""
-    deleted = 0
-    for item in await job_objects(kube, job):
-        kind, namespace, name = _key(item)
-        if (kind, namespace, name) not in keep:
-            deleted += await kube.delete(item["apiVersion"], kind, namespace, name)
-    return deleted
-
-
-def external_silos(job: FederatedJob, url: str) -> list[dict[str, str]]:
-    """What each external silo's administrator needs to join."""
-    return [
-        {"name": s.name, "aggregatorUrl": url, "tokenSecret": naming.silo_token_secret_name(job, s)}
-        for s in job.spec.silos
-        if s.external
-    ]
-
-
-async def reconcile(kube: KubeClient, body: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    """Create or patch every child of the job; returns the status fields to set. Idempotent.
-
-    Kinds in `CREATE_ONLY_KINDS` (the silo Jobs, the PVC) are created when missing and
-    otherwise left as they are.
-    """
+def reconcile_fields(
+    body: Mapping[str, Any], outcome: Outcome, settings: OperatorSettings, now: datetime
+) -> tuple[dict[str, Any], list[Event]]:
+    """Status fields and Events of one reconcile pass over the job in `body`."""
     job = job_from_body(body)
     meta = body.get("metadata", {})
-    uid = str(meta.get("uid") or "")
-    tokens = await ensure_tokens(kube, job, uid)
-    children = job_children(job, uid, tokens, settings)
-    secret_key = ("Secret", naming.job_namespace(job), naming.tokens_secret_name(job))
-    for child in children:
-        if _key(child) == secret_key:
-            continue
+    generation = int(meta.get("generation") or 1)
+    previous = dict(body.get("status") or {})
+    fields, events = reconciled_patch(job, outcome, previous, generation, now)
+    fields["aggregatorUrl"] = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
+    fields["adminSecret"] = naming.tokens_secret_name(job)
+    fields["observedGeneration"] = generation
+    if not previous.get("phase"):
+        fields["phase"] = "Pending"
+    return fields, events
+
+
+def failures_error(outcome: Outcome) -> kopf.TemporaryError | None:
+    """A retry (15 s) while some children could not be applied; the status says which."""
+    if not outcome.failures:
+        return None
+    return kopf.TemporaryError("; ".join(f"{f.child}: {f.message}" for f in outcome.failures), delay=15)
+
+
+async def write_status(kube: KubeClient, ref: JobRef, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Merge `fields` into the job's status (conditions merged by type) with an optimistic lock.
+
+    For handlers that run on another object (a child's watch); returns the job, or None
+    when it is gone.
+    """
+    namespace, name = ref
+    for _ in range(5):
+        job = await kube.get(*JOB_API, namespace, name)
+        if job is None:
+            return None
+        status = dict(job.get("status") or {})
+        for field, value in fields.items():
+            status[field] = merged_conditions(status.get("conditions") or [], value) if field == "conditions" else value
+        patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
         try:
-            await kube.apply(child, patch_existing=child["kind"] not in CREATE_ONLY_KINDS)
+            return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
         except KubeError as exc:
-            if exc.status == 404:
-                raise kopf.TemporaryError(
-                    f"cannot create {child['kind']} {'/'.join(str(part) for part in _key(child)[1:])}: {exc.message}",
-                    delay=15,
-                ) from exc
-            raise
-    await delete_children(kube, job, {_key(c) for c in children})
-    internal = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    annotated = (meta.get("annotations") or {}).get(EXTERNAL_URL_ANNOTATION)
-    external = job.spec.aggregator.external_url or annotated or internal
-    return {
-        "aggregatorUrl": internal,
-        "adminSecret": naming.tokens_secret_name(job),
-        "externalSilos": external_silos(job, external),
-        "observedGeneration": meta.get("generation", 1),
-    }
+            if exc.status != 409:
+                raise
+    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing", delay=1)
 
 
 async def poll_status(
@@ -183,13 +162,33 @@ def _set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:
 
 def _write_status(fields: dict[str, Any], raw: Any) -> None:
     status = dict(raw.get("status") or {})
-    for key, value in fields.items():
-        status[key] = merged_conditions(status.get("conditions") or [], value) if key == "conditions" else value
+    for name, value in fields.items():
+        status[name] = merged_conditions(status.get("conditions") or [], value) if name == "conditions" else value
     raw["status"] = status
 
 
 def _post(body: kopf.Body, events: list[Event]) -> None:
     for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def repair_events(item: Key, why: str, outcome: Outcome) -> list[Event]:
+    """The Event of one repair: what was restored and why (a lost tokens Secret needs a hand)."""
+    if describe(item) not in outcome.repaired:
+        return []
+    if item[0] == "Secret" and item[2].endswith("-tokens"):
+        message = (
+            f"{describe(item)} was {why}: new admin and silo tokens were generated; restart the aggregator "
+            "(kubectl rollout restart deployment) and the silo agents so that they use them"
+        )
+        return [Event("Warning", "TokensRegenerated", message)]
+    return [Event("Normal", "Repaired", f"{describe(item)} was {why}: restored")]
+
+
+def _post_on(job: Mapping[str, Any], events: list[Event]) -> None:
+    """Post Events on a job read through the client (handlers running on a child)."""
+    for event in events:
+        body = kopf.Body(cast(kopf.RawBody, dict(job)))
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
@@ -199,12 +198,18 @@ def build_registry(
     login: LoginFn | None = None,
     aggregator_transport: httpx.AsyncBaseTransport | None = None,
 ) -> kopf.OperatorRegistry:
-    """A kopf registry with every FederatedJob handler, bound to `settings`."""
+    """A kopf registry with every FederatedJob and child handler, bound to `settings`."""
     registry = kopf.OperatorRegistry()
     connection = Connection()
+    desired = Desired()
+    locks: dict[JobRef, asyncio.Lock] = {}
     resource: dict[str, Any] = {"group": API_GROUP, "version": API_VERSION, "plural": PLURAL, "registry": registry}
     login_fn: LoginFn = login or kopf.login_via_client
     operator_settings = settings
+
+    def lock(ref: JobRef) -> asyncio.Lock:
+        """One reconcile at a time per job in this process (handlers, timers and repairs)."""
+        return locks.setdefault(ref, asyncio.Lock())
 
     @kopf.on.startup(registry=registry, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -213,10 +218,17 @@ def build_registry(
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=API_GROUP, key="last-handled-configuration"
         )
+        # kopf's own log lines become Events from WARNING up (a handler's failure); the
+        # operator posts its Normal and Warning Events itself with kopf.event.
         settings.posting.level = logging.WARNING
         # A deleted job keeps its finalizer until its timers have stopped; a timer caught
         # mid-tick is checked again after this (kopf's default, 60 s, delays every deletion).
         settings.background.cancellation_polling = min(60.0, operator_settings.poll_seconds)
+        # Children are watched by label, filtered by the API server (not every Secret in the cluster).
+        for api_version, kind in CHILD_KINDS:
+            group, _slash, version = api_version.rpartition("/")
+            selector = ".".join(part for part in (KINDS[kind][0], version, group) if part)  # deployments.v1.apps
+            settings.watching.label_selectors[selector] = CHILD_SELECTOR
 
     @kopf.on.login(registry=registry, id="login")
     def authenticate(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -228,20 +240,114 @@ def build_registry(
     async def close(**_: Any) -> None:
         await connection.aclose()
 
+    async def reconcile_into(
+        body: Mapping[str, Any], repairing: tuple[Key, ...] = ()
+    ) -> tuple[dict[str, Any], list[Event], Outcome]:
+        """Reconcile the job in `body`; its status fields, Events and the outcome."""
+        _, outcome = await reconcile(connection.client(), body, settings, desired, repairing)
+        fields, events = reconcile_fields(body, outcome, settings, datetime.now(UTC))
+        return fields, events, outcome
+
     @kopf.on.resume(**resource, id="reconcile")
     @kopf.on.create(**resource, id="reconcile")
     @kopf.on.update(**resource, id="reconcile", field="spec")
     async def reconcile_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        try:
-            fields = await reconcile(connection.client(), body, settings)
-        except SpecError as exc:
-            kopf.warn(body, reason="InvalidSpec", message=str(exc))
-            _set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
-            return
-        if not (body.get("status") or {}).get("phase"):
-            fields["phase"] = "Pending"
+        async with lock((body.meta.namespace or "", body.meta.name or "")):
+            try:
+                fields, events, outcome = await reconcile_into(body)
+            except SpecError as exc:
+                kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
+                _set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
+                return
         _set_status(patch, fields)
-        kopf.info(body, reason="Reconciled", message=f"children of {body.meta.name} are in place")
+        _post(body, events)
+        error = failures_error(outcome)
+        if error is not None:
+            raise error
+
+    @kopf.timer(**resource, id="resync", interval=settings.resync_seconds, initial_delay=settings.resync_seconds)
+    async def resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        """The safety net: whatever a watch missed is re-applied (and its status refreshed)."""
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        async with lock(ref):
+            fresh = await connection.client().get(*JOB_API, *ref)
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                fields, events, _outcome = await reconcile_into(fresh)
+            except SpecError:
+                return
+        _set_status(patch, fields)
+        _post(body, events)
+
+    def external_url_changed(body: kopf.Body, **_: Any) -> bool:
+        """The published URL (or its absence) differs from what the job wants: the annotation changed."""
+        if body.meta.get("deletionTimestamp"):
+            return False
+        try:
+            endpoint = external_endpoint(job_from_body(body), body.meta.annotations)
+        except SpecError:
+            return False
+        if endpoint.ready is None:
+            return False
+        status = body.get("status") or {}
+        published = {s.get("aggregatorUrl") for s in status.get("externalSilos") or []}
+        current = next((c for c in status.get("conditions") or [] if c.get("type") == EXTERNAL_SILOS_READY), None)
+        if current is None:
+            return False  # not reconciled yet: the create handler publishes it
+        return published != {endpoint.url} or current.get("reason") != endpoint.reason
+
+    @kopf.on.event(**resource, id="external-url", when=external_url_changed)
+    async def external_url(body: kopf.Body, **_: Any) -> None:
+        """`fedsilo.io/external-url` set or changed after creation: published now, no restart."""
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        async with lock(ref):
+            fresh = await connection.client().get(*JOB_API, *ref)
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return
+            fields, events, _outcome = await reconcile_into(fresh)
+            await write_status(connection.client(), ref, fields)
+        _post_on(fresh, events)
+
+    def register_repair(api_version: str, kind: str) -> None:
+        group, _slash, version = api_version.rpartition("/")
+
+        def wanted(type: str | None, body: kopf.Body, **_: Any) -> bool:
+            return desired.needs_repair(type, body)
+
+        @kopf.on.event(
+            group,
+            version,
+            KINDS[kind][0],
+            registry=registry,
+            id=f"repair-{kind.lower()}",
+            labels={naming.LABEL_JOB: kopf.PRESENT},
+            when=wanted,
+        )
+        async def repair(type: str | None, body: kopf.Body, **_: Any) -> None:
+            item = key({**body, "kind": kind})
+            ref = desired.owner(item)
+            if ref is None:
+                return
+            why = "deleted" if type == "DELETED" else f"changed ({', '.join(desired.drifted(body)[:5])})"
+            async with lock(ref):
+                fresh = await connection.client().get(*JOB_API, *ref)
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    desired.forget(ref)
+                    return
+                log.info("%s was %s: restoring it", describe(item), why)
+                try:
+                    fields, events, outcome = await reconcile_into(fresh, (item,))
+                except SpecError:
+                    return
+                await write_status(connection.client(), ref, fields)
+            _post_on(fresh, [e for e in events if e.reason != "Repaired"] + repair_events(item, why, outcome))
+            error = failures_error(outcome)
+            if error is not None:
+                raise error
+
+    for api_version, kind in CHILD_KINDS:
+        register_repair(api_version, kind)
 
     @kopf.on.update(**resource, id="spec", field="spec", retries=None, backoff=settings.poll_seconds)
     async def spec_changed(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, retry: int, **_: Any) -> None:
@@ -287,11 +393,15 @@ def build_registry(
 
     @kopf.on.delete(**resource, id="cleanup", backoff=5)
     async def delete_job(body: kopf.Body, **_: Any) -> None:
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        desired.forget(ref)  # its children's deletions are not drift
         try:
             job = job_from_body(body)
         except SpecError:
             return
-        deleted = await delete_children(connection.client(), job, keep=set())
-        kopf.info(body, reason="Deleted", message=f"{deleted} children deleted")
+        async with lock(ref):
+            deleted = await delete_children(connection.client(), job, keep=set())
+        kopf.event(body, type="Normal", reason="Deleted", message=f"{deleted} children deleted")
+        locks.pop(ref, None)
 
     return registry
