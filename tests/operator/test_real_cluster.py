@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from fedsilo.operator.settings import OperatorSettings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = Path(os.environ.get("FEDSILO_K8S_DIR", ROOT.parent / "shared" / "k8s"))
 TOOLS = ROOT / ".tools" / "bin"
-NS, NS_B, NS_LATE, HUB_NS = "fedsilo-real", "fedsilo-real-b", "fedsilo-real-late", "fedsilo-system"
+NS, NS_B, HUB_NS = "fedsilo-real", "fedsilo-real-b", "fedsilo-system"
+NS_LATE = f"fedsilo-late-{uuid.uuid4().hex[:6]}"  # created mid-test: new on every run
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(300)]
 
 
@@ -139,6 +141,19 @@ async def condition(kube: KubeClient, type_: str) -> dict[str, Any]:
     return next((c for c in (job.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
+async def remove_leftover(kube: KubeClient) -> None:
+    """A job left by an interrupted run on a reused cluster (its finalizer has no operator)."""
+    if await kube.get(*JOB_API, NS, "demo") is None:
+        return
+    await kube.patch(*JOB_API, NS, "demo", {"metadata": {"finalizers": None}})
+    await kube.delete(*JOB_API, NS, "demo")
+
+    async def gone() -> bool:
+        return await kube.get(*JOB_API, NS, "demo") is None
+
+    await eventually(gone, "leftover job deleted")
+
+
 async def timed_repair(kube: KubeClient, api_version: str, kind: str, namespace: str, name: str) -> float:
     """Delete a child; seconds until the operator has recreated it (a new uid)."""
     old = await kube.get(api_version, kind, namespace, name)
@@ -166,6 +181,7 @@ async def operator_scenario(kubeconfig: str) -> dict[str, float]:
     fake = FakeAggregator()
     try:
         await kube.apply(build_crd())
+        await remove_leftover(kube)
         async with running_operator(cluster, fake, settings):
             await kube.create(demo_job())
 

@@ -70,7 +70,7 @@ def failure(child: Mapping[str, Any], exc: KubeError) -> Failure:
     namespace = child["metadata"].get("namespace")
     if exc.status == 404:
         message = f"namespace {namespace} does not exist: create it, or change the silo's namespace in the spec"
-        return Failure(where, "NamespaceNotFound", message)
+        return Failure(where, "NamespaceNotFound", message, namespace)
     if exc.status == 403:
         return Failure(where, "Forbidden", f"the operator's ServiceAccount may not write it: {exc.message}")
     if exc.status == 422:
@@ -85,6 +85,7 @@ class Desired:
         self._by_job: dict[JobRef, dict[Key, dict[str, Any]]] = {}
         self._owner: dict[Key, JobRef] = {}
         self._written_elsewhere: set[Key] = set()
+        self._applied: set[Key] = set()  # applied successfully at least once
 
     def remember(self, job: JobRef, children: Iterable[dict[str, Any]], written_elsewhere: Iterable[Key] = ()) -> None:
         """Replace what `job` wants. Children `written_elsewhere` (the tokens Secret, which
@@ -96,10 +97,19 @@ class Desired:
             self._owner[item] = job
         self._written_elsewhere.update(written_elsewhere)
 
+    def applied(self, item: Key) -> None:
+        """Note that `item` is in the cluster (applied successfully)."""
+        self._applied.add(item)
+
+    def known(self, job: JobRef) -> set[Key]:
+        """The children of `job` applied successfully before (empty after an operator restart)."""
+        return {item for item in self._by_job.get(job, {}) if item in self._applied}
+
     def forget(self, job: JobRef) -> None:
         for item in self._by_job.pop(job, {}):
             self._owner.pop(item, None)
             self._written_elsewhere.discard(item)
+            self._applied.discard(item)
 
     def owner(self, item: Key) -> JobRef | None:
         return self._owner.get(item)
@@ -147,12 +157,19 @@ async def reconcile(
     outcome = Outcome(endpoint=endpoint)
     repair = set(repairing)
     secret_key = ("Secret", naming.job_namespace(job), naming.tokens_secret_name(job))
+    applied_before: set[Key] = set()
     if desired is not None:  # before applying: the watch events of these writes are no drift
-        desired.remember((naming.job_namespace(job), job.metadata.name), children, [secret_key])
+        ref = (naming.job_namespace(job), job.metadata.name)
+        applied_before = desired.known(ref)
+        desired.remember(ref, children, [secret_key])
+        for item in applied_before:
+            desired.applied(item)
     for child in children:
         item = key(child)
         if item == secret_key:  # ensure_tokens keeps it (tokens are never rotated by a reconcile)
             outcome.applied += 1
+            if desired is not None:
+                desired.applied(item)
             if item in repair:
                 outcome.repaired.append(describe(item))
             continue
@@ -165,7 +182,9 @@ async def reconcile(
             outcome.failures.append(failure(child, exc))
             continue
         outcome.applied += 1
-        if item in repair:
+        if desired is not None:
+            desired.applied(item)
+        if item in repair or (created and item in applied_before):  # it was there, then it was gone
             outcome.repaired.append(describe(item))
         elif created:
             outcome.created.append(describe(item))

@@ -32,7 +32,7 @@ from fedsilo.operator.crd import PLURAL
 from fedsilo.operator.drift import EXTERNAL_URL_ANNOTATION, external_endpoint
 from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient, KubeError
 from fedsilo.operator.objects import job_from_body
-from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome, reconciled_patch
+from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome, reconciled_patch, status_defaults
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.status import (
     Event,
@@ -46,6 +46,8 @@ from fedsilo.spec import API_GROUP, API_VERSION, KIND, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 JOB_API = (f"{API_GROUP}/{API_VERSION}", KIND)
+POLL_EVENTS_MEMO = "fedsilo_poll_events"  # kopf memo key: Events the status poll posted lately
+DEFAULTS = "defaults"  # key of `fields`: status fields written only where the status lacks them
 CHILD_SELECTOR = f"{naming.LABEL_JOB},app.kubernetes.io/managed-by={naming.MANAGED_BY}"
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,7 @@ def reconcile_fields(
     fields["aggregatorUrl"] = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
     fields["adminSecret"] = naming.tokens_secret_name(job)
     fields["observedGeneration"] = generation
-    if not previous.get("phase"):
-        fields["phase"] = "Pending"
+    fields[DEFAULTS] = status_defaults(job)
     return fields, events
 
 
@@ -115,9 +116,7 @@ async def write_status(kube: KubeClient, ref: JobRef, fields: Mapping[str, Any])
         job = await kube.get(*JOB_API, namespace, name)
         if job is None:
             return None
-        status = dict(job.get("status") or {})
-        for field, value in fields.items():
-            status[field] = merged_conditions(status.get("conditions") or [], value) if field == "conditions" else value
+        status = merged_status(job.get("status") or {}, fields)
         patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
         try:
             return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
@@ -160,11 +159,22 @@ def _set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:
     patch.fns.append(functools.partial(_write_status, dict(fields)))
 
 
-def _write_status(fields: dict[str, Any], raw: Any) -> None:
-    status = dict(raw.get("status") or {})
+def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing."""
+    status = dict(current)
     for name, value in fields.items():
-        status[name] = merged_conditions(status.get("conditions") or [], value) if name == "conditions" else value
-    raw["status"] = status
+        if name == DEFAULTS:
+            for default, setting in value.items():
+                status.setdefault(default, setting)
+        elif name == "conditions":
+            status[name] = merged_conditions(status.get("conditions") or [], value)
+        else:
+            status[name] = value
+    return status
+
+
+def _write_status(fields: dict[str, Any], raw: Any) -> None:
+    raw["status"] = merged_status(raw.get("status") or {}, fields)
 
 
 def _post(body: kopf.Body, events: list[Event]) -> None:
@@ -172,17 +182,22 @@ def _post(body: kopf.Body, events: list[Event]) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-def repair_events(item: Key, why: str, outcome: Outcome) -> list[Event]:
-    """The Event of one repair: what was restored and why (a lost tokens Secret needs a hand)."""
+def repair_events(item: Key, why: str, events: list[Event], outcome: Outcome) -> list[Event]:
+    """The Events of a repair started by a watch: what was restored and why (a lost tokens
+    Secret needs a hand); other children restored on the way keep the generic Event."""
+    out = [e for e in events if e.reason != "Repaired"]
+    others = [r for r in outcome.repaired if r != describe(item)]
+    if others:
+        out.append(Event("Normal", "Repaired", f"restored {', '.join(others)}"))
     if describe(item) not in outcome.repaired:
-        return []
+        return out
     if item[0] == "Secret" and item[2].endswith("-tokens"):
         message = (
             f"{describe(item)} was {why}: new admin and silo tokens were generated; restart the aggregator "
             "(kubectl rollout restart deployment) and the silo agents so that they use them"
         )
-        return [Event("Warning", "TokensRegenerated", message)]
-    return [Event("Normal", "Repaired", f"{describe(item)} was {why}: restored")]
+        return [*out, Event("Warning", "TokensRegenerated", message)]
+    return [*out, Event("Normal", "Repaired", f"{describe(item)} was {why}: restored")]
 
 
 def _post_on(job: Mapping[str, Any], events: list[Event]) -> None:
@@ -203,6 +218,8 @@ def build_registry(
     connection = Connection()
     desired = Desired()
     locks: dict[JobRef, asyncio.Lock] = {}
+    warned: dict[JobRef, set[tuple[str, str]]] = {}  # Warnings posted while the problem lasts
+    awaiting_namespace: dict[str, set[JobRef]] = {}  # jobs with a child in a missing namespace
     resource: dict[str, Any] = {"group": API_GROUP, "version": API_VERSION, "plural": PLURAL, "registry": registry}
     login_fn: LoginFn = login or kopf.login_via_client
     operator_settings = settings
@@ -243,9 +260,22 @@ def build_registry(
     async def reconcile_into(
         body: Mapping[str, Any], repairing: tuple[Key, ...] = ()
     ) -> tuple[dict[str, Any], list[Event], Outcome]:
-        """Reconcile the job in `body`; its status fields, Events and the outcome."""
-        _, outcome = await reconcile(connection.client(), body, settings, desired, repairing)
+        """Reconcile the job in `body`; its status fields, Events (each Warning once while its
+        problem lasts, however many handlers meet it) and the outcome."""
+        job, outcome = await reconcile(connection.client(), body, settings, desired, repairing)
         fields, events = reconcile_fields(body, outcome, settings, datetime.now(UTC))
+        ref = (naming.job_namespace(job), job.metadata.name)
+        for waiting in awaiting_namespace.values():
+            waiting.discard(ref)
+        for problem in outcome.failures:
+            if problem.reason == "NamespaceNotFound" and problem.namespace:
+                awaiting_namespace.setdefault(problem.namespace, set()).add(ref)
+        seen = warned.setdefault(ref, set())
+        current = {(e.reason, e.message) for e in events if e.type == "Warning"}
+        events = [e for e in events if e.type != "Warning" or (e.reason, e.message) not in seen]
+        if not outcome.failures and (outcome.endpoint is None or outcome.endpoint.ready is not False):
+            seen.clear()
+        seen.update(current)
         return fields, events, outcome
 
     @kopf.on.resume(**resource, id="reconcile")
@@ -309,8 +339,28 @@ def build_registry(
             await write_status(connection.client(), ref, fields)
         _post_on(fresh, events)
 
+    @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-created",
+                   when=lambda type, body, **_: type in ("ADDED", None) and body.meta.name in awaiting_namespace)
+    async def namespace_created(body: kopf.Body, **_: Any) -> None:
+        """A silo namespace a job was waiting for exists now: its children follow at once."""
+        for ref in sorted(awaiting_namespace.pop(body.meta.name or "", set())):
+            async with lock(ref):
+                fresh = await connection.client().get(*JOB_API, *ref)
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    continue
+                fields, events, _outcome = await reconcile_into(fresh)
+                await write_status(connection.client(), ref, fields)
+            _post_on(fresh, events)
+
     def register_repair(api_version: str, kind: str) -> None:
         group, _slash, version = api_version.rpartition("/")
+
+        async def still_needed(type: str | None, body: kopf.Body) -> bool:
+            """Watch events queue up: judge the child as it is now, not as the event saw it."""
+            live = await connection.client().get(api_version, kind, body.meta.namespace, body.meta.name or "")
+            if type == "DELETED":
+                return live is None
+            return live is not None and desired.needs_repair("MODIFIED", {**live, "kind": kind})
 
         def wanted(type: str | None, body: kopf.Body, **_: Any) -> bool:
             return desired.needs_repair(type, body)
@@ -331,6 +381,8 @@ def build_registry(
                 return
             why = "deleted" if type == "DELETED" else f"changed ({', '.join(desired.drifted(body)[:5])})"
             async with lock(ref):
+                if not await still_needed(type, body):
+                    return  # an earlier event's repair (or someone) fixed it already
                 fresh = await connection.client().get(*JOB_API, *ref)
                 if fresh is None or fresh["metadata"].get("deletionTimestamp"):
                     desired.forget(ref)
@@ -341,7 +393,7 @@ def build_registry(
                 except SpecError:
                     return
                 await write_status(connection.client(), ref, fields)
-            _post_on(fresh, [e for e in events if e.reason != "Repaired"] + repair_events(item, why, outcome))
+            _post_on(fresh, repair_events(item, why, events, outcome))
             error = failures_error(outcome)
             if error is not None:
                 raise error
@@ -361,14 +413,18 @@ def build_registry(
             raise kopf.TemporaryError(outcome.message, delay=delay)
 
     @kopf.timer(**resource, id="status", interval=settings.poll_seconds, initial_delay=min(settings.poll_seconds, 5.0))
-    async def poll(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def poll(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         try:
             job_from_body(body)
         except SpecError:
             return
         fields, events = await poll_status(connection.client(), body, settings, aggregator_transport)
         _set_status(patch, fields)
-        _post(body, events)
+        # The next tick may still see the status before this write: each transition posted once.
+        recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
+        fresh = [e for e in events if (e.reason, e.message) not in recent]
+        recent[:] = [*recent, *((e.reason, e.message) for e in fresh)][-20:]
+        _post(body, fresh)
 
     @kopf.timer(
         **resource,
@@ -401,7 +457,8 @@ def build_registry(
             return
         async with lock(ref):
             deleted = await delete_children(connection.client(), job, keep=set())
-        kopf.event(body, type="Normal", reason="Deleted", message=f"{deleted} children deleted")
+        if deleted:
+            kopf.event(body, type="Normal", reason="Deleted", message=f"{deleted} children deleted")
         locks.pop(ref, None)
 
     return registry

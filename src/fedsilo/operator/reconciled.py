@@ -27,6 +27,7 @@ class Failure:
     child: str  # Kind namespace/name
     reason: str
     message: str
+    namespace: str | None = None
 
 
 @dataclass
@@ -107,7 +108,13 @@ def reconciled_patch(
             events.append(Event("Normal", "ExternalUrlPublished", endpoint.message))
         fields["externalSilos"] = external_silos(job, endpoint.url)
     fields["conditions"] = merged_conditions(conditions, updates)
-    if previous.get("rounds") is None:
-        fields["rounds"] = job.spec.training.rounds
-        fields["round"] = 0
     return fields, events
+
+
+def status_defaults(job: FederatedJob) -> dict[str, Any]:
+    """Status fields shown until the aggregator reports its own (Phase, Round, Rounds columns).
+
+    Writers set them only where the freshest status lacks them: a reconcile that read an
+    older status must not put a Running job back to Pending or round 0.
+    """
+    return {"phase": "Pending", "round": 0, "rounds": job.spec.training.rounds}
