@@ -691,3 +691,90 @@ def test_refused_change_is_visible_and_unreachable_aggregator_is_retried() -> No
 @pytest.mark.timeout(120)
 def test_resume_annotation_resumes_once_and_restarts_silo_jobs_that_gave_up() -> None:
     asyncio.run(resume_by_annotation())
+
+
+# ---- level-triggered repair: the operator watches what it owns ----
+
+
+async def repairs_and_events() -> None:
+    fake = FakeAggregator()
+    settings = OperatorSettings(poll_seconds=0.3, resync_seconds=300)  # repairs come from watches, not the resync
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, settings):
+        kube, emulator = cluster.kube, cluster.emulator
+        assert emulator is not None
+        await cluster.create_job(job_manifest())
+        await eventually(lambda: all_children_of(kube), "all children")
+
+        def events(reason: str) -> list[dict[str, Any]]:
+            return [e for e in posted_events(emulator) if e.get("reason") == reason]
+
+        async def created_event() -> list[dict[str, Any]]:
+            return events("Created")
+
+        (created,) = await eventually(created_event, "a Created Event")
+        # kmock answers a server-side apply that creates with 200 (a real server: 201, so the
+        # applied kinds are named too; see test_real_cluster): here the created-once kinds.
+        assert created["type"] == "Normal" and "Job fedsilo-test-b/demo-silo-b" in created["message"]
+
+        for api_version, kind, ns, name in [
+            ("apps/v1", "Deployment", NS, "demo-aggregator"),
+            ("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b"),
+        ]:  # (a silo Job, and the time it takes, on a real API server: test_real_cluster)
+            await kube.delete(api_version, kind, ns, name)
+
+            async def back(api_version: str = api_version, kind: str = kind, ns: str = ns, name: str = name) -> bool:
+                return await kube.get(api_version, kind, ns, name) is not None
+
+            await eventually(back, f"{kind} {ns}/{name} recreated")
+            message = f"{kind} {ns}/{name} was deleted: restored"
+
+            async def repaired(message: str = message) -> list[dict[str, Any]]:
+                return [e for e in events("Repaired") if e["message"] == message]
+
+            (event,) = await eventually(repaired, f"a Repaired Event for {kind}")
+            assert event["type"] == "Normal"
+
+        # An edit is undone: the aggregator scaled to zero comes back, a silo's policy opened is closed.
+        await kube.patch("apps/v1", "Deployment", NS, "demo-aggregator", {"spec": {"replicas": 0}})
+        await kube.patch("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a", {"spec": {"policyTypes": []}})
+
+        async def undone() -> bool:
+            deployment = await kube.get("apps/v1", "Deployment", NS, "demo-aggregator") or {}
+            policy = await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a") or {}
+            return deployment["spec"]["replicas"] == 1 and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+        await eventually(undone, "edits undone")
+
+        async def changed() -> list[str]:
+            return [e["message"] for e in events("Repaired") if "was changed" in e["message"]]
+
+        messages = await eventually(changed, "Repaired Events for the edits")
+        assert "Deployment fedsilo-test/demo-aggregator was changed (spec.replicas): restored" in messages
+
+        # The tokens Secret is the one child that cannot simply be restored: a Warning says what to do.
+        await kube.delete("v1", "Secret", NS, "demo-tokens")
+
+        async def regenerated() -> list[dict[str, Any]]:
+            return events("TokensRegenerated")
+
+        (warning,) = await eventually(regenerated, "a TokensRegenerated Warning")
+        assert warning["type"] == "Warning" and "rollout restart" in warning["message"]
+        assert await kube.get("v1", "Secret", NS, "demo-tokens") is not None
+
+        # Children the job no longer wants are deleted, not "repaired".
+        silos = [silo("a", volume={"emptyDir": True}), silo("c", external=True)]
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"silos": silos}})
+
+        async def b_gone() -> bool:
+            return await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b") is None
+
+        await eventually(b_gone, "silo b's policy deleted")
+        await asyncio.sleep(1.0)
+        assert await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b") is None
+        assert not [e for e in events("Repaired") if "demo-silo-b" in e["message"] and "NetworkPolicy" in e["message"]
+                    and e["message"] != "NetworkPolicy fedsilo-test-b/demo-silo-b was deleted: restored"]
+
+
+@pytest.mark.timeout(120)
+def test_deleted_and_edited_children_are_repaired_with_events() -> None:
+    asyncio.run(repairs_and_events())

@@ -225,6 +225,8 @@ async def operator_scenario(kubeconfig: str) -> dict[str, float]:
 
             messages = await eventually(repaired_events, "Repaired Events")
             assert any("Deployment fedsilo-real/demo-aggregator was deleted" in m for m in messages), messages
+            created = [e["message"] for e in await events_of(kube, "demo") if e["reason"] == "Created"]
+            assert any("Deployment fedsilo-real/demo-aggregator" in m for m in created), created
             reasons = {e["reason"]: e["type"] for e in await events_of(kube, "demo")}
             assert reasons.get("Created") == "Normal" and reasons.get("ExternalUrlMissing") == "Warning", reasons
 
