@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -238,6 +239,9 @@ def build_registry(
         # kopf's own log lines become Events from WARNING up (a handler's failure); the
         # operator posts its Normal and Warning Events itself with kopf.event.
         settings.posting.level = logging.WARNING
+        settings.posting.reporting_component = naming.MANAGED_BY  # `From` in kubectl describe
+        settings.posting.reporting_instance = socket.gethostname()  # the operator's pod
+        settings.posting.event_name_prefix = "fedsilo-"
         # A deleted job keeps its finalizer until its timers have stopped; a timer caught
         # mid-tick is checked again after this (kopf's default, 60 s, delays every deletion).
         settings.background.cancellation_polling = min(60.0, operator_settings.poll_seconds)
