@@ -251,3 +251,12 @@ def test_a_server_that_is_down_is_retried_then_reported() -> None:
     with pytest.raises(KubeError) as failed:
         asyncio.run(client.get("v1", "Secret", "fl", "s"))
     assert failed.value.status == 0
+
+
+def test_every_child_names_its_component_and_the_aggregator_is_not_best_effort() -> None:
+    items = children()
+    policies = {c["metadata"]["name"]: c["metadata"]["labels"] for c in items if c["kind"] == "NetworkPolicy"}
+    assert policies["demo-aggregator"]["app.kubernetes.io/component"] == "aggregator"
+    assert policies["demo-silo-a"]["app.kubernetes.io/component"] == "silo-agent"
+    container = deployment()["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}
