@@ -15,44 +15,45 @@ label): a child deleted or changed away from what was applied is restored within
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import kopf
 
 from fedsilo.operator import naming
-from fedsilo.operator.aggregator_client import AggregatorError, retry_delay
-from fedsilo.operator.changes import RESUME_ANNOTATION, admin_client, resume_job, send_spec
+from fedsilo.operator.aggregator_client import retry_delay
+from fedsilo.operator.changes import RESUME_ANNOTATION, resume_job, send_spec
 from fedsilo.operator.children import Desired, JobRef, Key, delete_children, describe, key, reconcile
 from fedsilo.operator.crd import PLURAL
 from fedsilo.operator.drift import EXTERNAL_URL_ANNOTATION, external_endpoint
-from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient, KubeError
+from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient
 from fedsilo.operator.objects import job_from_body
-from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome, reconciled_patch, status_defaults
-from fedsilo.operator.settings import OperatorSettings
-from fedsilo.operator.status import (
-    Event,
-    job_status_patch,
-    merged_conditions,
-    spec_applied_patch,
-    unreachable_patch,
+from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome
+from fedsilo.operator.reporting import (
+    JOB_API,
+    failures_error,
+    poll_status,
+    post,
+    post_on,
+    reconcile_fields,
+    repair_events,
+    set_status,
+    write_status,
 )
-from fedsilo.operator.tokens import tokens_from_secret
-from fedsilo.spec import API_GROUP, API_VERSION, KIND, SpecError
+from fedsilo.operator.settings import OperatorSettings
+from fedsilo.operator.status import Event, spec_applied_patch
+from fedsilo.spec import API_GROUP, API_VERSION, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
-JOB_API = (f"{API_GROUP}/{API_VERSION}", KIND)
 POLL_EVENTS_MEMO = "fedsilo_poll_events"  # kopf memo key: Events the status poll posted lately
-DEFAULTS = "defaults"  # key of `fields`: status fields written only where the status lacks them
 CHILD_SELECTOR = f"{naming.LABEL_JOB},app.kubernetes.io/managed-by={naming.MANAGED_BY}"
 log = logging.getLogger(__name__)
 
-__all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry", "poll_status"]
+__all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry"]
 
 
 class Connection:
@@ -81,131 +82,6 @@ class Connection:
         for client in [*self._old, *([self._client] if self._client else [])]:
             await client.aclose()
         self._old, self._client = [], None
-
-
-def reconcile_fields(
-    body: Mapping[str, Any], outcome: Outcome, settings: OperatorSettings, now: datetime
-) -> tuple[dict[str, Any], list[Event]]:
-    """Status fields and Events of one reconcile pass over the job in `body`."""
-    job = job_from_body(body)
-    meta = body.get("metadata", {})
-    generation = int(meta.get("generation") or 1)
-    previous = dict(body.get("status") or {})
-    fields, events = reconciled_patch(job, outcome, previous, generation, now)
-    fields["aggregatorUrl"] = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    fields["adminSecret"] = naming.tokens_secret_name(job)
-    fields["observedGeneration"] = generation
-    fields[DEFAULTS] = status_defaults(job)
-    return fields, events
-
-
-def failures_error(outcome: Outcome) -> kopf.TemporaryError | None:
-    """A retry (15 s) while some children could not be applied; the status says which."""
-    if not outcome.failures:
-        return None
-    return kopf.TemporaryError("; ".join(f"{f.child}: {f.message}" for f in outcome.failures), delay=15)
-
-
-async def write_status(kube: KubeClient, ref: JobRef, fields: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Merge `fields` into the job's status (conditions merged by type) with an optimistic lock.
-
-    For handlers that run on another object (a child's watch); returns the job, or None
-    when it is gone.
-    """
-    namespace, name = ref
-    for _ in range(5):
-        job = await kube.get(*JOB_API, namespace, name)
-        if job is None:
-            return None
-        status = merged_status(job.get("status") or {}, fields)
-        patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
-        try:
-            return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
-        except KubeError as exc:
-            if exc.status != 409:
-                raise
-    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing", delay=1)
-
-
-async def poll_status(
-    kube: KubeClient,
-    body: Mapping[str, Any],
-    settings: OperatorSettings,
-    transport: httpx.AsyncBaseTransport | None = None,
-    now: datetime | None = None,
-) -> tuple[dict[str, Any], list[Event]]:
-    """Ask the aggregator for the job's status; returns the status patch and Events."""
-    job = job_from_body(body)
-    meta = body.get("metadata", {})
-    previous = dict(body.get("status") or {})
-    generation = int(meta.get("generation", 1))
-    moment = now or datetime.now(UTC)
-    secret = await kube.get("v1", "Secret", naming.job_namespace(job), naming.tokens_secret_name(job))
-    tokens = tokens_from_secret(secret)
-    if tokens is None:
-        return unreachable_patch("tokens Secret not created yet", previous, generation, moment)
-    try:
-        status = await admin_client(job, tokens, settings, transport).job_status(job.metadata.name)
-    except AggregatorError as exc:
-        return unreachable_patch(str(exc), previous, generation, moment)
-    return job_status_patch(status, previous, generation, moment)
-
-
-def _set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:
-    """Write status `fields` as one JSON patch against the freshest body (resourceVersion-checked).
-
-    `conditions` are merged by type into the conditions found there, so the status poll and
-    the spec handler never drop each other's; fields that did not change cause no write.
-    """
-    patch.fns.append(functools.partial(_write_status, dict(fields)))
-
-
-def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing."""
-    status = dict(current)
-    for name, value in fields.items():
-        if name == DEFAULTS:
-            for default, setting in value.items():
-                status.setdefault(default, setting)
-        elif name == "conditions":
-            status[name] = merged_conditions(status.get("conditions") or [], value)
-        else:
-            status[name] = value
-    return status
-
-
-def _write_status(fields: dict[str, Any], raw: Any) -> None:
-    raw["status"] = merged_status(raw.get("status") or {}, fields)
-
-
-def _post(body: kopf.Body, events: list[Event]) -> None:
-    for event in events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-
-
-def repair_events(item: Key, why: str, events: list[Event], outcome: Outcome) -> list[Event]:
-    """The Events of a repair started by a watch: what was restored and why (a lost tokens
-    Secret needs a hand); other children restored on the way keep the generic Event."""
-    out = [e for e in events if e.reason != "Repaired"]
-    others = [r for r in outcome.repaired if r != describe(item)]
-    if others:
-        out.append(Event("Normal", "Repaired", f"restored {', '.join(others)}"))
-    if describe(item) not in outcome.repaired:
-        return out
-    if item[0] == "Secret" and item[2].endswith("-tokens"):
-        message = (
-            f"{describe(item)} was {why}: new admin and silo tokens were generated; restart the aggregator "
-            "(kubectl rollout restart deployment) and the silo agents so that they use them"
-        )
-        return [*out, Event("Warning", "TokensRegenerated", message)]
-    return [*out, Event("Normal", "Repaired", f"{describe(item)} was {why}: restored")]
-
-
-def _post_on(job: Mapping[str, Any], events: list[Event]) -> None:
-    """Post Events on a job read through the client (handlers running on a child)."""
-    for event in events:
-        body = kopf.Body(cast(kopf.RawBody, dict(job)))
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def build_registry(
@@ -291,10 +167,10 @@ def build_registry(
                 fields, events, outcome = await reconcile_into(body)
             except SpecError as exc:
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
-                _set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
+                set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
                 return
-        _set_status(patch, fields)
-        _post(body, events)
+        set_status(patch, fields)
+        post(body, events)
         error = failures_error(outcome)
         if error is not None:
             raise error
@@ -311,8 +187,8 @@ def build_registry(
                 fields, events, _outcome = await reconcile_into(fresh)
             except SpecError:
                 return
-        _set_status(patch, fields)
-        _post(body, events)
+        set_status(patch, fields)
+        post(body, events)
 
     def external_url_changed(body: kopf.Body, **_: Any) -> bool:
         """The published URL (or its absence) differs from what the job wants: the annotation changed."""
@@ -341,7 +217,7 @@ def build_registry(
                 return
             fields, events, _outcome = await reconcile_into(fresh)
             await write_status(connection.client(), ref, fields)
-        _post_on(fresh, events)
+        post_on(fresh, events)
 
     @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-created",
                    when=lambda type, body, **_: type in ("ADDED", None) and body.meta.name in awaiting_namespace)
@@ -354,7 +230,7 @@ def build_registry(
                     continue
                 fields, events, _outcome = await reconcile_into(fresh)
                 await write_status(connection.client(), ref, fields)
-            _post_on(fresh, events)
+            post_on(fresh, events)
 
     def register_repair(api_version: str, kind: str) -> None:
         group, _slash, version = api_version.rpartition("/")
@@ -397,7 +273,7 @@ def build_registry(
                 except SpecError:
                     return
                 await write_status(connection.client(), ref, fields)
-            _post_on(fresh, repair_events(item, why, events, outcome))
+            post_on(fresh, repair_events(item, why, events, outcome))
             error = failures_error(outcome)
             if error is not None:
                 raise error
@@ -410,8 +286,8 @@ def build_registry(
         outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         generation = int(body.meta.get("generation") or 1)
         fields, events = spec_applied_patch(outcome, dict(status), generation, datetime.now(UTC))
-        _set_status(patch, fields)
-        _post(body, events)
+        set_status(patch, fields)
+        post(body, events)
         if outcome.applied is None:  # retried forever, with backoff; the condition says Unknown
             delay = retry_delay(retry, settings.poll_seconds)
             raise kopf.TemporaryError(outcome.message, delay=delay)
@@ -423,12 +299,12 @@ def build_registry(
         except SpecError:
             return
         fields, events = await poll_status(connection.client(), body, settings, aggregator_transport)
-        _set_status(patch, fields)
+        set_status(patch, fields)
         # The next tick may still see the status before this write: each transition posted once.
         recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
         fresh = [e for e in events if (e.reason, e.message) not in recent]
         recent[:] = [*recent, *((e.reason, e.message) for e in fresh)][-20:]
-        _post(body, fresh)
+        post(body, fresh)
 
     @kopf.timer(
         **resource,
@@ -448,8 +324,8 @@ def build_registry(
         except SpecError:
             return
         fields, events = await resume_job(connection.client(), body, settings, memo, aggregator_transport)
-        _set_status(patch, fields)
-        _post(body, events)
+        set_status(patch, fields)
+        post(body, events)
 
     @kopf.on.delete(**resource, id="cleanup", backoff=5)
     async def delete_job(body: kopf.Body, **_: Any) -> None:
