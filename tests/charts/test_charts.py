@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fedsilo.operator import manifests, naming
-from fedsilo.operator.handlers import CREATE_ONLY_KINDS
+from fedsilo.operator.children import CREATE_ONLY_KINDS
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import Tokens
 from fedsilo.spec import load_job
@@ -35,6 +35,7 @@ INVALID = Path(__file__).parent / "invalid"
 KUBERNETES_VERSION = "1.36.0"
 # Kinds from CRDs that kubernetes-validate cannot know; each is checked by its own test.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 
 
 def _helm_binary() -> str | None:
@@ -71,6 +72,7 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
 def render(chart: Path, values: Path | None = None) -> tuple[dict[str, Any], ...]:
     """`helm template` (CRDs included) parsed into objects."""
     args = ["template", "release", str(chart), "--namespace", "fedsilo-test", "--include-crds"]
+    args += ["--api-versions", SERVICE_MONITOR_API]  # a cluster with the Prometheus Operator
     if values is not None:
         args += ["-f", str(values)]
     result = helm(*args)
@@ -417,3 +419,49 @@ def test_silo_secret_ca_without_network_policy_or_metrics() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["ca-bundle"]["secret"]["secretName"] == "hub-ca"
     assert pod["serviceAccountName"] == "hospital-ml"
+
+
+# ---------------------------------------------------------------- upgrades and capabilities
+
+
+def test_service_monitor_without_its_crd_fails_with_what_to_do() -> None:
+    for chart, values, words in (
+        (HUB, HUB / "ci" / "monitoring-values.yaml", "monitoring.serviceMonitor.enabled needs the Prometheus Operator"),
+        (SILO, SILO / "ci" / "gpu-values.yaml", "metrics.serviceMonitor.enabled needs the Prometheus Operator"),
+    ):
+        result = helm("template", "release", str(chart), "-f", str(values))
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+
+
+def _silo_job(*extra: str) -> dict[str, Any]:
+    args = ["template", "release", str(SILO), "-f", str(SILO / "ci" / "minimal-values.yaml"), *extra]
+    result = helm(*args)
+    assert result.returncode == 0, result.stderr
+    return next(o for o in yaml.safe_load_all(result.stdout) if o and o["kind"] == "Job")
+
+
+def test_silo_job_pod_template_is_stable_across_chart_versions() -> None:
+    job = _silo_job()
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+    assert labels["app.kubernetes.io/instance"] == "release"
+    assert job["metadata"]["labels"]["helm.sh/chart"].startswith("fedsilo-silo-")  # on the Job itself: fine
+    # The name carries a hash of the pod template: the same values keep the Job, a new image replaces it.
+    assert job["metadata"]["name"].startswith("release-fedsilo-silo-")
+    assert _silo_job()["metadata"]["name"] == job["metadata"]["name"]
+    assert _silo_job("--set", "image.tag=0.2.0")["metadata"]["name"] != job["metadata"]["name"]
+
+
+def test_operator_has_probes_and_quiet_logs_by_default() -> None:
+    deployment = one(render(HUB, HUB / "ci" / "default-values.yaml"), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    env = env_of(container)
+    assert env["FEDSILO_LOG_LEVEL"] == "INFO"
+    assert env["FEDSILO_AGGREGATOR_CPU_REQUEST"] == "250m"
+    settings = OperatorSettings(
+        **{k.removeprefix("FEDSILO_").lower(): v for k, v in env.items() if isinstance(v, str) and k[:8] == "FEDSILO_"}
+    )
+    assert settings.resync_seconds == 60

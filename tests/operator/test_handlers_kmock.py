@@ -22,16 +22,17 @@ import pytest
 import yaml
 
 from fedsilo.operator import naming
+from fedsilo.operator.children import reconcile
 from fedsilo.operator.crd import build_crd
-from fedsilo.operator.handlers import build_registry, reconcile
-from fedsilo.operator.kube import CHILD_KINDS, KubeClient
+from fedsilo.operator.handlers import build_registry
+from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import decode, tokens_from_secret
 
 KUBECONFIG = os.environ.get("FEDSILO_TEST_KUBECONFIG")
 NS, NS_B = "fedsilo-test", "fedsilo-test-b"
 JOB_API = ("fedsilo.io/v1alpha1", "FederatedJob")
-TIMEOUT = 90.0 if KUBECONFIG is None else 180.0  # generous: CI machines are loaded; passing runs take seconds
+TIMEOUT = 150.0 if KUBECONFIG is None else 180.0  # generous: on a loaded machine kmock serves ~10 requests/s
 
 
 def job_manifest() -> dict[str, Any]:
@@ -155,6 +156,8 @@ class VersionedEmulator(kmock.KubernetesEmulator):
     _version = 1
 
     async def _handle(self, request: Any) -> Any:
+        if request.method == "PATCH" and "apply-patch" in request.headers.get("Content-Type", ""):
+            await self._apply_creates(request)
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and request.data is not None:
             self._version += 1
             version = str(self._version)
@@ -186,6 +189,21 @@ class VersionedEmulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+    async def _apply_creates(self, request: Any) -> None:
+        """Server-side apply creates a missing object (kmock's PATCH answers 404); the apply
+        itself then proceeds as kmock's merge patch."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key in self._objects and not self._objects[key].deleted:
+                return
+            body = {**request.data, "metadata": {**request.data["metadata"], "uid": f"uid-{request.name}"}}
+            if key in self._objects:
+                self._objects[key].create(body)
+            else:
+                self._objects[key] = body
+            await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].raw})
+
+
 @contextlib.asynccontextmanager
 async def kmock_cluster() -> AsyncIterator[Cluster]:
     emulator = VersionedEmulator()
@@ -196,10 +214,14 @@ async def kmock_cluster() -> AsyncIterator[Cluster]:
         verbs={"get", "list", "watch", "create", "patch", "delete"},
     )
     emulator.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False)
+    for api_version, kind in CHILD_KINDS:  # watched by the operator (repairs)
+        emulator.resources[f"{api_version}/{KINDS[kind][0]}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+        )
     emulator.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True)
     async with emulator, kmock.Server(emulator) as server:
         url = str(server.url).rstrip("/")
-        kube = KubeClient(httpx.AsyncClient(base_url=url))
+        kube = KubeClient.from_url(url)
         try:
             yield Cluster(kube, lambda **_: kopf.ConnectionInfo(server=url), emulator)
         finally:
@@ -371,13 +393,25 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["AggregatorReady"]["status"] == "True"
         assert conditions["SilosReady"]["status"] == "False" and "c" in conditions["SilosReady"]["message"]
-        assert status["externalSilos"] == [
-            {
-                "name": "c",
-                "aggregatorUrl": status["aggregatorUrl"],
-                "tokenSecret": "demo-silo-c-token",
-            }
-        ]
+        # No public URL yet: the external silo is told nothing rather than the in-cluster URL.
+        assert status["externalSilos"] == [{"name": "c", "tokenSecret": "demo-silo-c-token"}]
+        assert conditions["ExternalSilosReady"]["status"] == "False"
+        assert conditions["ExternalSilosReady"]["reason"] == "ExternalUrlMissing"
+        c_secret = await kube.get("v1", "Secret", NS, "demo-silo-c-token") or {}
+        assert "aggregator-url" not in c_secret["data"]
+        # The annotation, added after creation, is published without an operator restart.
+        url = "https://fl.example.org"
+        await kube.patch(*JOB_API, NS, "demo", {"metadata": {"annotations": {"fedsilo.io/external-url": url}}})
+
+        async def published() -> dict[str, Any] | None:
+            status = ((await cluster.job()) or {}).get("status") or {}
+            secret = await kube.get("v1", "Secret", NS, "demo-silo-c-token") or {}
+            in_secret = decode(secret.get("data", {}).get("aggregator-url", ""))
+            return status if status.get("externalSilos", [{}])[0].get("aggregatorUrl") == url == in_secret else None
+
+        status = await eventually(published, "external URL in status and in silo c's Secret")
+        ready = {c["type"]: c for c in status["conditions"]}["ExternalSilosReady"]
+        assert ready["status"] == "True" and ready["reason"] == "UrlPublished"
         assert status["startTime"] == "2026-01-01T00:00:01Z"
 
         # 4. Raising rounds reaches the aggregator and the ConfigMap.
@@ -442,7 +476,7 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
             assert not job_requests(cluster.emulator, "PATCH")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_operator_lifecycle(backend: Any) -> None:
     asyncio.run(scenario(backend))
@@ -484,8 +518,8 @@ async def silos_added_and_removed() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"silos": silos}})
 
         async def applied() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
-            return found if found.get("status") == "True" else None
+            found = await condition(cluster, "ConfigApplied")
+            return found if found.get("status") == "True" and found.get("observedGeneration") == 2 else None
 
         found = await applied_condition(applied)
         assert found["observedGeneration"] == 2 and found["reason"] == "Applied"
@@ -512,15 +546,15 @@ async def silos_added_and_removed() -> None:
         assert decode(d_secret["data"]["token"]) == tokens.silos["d"]
 
         async def applied_event() -> list[dict[str, Any]]:
-            return [e for e in posted_events(emulator) if e.get("reason") == "SpecApplied"]
+            return [e for e in posted_events(emulator) if e.get("reason") == "ConfigApplied"]
 
-        (event,) = await eventually(applied_event, "a SpecApplied Event")
+        (event,) = await eventually(applied_event, "a ConfigApplied Event")
         assert event["type"] == "Normal"
         assert "silos added: d" in event["message"] and "silos removed: b" in event["message"]
 
 
 async def applied_condition(check: Callable[[], Awaitable[Any]]) -> Any:
-    return await eventually(check, "SpecApplied=True")
+    return await eventually(check, "ConfigApplied=True")
 
 
 async def refused_then_unreachable() -> None:
@@ -536,10 +570,10 @@ async def refused_then_unreachable() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 16}}})
 
         async def refused() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "False" else None
 
-        found = await eventually(refused, "SpecApplied=False")
+        found = await eventually(refused, "ConfigApplied=False")
         assert found["reason"] == "Immutable" and found["message"] == fake.immutable
         assert found["observedGeneration"] == 2
 
@@ -557,10 +591,10 @@ async def refused_then_unreachable() -> None:
         await kube.patch(*JOB_API, NS, "demo", {"spec": {"peft": {"r": 8}, "training": {"rounds": 7}}})
 
         async def unknown() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "Unknown" else None
 
-        found = await eventually(unknown, "SpecApplied=Unknown")
+        found = await eventually(unknown, "ConfigApplied=Unknown")
         assert found["reason"] == "AggregatorUnreachable" and found["observedGeneration"] == 3
         spec_reads = len(fake.patches)
         await asyncio.sleep(1.5)  # backoff 0.3 s, 0.6 s, ...: at least two more tries
@@ -568,10 +602,10 @@ async def refused_then_unreachable() -> None:
         fake.available = True
 
         async def applied() -> dict[str, Any] | None:
-            found = await condition(cluster, "SpecApplied")
+            found = await condition(cluster, "ConfigApplied")
             return found if found.get("status") == "True" and found.get("observedGeneration") == 3 else None
 
-        await eventually(applied, "SpecApplied=True for generation 3")
+        await eventually(applied, "ConfigApplied=True for generation 3")
         assert fake.rounds == 7
         assert fake.patches[-1]["job"]["spec"]["peft"]["r"] == 8
 
@@ -644,16 +678,103 @@ async def resume_by_annotation() -> None:
             assert len(job_requests(emulator, "DELETE")) == 1  # no silo Job restarted this time
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_added_silo_gets_a_token_and_removed_silo_loses_it() -> None:
     asyncio.run(silos_added_and_removed())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_refused_change_is_visible_and_unreachable_aggregator_is_retried() -> None:
     asyncio.run(refused_then_unreachable())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_resume_annotation_resumes_once_and_restarts_silo_jobs_that_gave_up() -> None:
     asyncio.run(resume_by_annotation())
+
+
+# ---- level-triggered repair: the operator watches what it owns ----
+
+
+async def repairs_and_events() -> None:
+    fake = FakeAggregator()
+    settings = OperatorSettings(poll_seconds=0.3, resync_seconds=300)  # repairs come from watches, not the resync
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, settings):
+        kube, emulator = cluster.kube, cluster.emulator
+        assert emulator is not None
+        await cluster.create_job(job_manifest())
+        await eventually(lambda: all_children_of(kube), "all children")
+
+        def events(reason: str) -> list[dict[str, Any]]:
+            return [e for e in posted_events(emulator) if e.get("reason") == reason]
+
+        async def created_event() -> list[dict[str, Any]]:
+            return events("Created")
+
+        (created,) = await eventually(created_event, "a Created Event")
+        # kmock answers a server-side apply that creates with 200 (a real server: 201, so the
+        # applied kinds are named too; see test_real_cluster): here the created-once kinds.
+        assert created["type"] == "Normal" and "Job fedsilo-test-b/demo-silo-b" in created["message"]
+
+        for api_version, kind, ns, name in [
+            ("apps/v1", "Deployment", NS, "demo-aggregator"),
+            ("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b"),
+        ]:  # (a silo Job, and the time it takes, on a real API server: test_real_cluster)
+            await kube.delete(api_version, kind, ns, name)
+
+            async def back(api_version: str = api_version, kind: str = kind, ns: str = ns, name: str = name) -> bool:
+                return await kube.get(api_version, kind, ns, name) is not None
+
+            await eventually(back, f"{kind} {ns}/{name} recreated")
+            message = f"{kind} {ns}/{name} was deleted: restored"
+
+            async def repaired(message: str = message) -> list[dict[str, Any]]:
+                return [e for e in events("Repaired") if e["message"] == message]
+
+            (event,) = await eventually(repaired, f"a Repaired Event for {kind}")
+            assert event["type"] == "Normal"
+
+        # An edit is undone: the aggregator scaled to zero comes back, a silo's policy opened is closed.
+        await kube.patch("apps/v1", "Deployment", NS, "demo-aggregator", {"spec": {"replicas": 0}})
+        await kube.patch("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a", {"spec": {"policyTypes": []}})
+
+        async def undone() -> bool:
+            deployment = await kube.get("apps/v1", "Deployment", NS, "demo-aggregator") or {}
+            policy = await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "demo-silo-a") or {}
+            return deployment["spec"]["replicas"] == 1 and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+        await eventually(undone, "edits undone")
+
+        async def changed() -> list[str]:
+            return [e["message"] for e in events("Repaired") if "was changed" in e["message"]]
+
+        messages = await eventually(changed, "Repaired Events for the edits")
+        assert "Deployment fedsilo-test/demo-aggregator was changed (spec.replicas): restored" in messages
+
+        # The tokens Secret is the one child that cannot simply be restored: a Warning says what to do.
+        await kube.delete("v1", "Secret", NS, "demo-tokens")
+
+        async def regenerated() -> list[dict[str, Any]]:
+            return events("TokensRegenerated")
+
+        (warning,) = await eventually(regenerated, "a TokensRegenerated Warning")
+        assert warning["type"] == "Warning" and "rollout restart" in warning["message"]
+        assert await kube.get("v1", "Secret", NS, "demo-tokens") is not None
+
+        # Children the job no longer wants are deleted, not "repaired".
+        silos = [silo("a", volume={"emptyDir": True}), silo("c", external=True)]
+        await kube.patch(*JOB_API, NS, "demo", {"spec": {"silos": silos}})
+
+        async def b_gone() -> bool:
+            return await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b") is None
+
+        await eventually(b_gone, "silo b's policy deleted")
+        await asyncio.sleep(1.0)
+        assert await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS_B, "demo-silo-b") is None
+        assert not [e for e in events("Repaired") if "demo-silo-b" in e["message"] and "NetworkPolicy" in e["message"]
+                    and e["message"] != "NetworkPolicy fedsilo-test-b/demo-silo-b was deleted: restored"]
+
+
+@pytest.mark.timeout(300)
+def test_deleted_and_edited_children_are_repaired_with_events() -> None:
+    asyncio.run(repairs_and_events())

@@ -108,7 +108,8 @@ def test_aggregator_deployment() -> None:
     assert container["args"] == ["aggregator"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"] == {"requests": {"cpu": "500m"}}
+    # The spec's request wins; the memory it leaves out gets the operator's default (not BestEffort).
+    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"}}
     env = container_env(deployment)
     assert env["FEDSILO_DATABASE_URL"] == {"secretKeyRef": {"name": "pg", "key": "url"}}
     assert env["FEDSILO_ADMIN_TOKEN"]["secretKeyRef"]["name"] == "demo-tokens"

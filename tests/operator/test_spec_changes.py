@@ -155,11 +155,11 @@ def test_refusal_reasons_become_condition_reasons(reason: str | None, expected: 
     assert refusal_reason(reason) == expected
 
 
-# ---- SpecApplied ----------------------------------------------------------------------------
+# ---- ConfigApplied ----------------------------------------------------------------------------
 
 
 def spec_applied(status: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in status["conditions"] if c["type"] == "SpecApplied")
+    return next(c for c in status["conditions"] if c["type"] == "ConfigApplied")
 
 
 def test_an_accepted_change_sets_spec_applied_and_a_normal_event() -> None:
@@ -167,7 +167,7 @@ def test_an_accepted_change_sets_spec_applied_and_a_normal_event() -> None:
     patch, events = spec_applied_patch(outcome, {}, 2, NOW)
     found = spec_applied(patch)
     assert (found["status"], found["reason"], found["observedGeneration"]) == ("True", "Applied", 2)
-    assert [(e.type, e.reason) for e in events] == [("Normal", "SpecApplied")]
+    assert [(e.type, e.reason) for e in events] == [("Normal", "ConfigApplied")]
     assert "silos added: d" in events[0].message
 
 
@@ -201,14 +201,14 @@ def test_unreachable_is_unknown_and_warned_once_per_generation() -> None:
 def test_conditions_are_merged_by_type() -> None:
     old = [
         {"type": "AggregatorReady", "status": "True", "lastTransitionTime": "t0"},
-        {"type": "SpecApplied", "status": "Unknown", "lastTransitionTime": "t0"},
+        {"type": "ConfigApplied", "status": "Unknown", "lastTransitionTime": "t0"},
     ]
     new = [
-        {"type": "SpecApplied", "status": "Unknown", "reason": "AggregatorUnreachable", "lastTransitionTime": "t9"},
+        {"type": "ConfigApplied", "status": "Unknown", "reason": "AggregatorUnreachable", "lastTransitionTime": "t9"},
         {"type": "Failed", "status": "False", "lastTransitionTime": "t9"},
     ]
     merged = merged_conditions(old, new)
-    assert [c["type"] for c in merged] == ["AggregatorReady", "SpecApplied", "Failed"]
+    assert [c["type"] for c in merged] == ["AggregatorReady", "ConfigApplied", "Failed"]
     assert merged[1]["reason"] == "AggregatorUnreachable" and merged[1]["lastTransitionTime"] == "t0"
 
 
@@ -236,7 +236,7 @@ def test_the_status_poll_keeps_spec_applied() -> None:
         "SilosReady",
         "Succeeded",
         "Failed",
-        "SpecApplied",
+        "ConfigApplied",
     }
 
 

@@ -40,11 +40,20 @@ fedsilo.io/silo: {{ .Values.silo | quote }}
 {{- end -}}
 {{- end -}}
 
+{{/* Labels of the agent pod: no chart or app version, so a chart upgrade alone does not
+     change the pod template (immutable in a Job). */}}
+{{- define "fedsilo-silo.podLabels" -}}
+{{ include "fedsilo-silo.selectorLabels" . }}
+app.kubernetes.io/part-of: fedsilo
+fedsilo.io/job: {{ .Values.job | quote }}
+fedsilo.io/silo: {{ .Values.silo | quote }}
+{{- end -}}
+
 {{/* The silo agent pod (shared by the Job and the Deployment form). */}}
 {{- define "fedsilo-silo.podTemplate" -}}
 metadata:
   labels:
-    {{- include "fedsilo-silo.labels" . | nindent 4 }}
+    {{- include "fedsilo-silo.podLabels" . | nindent 4 }}
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -201,4 +210,12 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* Name of the agent Job: the full name plus a hash of its pod template. A Job's pod
+     template is immutable, so an upgrade that changes it (a new image, new values) makes a
+     new Job, and Helm deletes the old one; an upgrade that does not keeps the same Job. */}}
+{{- define "fedsilo-silo.jobName" -}}
+{{- $hash := include "fedsilo-silo.podTemplate" . | sha256sum | trunc 8 -}}
+{{- printf "%s-%s" (include "fedsilo-silo.fullname" . | trunc 54 | trimSuffix "-") $hash -}}
 {{- end -}}

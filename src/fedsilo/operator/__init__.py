@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
+from fedsilo.operator.children import reconcile
 from fedsilo.operator.crd import build_crd, render_crd, write_crd
-from fedsilo.operator.handlers import build_registry, reconcile
+from fedsilo.operator.handlers import build_registry
 from fedsilo.operator.settings import OperatorSettings
 
 __all__ = [
@@ -28,7 +29,10 @@ def run_operator(settings: OperatorSettings | None = None) -> None:
     import kopf
 
     settings = settings or OperatorSettings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One line per HTTP request (every status poll) is noise at INFO; failures still show.
+    for noisy in ("httpx", "httpcore", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     namespaces = settings.namespaces()
     kopf.run(
         registry=build_registry(settings),

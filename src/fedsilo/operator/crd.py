@@ -163,6 +163,17 @@ def status_schema() -> Schema:
             "tokenSecret": _string("Secret (job's namespace) holding the silo's token and URL."),
         },
     }
+    privacy = {
+        "type": "object",
+        "description": "What protects the silos' updates, and the differential-privacy budget spent.",
+        "properties": {
+            "secureAggregation": {"type": "boolean", "description": "The aggregator sees only the masked sum."},
+            "dp": {"type": "boolean", "description": "Client-level differential privacy is on."},
+            "epsilon": {"type": "number", "description": "Epsilon spent so far (at delta)."},
+            "delta": {"type": "number", "description": "The delta epsilon is reported at."},
+            "targetEpsilon": {"type": "number", "description": "The budget the job may spend."},
+        },
+    }
     return {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
@@ -184,6 +195,7 @@ def status_schema() -> Schema:
             "aggregatorUrl": _string("In-cluster URL of the aggregator."),
             "adminSecret": _string("Secret with the admin token and the silo tokens."),
             "silos": {"type": "array", "items": silo},
+            "privacy": privacy,
             "externalSilos": {
                 "type": "array",
                 "description": "What each external silo needs to join.",
@@ -206,6 +218,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Round", "type": "integer", "jsonPath": ".status.round"},
         {"name": "Rounds", "type": "integer", "jsonPath": ".status.rounds", "priority": 1},
         {"name": "Accuracy", "type": "number", "jsonPath": ".status.accuracy"},
+        {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacy.epsilon"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     schema = {

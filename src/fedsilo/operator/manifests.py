@@ -41,11 +41,18 @@ def tokens_secret(job: FederatedJob, uid: str, tokens: Tokens) -> Manifest:
     }
 
 
-def silo_token_secret(job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str) -> Manifest:
-    """One silo's token (in the silo's namespace), with what the agent needs to join."""
+def silo_token_secret(job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str | None) -> Manifest:
+    """One silo's token (in the silo's namespace), with what the agent needs to join.
+
+    `url` is the aggregator URL this silo connects to; None (an external silo while the job
+    has no public URL) leaves the `aggregator-url` key out rather than handing out one the
+    other organisation cannot reach.
+    """
     namespace = naming.silo_namespace(job, silo)
     name = naming.silo_token_secret_name(job, silo)
-    values = {TOKEN_KEY: token, "aggregator-url": url, "job": job.metadata.name, "silo": silo.name}
+    values = {TOKEN_KEY: token, "job": job.metadata.name, "silo": silo.name}
+    if url:
+        values["aggregator-url"] = url
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -115,11 +122,17 @@ def aggregator_service(job: FederatedJob, uid: str, settings: OperatorSettings) 
     }
 
 
-def container_resources(resources: Resources) -> dict[str, dict[str, str]]:
-    """Kubernetes `resources` (quantities as strings; GPUs such as nvidia.com/gpu included)."""
+def container_resources(
+    resources: Resources, default_requests: dict[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Kubernetes `resources` (quantities as strings; GPUs such as nvidia.com/gpu included).
+
+    `default_requests` fill in the requests the spec leaves out (so the pod is not BestEffort).
+    """
     out: dict[str, dict[str, str]] = {}
-    if resources.requests:
-        out["requests"] = {k: str(v) for k, v in resources.requests.items()}
+    requests = {**(default_requests or {}), **{k: str(v) for k, v in (resources.requests or {}).items()}}
+    if requests:
+        out["requests"] = requests
     if resources.limits:
         out["limits"] = {k: str(v) for k, v in resources.limits.items()}
     return out
@@ -197,7 +210,9 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
             "periodSeconds": 5,
         },
         "livenessProbe": probe,
-        "resources": container_resources(spec.resources),
+        "resources": container_resources(
+            spec.resources, {"cpu": settings.aggregator_cpu_request, "memory": settings.aggregator_memory_request}
+        ),
         "securityContext": _security_context(),
         "volumeMounts": [
             {"name": "state", "mountPath": STATE_DIR},
@@ -338,8 +353,13 @@ def silo_jobs_to_restart(jobs: Iterable[Manifest]) -> list[Manifest]:
     return [j for j in jobs if (j.get("metadata", {}).get("labels") or {}).get(naming.LABEL_SILO) and _failed(j)]
 
 
-def job_children(job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings) -> list[Manifest]:
-    """Every child of a job, in apply order (Secrets and config before the pods using them)."""
+def job_children(
+    job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings, external_url: str | None = None
+) -> list[Manifest]:
+    """Every child of a job, in apply order (Secrets and config before the pods using them).
+
+    `external_url` is the aggregator's public URL, written into external silos' token Secrets.
+    """
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
     children = [
         tokens_secret(job, uid, tokens),
@@ -349,7 +369,8 @@ def job_children(job: FederatedJob, uid: str, tokens: Tokens, settings: Operator
         aggregator_deployment(job, uid, settings),
     ]
     for silo in job.spec.silos:
-        children.append(silo_token_secret(job, uid, silo, tokens.silos[silo.name], url))
+        silo_url = external_url if silo.external else url
+        children.append(silo_token_secret(job, uid, silo, tokens.silos[silo.name], silo_url))
     children.extend(network_policies(job, uid, settings))
     for silo in job.spec.silos:
         if not silo.external:

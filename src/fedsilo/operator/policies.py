@@ -42,7 +42,9 @@ def aggregator_policy(job: FederatedJob, uid: str, settings: OperatorSettings) -
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": naming.metadata(job, uid, name, naming.job_namespace(job)),
+        "metadata": naming.metadata(
+            job, uid, name, naming.job_namespace(job), {naming.LABEL_COMPONENT: naming.AGGREGATOR}
+        ),
         "spec": {
             "podSelector": {"matchLabels": naming.aggregator_selector(job)},
             "policyTypes": ["Ingress"],
@@ -64,7 +66,9 @@ def silo_policy(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorS
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": naming.metadata(job, uid, name, namespace, {naming.LABEL_SILO: silo.name}),
+        "metadata": naming.metadata(
+            job, uid, name, namespace, {naming.LABEL_SILO: silo.name, naming.LABEL_COMPONENT: naming.SILO_AGENT}
+        ),
         "spec": {
             "podSelector": {"matchLabels": naming.silo_selector(job, silo)},
             "policyTypes": ["Ingress", "Egress"],

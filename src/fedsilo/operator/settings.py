@@ -21,6 +21,18 @@ class OperatorSettings(BaseSettings):
         description="Comma-separated namespaces (globs allowed) to watch; empty: all.",
     )
     poll_seconds: float = Field(default=10.0, gt=0, description="Aggregator status poll interval.")
+    resync_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Safety-net resync: every job's children are re-applied this often (watches repair at once).",
+    )
+    aggregator_cpu_request: str = Field(
+        default="250m", description="CPU request of the aggregator when spec.aggregator.resources sets none."
+    )
+    aggregator_memory_request: str = Field(
+        default="512Mi", description="Memory request of the aggregator when spec.aggregator.resources sets none."
+    )
+    log_level: str = Field(default="INFO", description="Log level of the operator (httpx and urllib3 stay at WARNING).")
     aggregator_port: int = Field(default=8080, ge=1, le=65535, description="Aggregator HTTP port.")
     silo_metrics_port: int = Field(default=9090, ge=1, le=65535, description="Silo agent /metrics port.")
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS domain.")

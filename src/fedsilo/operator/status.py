@@ -2,7 +2,8 @@
 
 `job_status_patch` (a JobStatus), `spec_applied_patch` (a spec change sent) and
 `resume_patch` (a resume request handled) return the status fields to patch and the
-Kubernetes Events that the transition deserves; the handlers apply both.
+Kubernetes Events that the transition deserves; the handlers apply both. The conditions
+the operator itself decides (children, external silos) are in `reconciled.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ AGGREGATOR_READY = "AggregatorReady"
 SILOS_READY = "SilosReady"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
-SPEC_APPLIED = "SpecApplied"
+CONFIG_APPLIED = "ConfigApplied"
+PRIVACY_BUDGET = "PrivacyBudgetAvailable"
 AGGREGATOR_UNREACHABLE = "AggregatorUnreachable"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -110,6 +112,13 @@ def job_status_patch(
         condition(conditions, SUCCEEDED, job.phase == "Succeeded", job.phase, job.message, generation, now),
         condition(conditions, FAILED, job.phase == "Failed", job.phase, job.message, generation, now),
     ]
+    if not any(c.get("type") == CONFIG_APPLIED for c in conditions) and generation == 1:
+        # the first spec reached the aggregator with its job file; later ones through send_spec
+        message = "generation 1 is the aggregator's starting document"
+        new_conditions.append(condition(conditions, CONFIG_APPLIED, True, "Created", message, generation, now))
+    budget = _privacy_condition(job, conditions, generation, now)
+    if budget is not None:
+        new_conditions.append(budget)
     patch: dict[str, Any] = {
         "phase": job.phase,
         "message": job.message,
@@ -131,6 +140,7 @@ def job_status_patch(
         ],
         "conditions": merged_conditions(conditions, new_conditions),
         "observedGeneration": generation,
+        "privacy": privacy_status(job),
     }
     if job.started_at is not None:
         patch["startTime"] = timestamp(job.started_at)
@@ -139,8 +149,44 @@ def job_status_patch(
     return patch, _events(job, previous)
 
 
+def privacy_status(job: JobStatus) -> dict[str, Any]:
+    """`status.privacy`: what protects the silos' updates and the DP budget spent so far."""
+    privacy = job.privacy
+    out: dict[str, Any] = {"secureAggregation": privacy.secure_aggregation, "dp": privacy.dp}
+    optional = {"epsilon": privacy.epsilon, "delta": privacy.delta, "targetEpsilon": privacy.target_epsilon}
+    out.update({key: value for key, value in optional.items() if value is not None})
+    return out
+
+
+def budget_reached(job: JobStatus) -> bool:
+    """Whether the DP budget spent has reached the job's target epsilon."""
+    privacy = job.privacy
+    return bool(privacy.dp and privacy.target_epsilon and (privacy.epsilon or 0.0) >= privacy.target_epsilon)
+
+
+def _privacy_condition(
+    job: JobStatus, previous: list[dict[str, Any]], generation: int, now: datetime
+) -> dict[str, Any] | None:
+    """`PrivacyBudgetAvailable` for a DP job with a target epsilon (None otherwise)."""
+    privacy = job.privacy
+    if not privacy.dp or not privacy.target_epsilon:
+        return None
+    spent = f"epsilon {privacy.epsilon or 0.0:.3g} of target {privacy.target_epsilon:.3g} spent (delta {privacy.delta})"
+    if budget_reached(job):
+        return condition(previous, PRIVACY_BUDGET, False, "TargetEpsilonReached", spent, generation, now)
+    return condition(previous, PRIVACY_BUDGET, True, "WithinBudget", spent, generation, now)
+
+
 def _events(job: JobStatus, previous: dict[str, Any]) -> list[Event]:
     events: list[Event] = []
+    old_budget = next((c for c in previous.get("conditions") or [] if c.get("type") == PRIVACY_BUDGET), None)
+    if budget_reached(job) and (old_budget is None or old_budget.get("status") != "False"):
+        privacy = job.privacy
+        message = (
+            f"epsilon {privacy.epsilon or 0.0:.3g} reached the target {privacy.target_epsilon or 0.0:.3g} "
+            f"(delta {privacy.delta}); the aggregator stops or warns as the job's privacy settings say"
+        )
+        events.append(Event("Warning", "PrivacyBudgetReached", message))
     old_phase = previous.get("phase")
     if old_phase != job.phase:
         kind = "Warning" if job.phase == "Failed" else "Normal"
@@ -194,16 +240,16 @@ def refusal_reason(reason: str | None) -> str:
 def spec_applied_patch(
     outcome: SpecOutcome, previous: dict[str, Any], generation: int, now: datetime
 ) -> tuple[dict[str, Any], list[Event]]:
-    """The `SpecApplied` condition for generation `generation`, and the Event it deserves.
+    """The `ConfigApplied` condition for generation `generation`, and the Event it deserves.
 
     Accepted: a Normal Event; refused: a Warning Event with the aggregator's reason; not
     known yet: a Warning Event only when the condition turns Unknown (not on every retry).
     """
     conditions = list(previous.get("conditions") or [])
-    new = condition(conditions, SPEC_APPLIED, outcome.applied, outcome.reason, outcome.message, generation, now)
-    old = next((c for c in conditions if c.get("type") == SPEC_APPLIED), None)
+    new = condition(conditions, CONFIG_APPLIED, outcome.applied, outcome.reason, outcome.message, generation, now)
+    old = next((c for c in conditions if c.get("type") == CONFIG_APPLIED), None)
     if outcome.applied is True:
-        return {"conditions": merged_conditions(conditions, [new])}, [Event("Normal", SPEC_APPLIED, outcome.message)]
+        return {"conditions": merged_conditions(conditions, [new])}, [Event("Normal", CONFIG_APPLIED, outcome.message)]
     retrying = outcome.applied is None and old is not None and old.get("status") == "Unknown"
     repeated = retrying and old is not None and old.get("observedGeneration") == generation
     events = [] if repeated else [Event("Warning", outcome.reason, outcome.message)]

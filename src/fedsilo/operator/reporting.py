@@ -1,0 +1,156 @@
+"""What the handlers write back: status fields (merged into the freshest status) and Events.
+
+`set_status` (through kopf's patch, for handlers on the FederatedJob itself) and
+`write_status` (through the client, for handlers on a child or a namespace) merge conditions
+by type and write `DEFAULTS` only where the status lacks them; `post`/`post_on` post Events.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import httpx
+import kopf
+
+from fedsilo.operator import naming
+from fedsilo.operator.aggregator_client import AggregatorError
+from fedsilo.operator.changes import admin_client
+from fedsilo.operator.children import JobRef, Key, describe
+from fedsilo.operator.kube import KubeClient, KubeError
+from fedsilo.operator.objects import job_from_body
+from fedsilo.operator.reconciled import Outcome, reconciled_patch, status_defaults
+from fedsilo.operator.settings import OperatorSettings
+from fedsilo.operator.status import Event, job_status_patch, merged_conditions, unreachable_patch
+from fedsilo.operator.tokens import tokens_from_secret
+from fedsilo.spec import API_GROUP, API_VERSION, KIND
+
+JOB_API = (f"{API_GROUP}/{API_VERSION}", KIND)
+DEFAULTS = "defaults"  # key of `fields`: status fields written only where the status lacks them
+
+
+def reconcile_fields(
+    body: Mapping[str, Any], outcome: Outcome, settings: OperatorSettings, now: datetime
+) -> tuple[dict[str, Any], list[Event]]:
+    """Status fields and Events of one reconcile pass over the job in `body`."""
+    job = job_from_body(body)
+    meta = body.get("metadata", {})
+    generation = int(meta.get("generation") or 1)
+    previous = dict(body.get("status") or {})
+    fields, events = reconciled_patch(job, outcome, previous, generation, now)
+    fields["aggregatorUrl"] = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
+    fields["adminSecret"] = naming.tokens_secret_name(job)
+    fields["observedGeneration"] = generation
+    fields[DEFAULTS] = status_defaults(job)
+    return fields, events
+
+
+def failures_error(outcome: Outcome) -> kopf.TemporaryError | None:
+    """A retry (15 s) while some children could not be applied; the status says which."""
+    if not outcome.failures:
+        return None
+    return kopf.TemporaryError("; ".join(f"{f.child}: {f.message}" for f in outcome.failures), delay=15)
+
+
+async def write_status(kube: KubeClient, ref: JobRef, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Merge `fields` into the job's status (conditions merged by type) with an optimistic lock.
+
+    For handlers that run on another object (a child's watch); returns the job, or None
+    when it is gone.
+    """
+    namespace, name = ref
+    for _ in range(5):
+        job = await kube.get(*JOB_API, namespace, name)
+        if job is None:
+            return None
+        status = merged_status(job.get("status") or {}, fields)
+        patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
+        try:
+            return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing", delay=1)
+
+
+async def poll_status(
+    kube: KubeClient,
+    body: Mapping[str, Any],
+    settings: OperatorSettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    now: datetime | None = None,
+) -> tuple[dict[str, Any], list[Event]]:
+    """Ask the aggregator for the job's status; returns the status patch and Events."""
+    job = job_from_body(body)
+    meta = body.get("metadata", {})
+    previous = dict(body.get("status") or {})
+    generation = int(meta.get("generation", 1))
+    moment = now or datetime.now(UTC)
+    secret = await kube.get("v1", "Secret", naming.job_namespace(job), naming.tokens_secret_name(job))
+    tokens = tokens_from_secret(secret)
+    if tokens is None:
+        return unreachable_patch("tokens Secret not created yet", previous, generation, moment)
+    try:
+        status = await admin_client(job, tokens, settings, transport).job_status(job.metadata.name)
+    except AggregatorError as exc:
+        return unreachable_patch(str(exc), previous, generation, moment)
+    return job_status_patch(status, previous, generation, moment)
+
+
+def set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:
+    """Write status `fields` as one JSON patch against the freshest body (resourceVersion-checked).
+
+    `conditions` are merged by type into the conditions found there, so the status poll and
+    the spec handler never drop each other's; fields that did not change cause no write.
+    """
+    patch.fns.append(functools.partial(write_raw_status, dict(fields)))
+
+
+def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing."""
+    status = dict(current)
+    for name, value in fields.items():
+        if name == DEFAULTS:
+            for default, setting in value.items():
+                status.setdefault(default, setting)
+        elif name == "conditions":
+            status[name] = merged_conditions(status.get("conditions") or [], value)
+        else:
+            status[name] = value
+    return status
+
+
+def write_raw_status(fields: dict[str, Any], raw: Any) -> None:
+    raw["status"] = merged_status(raw.get("status") or {}, fields)
+
+
+def post(body: kopf.Body, events: list[Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def repair_events(item: Key, why: str, events: list[Event], outcome: Outcome) -> list[Event]:
+    """The Events of a repair started by a watch: what was restored and why (a lost tokens
+    Secret needs a hand); other children restored on the way keep the generic Event."""
+    out = [e for e in events if e.reason != "Repaired"]
+    others = [r for r in outcome.repaired if r != describe(item)]
+    if others:
+        out.append(Event("Normal", "Repaired", f"restored {', '.join(others)}"))
+    if describe(item) not in outcome.repaired:
+        return out
+    if item[0] == "Secret" and item[2].endswith("-tokens"):
+        message = (
+            f"{describe(item)} was {why}: new admin and silo tokens were generated; restart the aggregator "
+            "(kubectl rollout restart deployment) and the silo agents so that they use them"
+        )
+        return [*out, Event("Warning", "TokensRegenerated", message)]
+    return [*out, Event("Normal", "Repaired", f"{describe(item)} was {why}: restored")]
+
+
+def post_on(job: Mapping[str, Any], events: list[Event]) -> None:
+    """Post Events on a job read through the client (handlers running on a child)."""
+    for event in events:
+        body = kopf.Body(cast(kopf.RawBody, dict(job)))
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
