@@ -61,8 +61,8 @@ def run_silo(agg: AggregatorProcess, token: str, silo: str, rounds: int, drop_in
                 assert upload.outcome is Outcome.ACCEPTED, upload
                 secure.reveal()
                 done += 1
-            except SitOut:  # as the agent does: the round failed or went on without us
-                continue
+            except SitOut:  # the round failed or went on without us: this script's part ends here
+                return
     finally:
         client.close()
 
