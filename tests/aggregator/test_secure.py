@@ -155,7 +155,7 @@ def test_silo_side_strategy_contracts_hold_under_masking(tmp_path: Path, strateg
 
 def test_round_completes_when_silos_drop_after_masking_keys(tmp_path: Path) -> None:
     """5 silos, t = ceil(0.6 * 5) = 3: two may drop after sharing, the sum is exact over the rest."""
-    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", SILOS, roundTimeoutSeconds=6)
+    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", SILOS, roundTimeoutSeconds=10)
     try:
         run_all(hub, agg, SILOS, 1, {"s4": 1, "s5": 1})
         rounds = hub.wait_for("round 1 closed", lambda s: s["version"] >= 1)
@@ -170,7 +170,7 @@ def test_round_completes_when_silos_drop_after_masking_keys(tmp_path: Path) -> N
 
 def test_too_many_dropouts_fail_the_round_and_resume_starts_it_over(tmp_path: Path) -> None:
     silos = SILOS[:3]  # t = ceil(0.6 * 3) = 2
-    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", silos, roundTimeoutSeconds=4)
+    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", silos, roundTimeoutSeconds=8)
     try:
         run_all(hub, agg, silos, 1, {"s2": 1, "s3": 1})
         failed = hub.wait_for("failure", lambda s: s["phase"] == "Failed")
