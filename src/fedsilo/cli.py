@@ -42,10 +42,15 @@ def aggregator() -> None:
 @app.command("silo-agent")
 def silo_agent() -> None:
     """Run one silo's agent (settings from FEDSILO_* environment variables)."""
-    from fedsilo.silo_agent.agent import run_agent
     from fedsilo.silo_agent.settings import SiloSettings
 
-    raise typer.Exit(run_agent(SiloSettings()))  # type: ignore[call-arg]
+    settings = SiloSettings()  # type: ignore[call-arg]
+    from fedsilo.silo_agent.quiet import setup_logging
+
+    setup_logging(settings.silo)  # before the agent imports torch and transformers
+    from fedsilo.silo_agent.agent import run_agent
+
+    raise typer.Exit(run_agent(settings))
 
 
 @app.command()
