@@ -55,15 +55,25 @@ def silo_agent() -> None:
 
 @app.command()
 def validate(job_file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
-    """Check a FederatedJob file and print what is wrong with it."""
-    from fedsilo.spec import SpecError, load_job
+    """Check a FederatedJob and what it names on this machine (data files, labels, base model); list every problem."""
+    from fedsilo.local.validate import validate as check
 
-    try:
-        job = load_job(job_file)
-    except SpecError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"{job.metadata.name}: valid ({len(job.spec.silos)} silos, {job.spec.training.rounds} rounds)")
+    report = check(job_file)
+    if report.job is not None and report.ok:
+        spec = report.job.spec
+        typer.echo(f"{report.job.metadata.name}: valid ({len(spec.silos)} silos, {spec.training.rounds} rounds)")
+    else:
+        typer.secho(f"{job_file}: {len(report.problems)} problem(s)", fg="red", err=True)
+        for problem in report.problems:
+            typer.secho(f"  x {problem}", fg="red", err=True)
+    for line in report.checked:
+        typer.echo(f"  ok {line}")
+    if report.unchecked:
+        typer.echo("not checked here (read inside the silos):")
+        for line in report.unchecked:
+            typer.echo(f"  - {line}")
+    if not report.ok:
+        raise typer.Exit(2)
 
 
 @app.command("operator")
