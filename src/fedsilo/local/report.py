@@ -108,6 +108,17 @@ SPLITS = {
 
 
 def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
+    """rounds.png (replaced atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(table, title)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def figure(table: list[dict[str, Any]], title: str) -> Any:
     """Loss (left axis) and accuracy (right axis) per round, one line per split, every line in the legend."""
     import matplotlib
 
@@ -138,7 +149,4 @@ def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(f"{title}\n{where}" if where else title, fontsize="medium")
     ax.set_xticks([r["round"] for r in table])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
