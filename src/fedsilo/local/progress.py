@@ -21,7 +21,7 @@ from rich.text import Text
 
 from fedsilo.api.models import JobStatus, RoundInfo
 
-SEPARATOR = "  ·  "
+SEPARATOR = " · "
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Score:
 
     def describe(self) -> str:
         name = "test" if self.split == "test" else "validation"
-        value = (f"{name} accuracy {self.accuracy:.3f}" if self.accuracy is not None
+        value = (f"{name} acc {self.accuracy:.3f}" if self.accuracy is not None
                  else f"{name} loss {self.loss:.3f}")
         source = "evaluator" if self.split == "test" else "silo mean"
         return f"{value} (v{self.version}, {source})"
@@ -105,7 +105,7 @@ def parts(
     """(phase, score, silo states): the progress line's parts, most important first."""
     current = next((r for r in history if r.round == status.round), None)
     score = latest_score(evaluations, has_evaluator)
-    shown = score.describe() if score else ("test accuracy -" if has_evaluator else "validation accuracy -")
+    shown = score.describe() if score else ("test acc -" if has_evaluator else "validation acc -")
     return phase(status, current, busy), shown, silo_states(status)
 
 

@@ -109,9 +109,9 @@ SPLITS = {
 
 def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
     """rounds.png (replaced atomically)."""
+    fig = figure(table, title)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = figure(table, title)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
