@@ -70,8 +70,11 @@ class RoundWatch:
         if now - self.last < self.every:
             return
         self.last = now
-        for job in self.engine.job_names():
-            self.watch(job)
+        try:
+            for job in self.engine.job_names():
+                self.watch(job)
+        except Exception:  # only logging: never let it stop the ticker's next steps
+            log.debug("round watch failed", exc_info=True)
 
     def watch(self, job: str) -> None:
         status = self.engine.status(job)
