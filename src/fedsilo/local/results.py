@@ -73,7 +73,7 @@ class Results:
         status: JobStatus = ask(client.status)
         self.observe(status, ask(client.rounds), ask(client.evaluations))
         wanted = status.version if version is None else version
-        if wanted < 1 or wanted == self.version:
+        if wanted == self.version or wanted < 0 or (version is None and wanted < 1):  # v0 only when asked for
             return False
         data: bytes = ask(lambda: client.adapter(wanted))
         self.save_adapter(wanted, data)
