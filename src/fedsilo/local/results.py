@@ -64,13 +64,14 @@ class Results:
         self.status, self.history, self.evaluations = status, history, evaluations
 
     def refresh(self, client: Client, ask: Callable[[Callable[[], Any]], Any] = _direct, version: int | None = None,
-                ) -> bool:
-        """Read status, rounds and evaluations; save adapter `version` (default: the newest) if not saved yet.
+                status: JobStatus | None = None) -> bool:
+        """Read status (unless given), rounds and evaluations; save adapter `version` (default: the newest).
 
         `ask` wraps each call (the runner supervises its processes while it waits). Returns
         True when a new adapter version was saved.
         """
-        status: JobStatus = ask(client.status)
+        status = status or ask(client.status)
+        assert status is not None
         self.observe(status, ask(client.rounds), ask(client.evaluations))
         wanted = status.version if version is None else version
         if wanted == self.version or wanted < 0 or (version is None and wanted < 1):  # v0 only when asked for

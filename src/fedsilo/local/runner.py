@@ -44,6 +44,7 @@ def free_port() -> int:
 
 
 BACKOFF_LIMIT = 6  # restarts per process, like a Kubernetes Job's backoffLimit
+FULL_READ_SECONDS = 2.0  # between status changes, rounds (updates in) and evaluations are read this often
 NO_RESTART = {  # exit codes that mean "a restart cannot help": the run fails with the reason
     2: "configuration error (data, model or spec)",
     3: "the aggregator refused a request",
@@ -372,19 +373,22 @@ def _follow(client: Client, procs: Processes, job: FederatedJob, saved: Results,
     silos = [s.name for s in job.spec.silos]
     has_evaluator = any(s.role == "evaluator" for s in job.spec.silos)
     seen: object = None
+    asked: tuple[object, float] = (None, 0.0)  # what status said when rounds and evaluations were last read
     with progress.Display(console) as display:
         while True:
             procs.supervise()
             try:
-                saved.refresh(client)
+                status = client.status()
+                said = (status.phase, status.round, status.version, status.accuracy, status.loss)
+                if said != asked[0] or time.monotonic() - asked[1] > FULL_READ_SECONDS:
+                    saved.refresh(client, status=status)  # rounds, evaluations and a new adapter: on news only
+                    asked = (said, time.monotonic())
             except (httpx.TransportError, ClientError) as exc:
                 if not _unavailable(exc):
                     raise
                 display.show("aggregator unavailable: waiting for it to come back", "unavailable")
                 time.sleep(0.5)
                 continue
-            status = saved.status
-            assert status is not None
             news = (status.phase, status.round, status.version, repr(saved.evaluations), len(saved.history))
             if news != seen:  # a round closed, an evaluation arrived: the folder follows
                 saved.write()
