@@ -27,7 +27,8 @@ def main() -> None:
         if run_local(job, job_file.parent, Path(out)) != 0:
             raise SystemExit("the run failed")
         wall = time.monotonic() - started
-        rows = [r for r in csv.DictReader((Path(out) / job.metadata.name / "rounds.csv").open()) if r["round_seconds"]]
+        table = Path(out) / job.metadata.name / "latest" / "rounds.csv"
+        rows = [r for r in csv.DictReader(table.open()) if r["round_seconds"]]
     print(f"\n{job.metadata.name}: {len(job.spec.silos)} silos, wall time {wall:.0f}s\n")
     print("| round | round s | slowest silo training s | overhead s | overhead % | bytes up per silo |")
     print("|---|---|---|---|---|---|")

@@ -154,7 +154,7 @@ def test_tiny_federation_leaves_a_peft_adapter_and_generations(model_dir: Path, 
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     assert run_local(load_job(tmp_path / "job.yaml"), tmp_path, tmp_path / "runs") == 0
-    run = tmp_path / "runs" / "tiny-lm"
+    run = tmp_path / "runs" / "tiny-lm" / "latest"
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(run / "adapter"))
     assert adapter.peft_config["default"].target_modules == {"q_proj", "v_proj"}
     lines = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]

@@ -150,7 +150,8 @@ class Chaos:
             tokens = json.loads((self.run_dir / "state" / "tokens.json").read_text())
             silo = SILOS[0]
             headers = {"Authorization": f"Bearer {tokens[silo]}", "X-Fedsilo-Silo": silo}
-            response = httpx.get(f"{self.url}/v1/jobs/{self.run_dir.name}", headers=headers, timeout=5)
+            job = self.run_dir.parent.name  # run_dir is runs/<job>/latest
+            response = httpx.get(f"{self.url}/v1/jobs/{job}", headers=headers, timeout=5)
             return dict(response.json()) if response.status_code == 200 else None
         except (OSError, httpx.HTTPError, ValueError):
             return None  # not started yet, or the aggregator is down
@@ -231,11 +232,11 @@ def test_sigkills_under_supervision_end_with_the_fault_free_adapter(tmp_path: Pa
     started = time.monotonic()
     assert run_local(load_job(job_file), tmp_path, tmp_path / "calm", port=free_port()) == 0
     calm_seconds = time.monotonic() - started
-    calm = tmp_path / "calm" / "chaos"
+    calm = tmp_path / "calm" / "chaos" / "latest"
     round_seconds = [float(r["round_seconds"]) for r in _rounds(calm)[1:]]
 
     port = free_port()
-    stormy = tmp_path / "stormy" / "chaos"
+    stormy = tmp_path / "stormy" / "chaos" / "latest"
     chaos = Chaos(stormy, f"http://127.0.0.1:{port}", kill_schedule(CHAOS_SEED, round_seconds))
     thread = threading.Thread(target=chaos.run, daemon=True)
     thread.start()
@@ -256,9 +257,9 @@ def test_sigkills_under_supervision_end_with_the_fault_free_adapter(tmp_path: Pa
     assert sum(p["restarts"] for p in restarts.values()) == 4, f"{restarts}{story}"
 
     for run in (calm, stormy):
-        rows = _rounds(run)
-        assert [r["round"] for r in rows] == [str(n) for n in range(ROUNDS + 1)], f"{run.parent.name}: {rows}{story}"
-        assert all(r["updates"] == str(len(SILOS)) for r in rows[1:]), f"{run.parent.name}: {rows}{story}"
+        rows, which = _rounds(run), run.parents[1].name
+        assert [r["round"] for r in rows] == [str(n) for n in range(ROUNDS + 1)], f"{which}: {rows}{story}"
+        assert all(r["updates"] == str(len(SILOS)) for r in rows[1:]), f"{which}: {rows}{story}"
     calm_digests, stormy_digests = _digests(calm), _digests(stormy)
     differ = {k: (v, stormy_digests.get(k)) for k, v in calm_digests.items() if stormy_digests.get(k) != v}
     assert not differ, f"what differs from the fault-free run (calm, chaos sha256): {differ}{story}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,7 +14,8 @@ app = typer.Typer(help="Federated PEFT fine-tuning across silos.", no_args_is_he
 @app.command()
 def run(
     job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="FederatedJob YAML."),
-    out: Path = typer.Option(Path("runs"), help="Runs folder; results go to <out>/<job name>/."),
+    out: Path = typer.Option(Path("runs"), help="Runs folder; each run goes to <out>/<job>/<UTC start>/ "
+                             "and <out>/<job>/latest points at it."),
     port: int = typer.Option(0, help="Aggregator port on 127.0.0.1 (0: any free port)."),
     backoff_limit: int = typer.Option(
         6, min=0, help="Restarts allowed per process that dies (exponential backoff, 1 s doubling to 30 s)."
@@ -42,23 +45,38 @@ def aggregator() -> None:
 @app.command("silo-agent")
 def silo_agent() -> None:
     """Run one silo's agent (settings from FEDSILO_* environment variables)."""
-    from fedsilo.silo_agent.agent import run_agent
     from fedsilo.silo_agent.settings import SiloSettings
 
-    raise typer.Exit(run_agent(SiloSettings()))  # type: ignore[call-arg]
+    settings = SiloSettings()  # type: ignore[call-arg]
+    from fedsilo.silo_agent.quiet import setup_logging
+
+    setup_logging(settings.silo)  # before the model loads: its progress bars and load report go through it
+    from fedsilo.silo_agent.agent import run_agent
+
+    raise typer.Exit(run_agent(settings))
 
 
 @app.command()
 def validate(job_file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
-    """Check a FederatedJob file and print what is wrong with it."""
-    from fedsilo.spec import SpecError, load_job
+    """Check a FederatedJob and what it names on this machine (data files, labels, base model); list every problem."""
+    from fedsilo.local.validate import validate as check
 
-    try:
-        job = load_job(job_file)
-    except SpecError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"{job.metadata.name}: valid ({len(job.spec.silos)} silos, {job.spec.training.rounds} rounds)")
+    report = check(job_file)
+    if report.job is not None and report.ok:
+        spec = report.job.spec
+        typer.echo(f"{report.job.metadata.name}: valid ({len(spec.silos)} silos, {spec.training.rounds} rounds)")
+    else:
+        typer.secho(f"{job_file}: {len(report.problems)} problem(s)", fg="red", err=True)
+        for problem in report.problems:
+            typer.secho(f"  x {problem}", fg="red", err=True)
+    for line in report.checked:
+        typer.echo(f"  ok {line}")
+    if report.unchecked:
+        typer.echo("not checked here (read inside the silos):")
+        for line in report.unchecked:
+            typer.echo(f"  - {line}")
+    if not report.ok:
+        raise typer.Exit(2)
 
 
 @app.command("operator")
@@ -87,9 +105,10 @@ def crds(
 
 @app.command()
 def export(
-    source: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder (runs/<job>) or adapter folder."),
+    source: Path = typer.Argument(..., exists=True, file_okay=False,
+                                  help="runs/<job> (its latest run), a run folder, or an adapter folder."),
     out: Path = typer.Option(..., help="Folder for the merged model and tokenizer."),
-    base: str | None = typer.Option(None, help="Base model folder (default: the one named in the adapter config)."),
+    base: str | None = typer.Option(None, help="Base model folder (default: from the adapter's fedsilo.json/config)."),
     dtype: str = typer.Option("fp32", help="Saved weight type: fp32, bf16 or fp16."),
 ) -> None:
     """Merge a job's final PEFT adapter into its base model and save a plain model folder."""
@@ -102,6 +121,99 @@ def export(
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"merged model written to {folder}")
+
+
+URL = typer.Option(None, "--url", envvar="FEDSILO_URL", help="Aggregator URL, e.g. http://127.0.0.1:8080 "
+                   "(kubectl -n NS port-forward svc/JOB-aggregator 8080:http).")
+TOKEN = typer.Option(None, "--token", envvar="FEDSILO_ADMIN_TOKEN", show_default=False,
+                     help="The job's admin token (better: the FEDSILO_ADMIN_TOKEN variable or --token-file).")
+TOKEN_FILE = typer.Option(None, "--token-file", exists=True, dir_okay=False, help="File holding the admin token.")
+CA_BUNDLE = typer.Option(None, "--ca-bundle", exists=True, dir_okay=False, help="CA bundle for an HTTPS aggregator.")
+
+
+def _target(job: str, url: str | None, token: str | None, token_file: Path | None, ca_bundle: Path | None) -> Any:
+    from fedsilo.local.remote import Target
+
+    if not url:
+        typer.secho("--url (or FEDSILO_URL) is required to reach an aggregator", fg="red", err=True)
+        raise typer.Exit(2)
+    secret = token_file.read_text().strip() if token_file else token
+    if not secret:
+        typer.secho("the job's admin token is required: --token-file, FEDSILO_ADMIN_TOKEN or --token", fg="red",
+                    err=True)
+        raise typer.Exit(2)
+    return Target(url, job, secret, ca_bundle)
+
+
+@app.command()
+def status(
+    target: str = typer.Argument(..., help="A job name (with --url), or a local run folder: runs/<job>."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    token_file: Path | None = TOKEN_FILE,
+    ca_bundle: Path | None = CA_BUNDLE,
+    as_json: bool = typer.Option(False, "--json", help="Print status, rounds and evaluations as JSON."),
+) -> None:
+    """Where a job stands: phase, the round running, scores, privacy, silos and the round table."""
+    from rich.console import Console
+
+    from fedsilo.local import remote, runs
+
+    console = Console()
+    folder = Path(target)
+    if url is None and folder.is_dir():
+        try:
+            run_dir = runs.resolve(folder)
+        except runs.RunsError as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+        live = remote.local_target(run_dir)
+        if live is None:
+            if as_json:
+                typer.echo(json.dumps({"run": runs.RunRecord.load(run_dir).__dict__,
+                                       "rounds": remote.saved_rows(run_dir)}, indent=2))
+            else:
+                console.print(remote.render_saved(run_dir))
+            return
+        where = live
+    else:
+        where = _target(target, url, token, token_file, ca_bundle)
+    try:
+        snap = remote.snapshot(where)
+    except remote.RemoteError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"status": snap.status.model_dump(mode="json"),
+                               "rounds": [r.model_dump(mode="json") for r in snap.history],
+                               "evaluations": snap.evaluations}, indent=2))
+        return
+    has_evaluator = any(s.role == "evaluator" for s in snap.status.silos)
+    console.print(remote.render(snap, has_evaluator))
+
+
+@app.command()
+def pull(
+    job: str = typer.Argument(..., help="Job name on the aggregator."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    token_file: Path | None = TOKEN_FILE,
+    ca_bundle: Path | None = CA_BUNDLE,
+    version: int | None = typer.Option(None, min=0, help="Global adapter version (default: the newest)."),
+    out: Path = typer.Option(Path("runs"), help="Runs folder; the pull goes to <out>/<job>/<UTC time>/."),
+) -> None:
+    """Fetch a job's global adapter (with its model card), rounds and plot from a running aggregator."""
+    from fedsilo.local import remote
+
+    try:
+        results = remote.pull(_target(job, url, token, token_file, ca_bundle), out, version)
+    except remote.RemoteError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    status = results.status
+    phase = f"{status.phase}, round {status.round}/{status.rounds}" if status else "?"
+    typer.echo(f"{job}: global adapter version {results.version} ({phase}) -> {results.adapter_dir}")
+    typer.echo(f"  model card {results.adapter_dir / 'README.md'}   rounds {results.run_dir / 'rounds.csv'}")
 
 
 def main() -> None:

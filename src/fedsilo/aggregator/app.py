@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedsilo.adapters import sha256
+from fedsilo.aggregator import logs
 from fedsilo.aggregator.acceptance import Incoming
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import (
@@ -40,6 +41,7 @@ from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.aggregator.store import make_sessions
 from fedsilo.api import models as m
+from fedsilo.logfmt import event
 
 log = logging.getLogger("fedsilo.aggregator")
 bearer = HTTPBearer(auto_error=False)
@@ -116,6 +118,9 @@ silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"])
 def create_job(body: m.CreateJob, engine: EngineDep, response: Response) -> m.JobCreated:
     created = engine.create_job(body.job, body.silo_tokens)
     response.status_code = 201 if created.created else 200
+    if created.created:
+        spec = body.job.spec
+        event(log, "job_created", job=created.name, silos=len(spec.silos), rounds=spec.training.rounds)
     return created
 
 
@@ -126,7 +131,10 @@ def get_job(job: str, engine: EngineDep) -> m.JobStatus:
 
 @jobs.patch("/{job}", dependencies=[Admin])
 def patch_job(job: str, body: m.PatchJob, engine: EngineDep) -> m.JobStatus:
-    return engine.patch_job(job, body)
+    status = engine.patch_job(job, body)
+    changed = ",".join(k for k in ("rounds", "resume", "job") if getattr(body, k))
+    event(log, "job_patched", job=job, changed=changed or "nothing", phase=status.phase, rounds=status.rounds)
+    return status
 
 
 @jobs.get("/{job}/spec", dependencies=[Reader])
@@ -157,7 +165,10 @@ def get_adapter(
 
 @silos.post("/silos/{silo}/join", dependencies=[Silo])
 def join(job: str, silo: str, body: m.JoinRequest, engine: EngineDep) -> m.JoinResponse:
-    return engine.join(job, silo, body)
+    joined = engine.join(job, silo, body)
+    event(log, "join", job=job, silo=silo, role=joined.role, train_examples=body.n_train_examples,
+          eval_examples=body.n_eval_examples, device=body.device)
+    return joined
 
 
 @silos.get("/silos/{silo}/task", dependencies=[Silo])
@@ -187,6 +198,8 @@ async def task(
 @silos.post("/silos/{silo}/metrics", status_code=204, dependencies=[Silo])
 def post_metrics(job: str, silo: str, body: m.MetricsReport, engine: EngineDep) -> Response:
     engine.submit_metrics(job, silo, body)
+    event(log, "metrics", job=job, silo=silo, version=body.version, split=body.split, loss=body.loss,
+          accuracy=body.accuracy, examples=body.n_examples)
     return Response(status_code=204)
 
 
@@ -194,6 +207,7 @@ def post_metrics(job: str, silo: str, body: m.MetricsReport, engine: EngineDep) 
 async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) -> dict[str, str]:
     data = await _read_body(request, engine, job)
     digest = await asyncio.to_thread(engine.put_initial, job, silo, data)
+    event(log, "initial_adapter", job=job, silo=silo, bytes=len(data), sha256=digest[:12])
     return {"sha256": digest}
 
 
@@ -213,7 +227,11 @@ async def put_update(
     update = Incoming(
         silo, round, data, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
     )
-    return await asyncio.to_thread(engine.submit_update, job, update)
+    accepted = await asyncio.to_thread(engine.submit_update, job, update)
+    event(log, "upload", job=job, round=accepted.round, silo=silo, bytes=len(data), examples=x_fedsilo_examples,
+          train_seconds=x_fedsilo_train_seconds, sha256=accepted.sha256[:12],
+          outcome="duplicate" if accepted.duplicate else "accepted")
+    return accepted
 
 
 @silos.get("/rounds/{round}/secagg/{silo}", dependencies=[Silo])
@@ -275,6 +293,19 @@ async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
     return b"".join(chunks)
 
 
+# Refusals that are part of normal operation: a late upload (info), a retry-later answer (debug).
+ROUTINE = {"wrong_round": logging.INFO, "stale": logging.INFO, "duplicate": logging.INFO}
+
+
+def refused(request: Request, status: int, reason: str | None, detail: str) -> None:
+    """One `event=refused` line per 4xx/5xx answer: who asked for what, and why it was refused."""
+    level = logging.DEBUG if status == 503 else ROUTINE.get(reason or "", logging.WARNING)
+    params = request.path_params
+    event(log, "refused", level, status=status, reason=reason, method=request.method, path=request.url.path,
+          job=params.get("job"), silo=params.get("silo") or request.headers.get("x-fedsilo-silo"),
+          detail=detail[:300])
+
+
 def create_app(settings: AggregatorSettings) -> FastAPI:
     """Build the app: store, blobs, engine and metrics are created here, once."""
     metrics = Metrics()
@@ -285,6 +316,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         lease_seconds=settings.lease_seconds,
     )
     startup: dict[str, Any] = {"ready": settings.job_file is None}
+    watch = logs.RoundWatch(engine)
 
     def ensure() -> None:
         """Create or resume the job of FEDSILO_JOB_FILE; waits (not ready) while another aggregator serves it."""
@@ -317,6 +349,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                     await asyncio.to_thread(ensure)
                     await asyncio.to_thread(engine.renew_leases)
                     await asyncio.to_thread(engine.tick)  # isolates jobs from each other
+                    await asyncio.to_thread(watch)  # round and phase events into the log
                     if time.monotonic() - swept > 300:
                         swept = time.monotonic()
                         await asyncio.to_thread(engine.sweep)
@@ -338,19 +371,22 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.include_router(silos)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        refused(request, exc.status, exc.reason, exc.detail)
         return JSONResponse(m.Problem(detail=exc.detail, reason=exc.reason).model_dump(), status_code=exc.status)
 
     @app.exception_handler(EngineError)
-    async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
         status = next(code for kind, code in STATUS if isinstance(exc, kind))
+        refused(request, status, exc.reason, exc.detail)
         headers = {"Retry-After": "1" if exc.reason == "aggregating" else "2"} if status == 503 else None
         body = m.Problem(detail=exc.detail, reason=exc.reason).model_dump()
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         lines = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()]
+        refused(request, 422, "invalid", "; ".join(lines))
         return JSONResponse(m.Problem(detail="; ".join(lines), reason="invalid").model_dump(), status_code=422)
 
     @app.get("/healthz", tags=["ops"])

@@ -1,15 +1,14 @@
-"""Run the aggregator app under uvicorn."""
-
-import logging
+"""Run the aggregator app under uvicorn, every log line in one logfmt format."""
 
 import uvicorn
 
+from fedsilo.aggregator import logs
 from fedsilo.aggregator.app import create_app
 from fedsilo.aggregator.settings import AggregatorSettings
 
 
 def serve(settings: AggregatorSettings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s aggregator %(levelname)s %(message)s")
+    logs.setup(settings.log_level)
     app = create_app(settings)
     # Long polls end at shutdown instead of holding SIGTERM for up to 30 s.
     uvicorn.run(
@@ -17,6 +16,7 @@ def serve(settings: AggregatorSettings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's records go through the handler `logs.setup` installed
+        access_log=False,  # one line per event instead (app.py): a poll is not news
         timeout_graceful_shutdown=2,
     )

@@ -1,8 +1,9 @@
 """Merge a finished job's PEFT adapter into its base model and save a plain model folder.
 
-`fedsilo export runs/<job> --out merged/` loads the base model named in the adapter config
-(or `--base`), applies the adapter, merges it (LoRA, DoRA, IA3) and writes model + tokenizer,
-loadable with `AutoModelFor...from_pretrained(out)` and no PEFT at all.
+`fedsilo export runs/<job> --out merged/` loads the base model (`--base`, else where the run
+found it, else the name the job gave it), applies the adapter, merges it (LoRA, DoRA, IA3) and
+writes model + tokenizer, loadable with `AutoModelFor...from_pretrained(out)` and no PEFT at
+all. A classifier keeps the job's class names as its `id2label`.
 """
 
 from __future__ import annotations
@@ -24,24 +25,40 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where an export reads from: the adapter folder and, for a run folder, its job document."""
+    """Where an export reads from: the adapter folder, the job document and the adapter's fedsilo.json."""
 
     adapter: Path
     job: dict[str, Any] | None
+    meta: dict[str, Any]
 
 
 def find_source(path: Path) -> Source:
-    """Accept an adapter folder or a run folder (runs/<job>, holding adapter/ and job.json)."""
-    for adapter in (path, path / "adapter"):
+    """Accept an adapter folder, a run folder (holding adapter/ and job.json) or runs/<job> (its latest run)."""
+    for adapter in (path, path / "adapter", path / "latest" / "adapter"):
         if (adapter / "adapter_config.json").is_file():
             job_file = adapter.parent / "job.json"
             job = json.loads(job_file.read_text()) if job_file.is_file() else None
-            return Source(adapter, job)
+            meta_file = adapter / "fedsilo.json"
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            return Source(adapter, job, meta)
     raise ExportError(f"{path}: neither a PEFT adapter folder (adapter_config.json) nor a run folder with adapter/")
 
 
+def base_candidates(source: Source, config: Any, base: str | None) -> list[str]:
+    """Where to look for the base model, in order: --base, where the run found it, the job's name for it."""
+    if base:
+        return [base]
+    recorded = (source.meta.get("base_model") or {}).get("resolved_path")
+    named = config.base_model_name_or_path
+    found = [p for p in (recorded, named) if p]
+    return list(dict.fromkeys(found))  # once each, in order
+
+
 def _classes(source: Source, state_path: Path) -> list[str]:
-    """Class names of a sequence-classification adapter: from job.json, else the head's output size."""
+    """Class names of a sequence-classification adapter: fedsilo.json, job.json, else the head's output size."""
+    id2label = source.meta.get("id2label") or {}
+    if id2label:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
     labels = ((source.job or {}).get("spec", {}).get("task", {}) or {}).get("labels")
     if labels:
         return [str(x) for x in labels]
@@ -59,9 +76,10 @@ def load_base(source: Source, config: Any, base: str | None, dtype: torch.dtype)
     """The base model (head by the adapter's task type) and its tokenizer, offline."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    path = base or config.base_model_name_or_path
-    if not path:
+    candidates = base_candidates(source, config, base)
+    if not candidates:
         raise ExportError("the adapter config names no base model; pass --base FOLDER")
+    path = next((p for p in candidates if Path(p).is_dir()), candidates[-1])  # a folder here, else a hub id
     extra: dict[str, Any] = {"local_files_only": True}
     gguf = ((source.job or {}).get("spec", {}).get("baseModel", {}) or {}).get("ggufFile")
     if gguf:
@@ -79,7 +97,8 @@ def load_base(source: Source, config: Any, base: str | None, dtype: torch.dtype)
         else:
             raise ExportError(f"adapter task_type {task!r} is not one fedsilo exports (CAUSAL_LM, SEQ_CLS)")
     except OSError as exc:
-        raise ExportError(f"cannot load base model {path!r} offline ({exc}); pass --base FOLDER") from None
+        tried = " or ".join(repr(p) for p in candidates)
+        raise ExportError(f"cannot load base model {tried} offline ({exc}); pass --base FOLDER") from None
     return model, tokenizer
 
 

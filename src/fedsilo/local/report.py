@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from fedsilo.api.models import RoundInfo
+from fedsilo.local.runs import write_text
 
 COLUMNS = [
     "round",
@@ -64,11 +66,13 @@ def rows(history: list[RoundInfo], evaluations: list[dict[str, Any]]) -> list[di
 
 
 def write_csv(table: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: row.get(k) for k in COLUMNS})
+    """rounds.csv, replaced atomically (a run rewrites it after every round)."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: row.get(k) for k in COLUMNS})
+    write_text(path, out.getvalue())
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -76,43 +80,73 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def rich_table(table: list[dict[str, Any]], title: str) -> Table:
-    out = Table(title=title)
-    for name in ("round", "accuracy", "loss", "seconds", "train s (max)", "overhead", "bytes up / silo"):
+    """The per-round table; accuracy and loss say which split they are (a split column when rows differ)."""
+    splits = {row.get("split") for row in table if row.get("split")}
+    one = splits.pop() if len(splits) == 1 else None
+    caption = f"{one}: {SPLITS[one][1]}; train s: the slowest silo's training" if one in SPLITS else None
+    out = Table(title=title, caption=caption)
+    names = ["round"] + ([] if one or not splits else ["split"])
+    names += [f"{one} acc" if one else "accuracy", f"{one} loss" if one else "loss"]
+    names += ["round s", "train s", "overhead", "bytes/silo"]
+    for name in names:
         out.add_column(name, justify="right")
     for row in table:
         overhead = row.get("overhead_seconds")
         seconds = row.get("round_seconds")
-        pct = f"{overhead:.1f}s ({100 * overhead / seconds:.1f}%)" if overhead is not None and seconds else "-"
-        out.add_row(
-            str(row["round"]),
-            _fmt(row.get("accuracy"), ".4f"),
-            _fmt(row.get("loss"), ".4f"),
-            _fmt(seconds, ".1f"),
-            _fmt(row.get("max_train_seconds"), ".1f"),
-            pct,
-            _fmt(row.get("bytes_per_silo"), ","),
-        )
+        pct = f"{overhead:.1f}s {100 * overhead / seconds:.1f}%" if overhead is not None and seconds else "-"
+        cells = [str(row["round"])] + ([] if one or not splits else [row.get("split") or "-"])
+        cells += [_fmt(row.get("accuracy"), ".4f"), _fmt(row.get("loss"), ".4f"), _fmt(seconds, ".1f"),
+                  _fmt(row.get("max_train_seconds"), ".1f"), pct, _fmt(row.get("bytes_per_silo"), ",")]
+        out.add_row(*cells)
     return out
 
 
+SPLITS = {
+    "test": ("test", "evaluator's held-out data"),
+    "validation": ("validation", "mean of the trainer silos' validation rows"),
+}
+
+
 def plot(table: list[dict[str, Any]], path: Path, title: str) -> None:
+    """rounds.png (replaced atomically)."""
+    fig = figure(table, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def figure(table: list[dict[str, Any]], title: str) -> Any:
+    """Loss (left axis) and accuracy (right axis) per round, one line per split, every line in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in table if r.get("loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(rounds, [r["loss"] for r in table if r.get("loss") is not None], "o-", color="tab:red", label="loss")
-    ax.set_xlabel("round")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax2 = None
+    handles = []
+    splits = [s for s in SPLITS if any(r.get("split") == s for r in table)]
+    for split, (loss_style, acc_style) in zip(splits, (("o-", "s-"), ("o--", "s--")), strict=False):
+        name = SPLITS[split][0]
+        points = [r for r in table if r.get("split") == split and r.get("loss") is not None]
+        handles += ax.plot([r["round"] for r in points], [r["loss"] for r in points], loss_style, color="tab:red",
+                           label=f"{name} loss")
+        accs = [r for r in points if r.get("accuracy") is not None]
+        if accs:
+            ax2 = ax2 or ax.twinx()
+            handles += ax2.plot([r["round"] for r in accs], [r["accuracy"] for r in accs], acc_style,
+                                color="tab:blue", label=f"{name} accuracy")
+    ax.set_xlabel("round (0: untrained starting adapter)")
     ax.set_ylabel("loss", color="tab:red")
-    accs = [(r["round"], r["accuracy"]) for r in table if r.get("accuracy") is not None]
-    if accs:
-        ax2 = ax.twinx()
-        ax2.plot([a[0] for a in accs], [a[1] for a in accs], "s-", color="tab:blue", label="accuracy")
+    if ax2 is not None:
         ax2.set_ylabel("accuracy", color="tab:blue")
-    ax.set_title(title)
-    ax.set_xticks(rounds)
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize="small")
+    where = "; ".join(f"{SPLITS[s][0]}: {SPLITS[s][1]}" for s in splits)
+    ax.set_title(f"{title}\n{where}" if where else title, fontsize="medium")
+    ax.set_xticks([r["round"] for r in table])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -6,15 +6,15 @@ talking the same `/v1` API over loopback.
 
 Like Kubernetes, it restarts a child that dies (exponential backoff, at most
 `backoff_limit` restarts each; silo agents that exit 0 are done, exit codes 2 and 3 mean
-a restart cannot help). `runs/<job>/state/pids.json` always lists every child's pid and state.
+a restart cannot help). `<run>/state/pids.json` always lists every child's pid and state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +27,11 @@ from typing import IO, TypeVar
 
 import httpx
 from rich.console import Console
-from rich.live import Live
 
-from fedsilo.adapters import from_bytes
 from fedsilo.api.client import Client, ClientError
-from fedsilo.local import report
-from fedsilo.spec import FederatedJob, dump_job
+from fedsilo.local import progress, report, runs
+from fedsilo.local.results import Results
+from fedsilo.spec import FederatedJob
 
 console = Console()
 T = TypeVar("T")
@@ -45,6 +44,7 @@ def free_port() -> int:
 
 
 BACKOFF_LIMIT = 6  # restarts per process, like a Kubernetes Job's backoffLimit
+FULL_READ_SECONDS = 2.0  # between status changes, rounds (updates in) and evaluations are read this often
 NO_RESTART = {  # exit codes that mean "a restart cannot help": the run fails with the reason
     2: "configuration error (data, model or spec)",
     3: "the aggregator refused a request",
@@ -200,71 +200,103 @@ def resolve_model_path(path: str, job_dir: Path) -> str:
 
 
 def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0, backoff_limit: int = BACKOFF_LIMIT) -> int:
-    """Run the job to completion; write runs/<job>/. Returns the exit code.
+    """Run the job to completion in a new folder runs/<job>/<UTC start>/ (runs/<job>/latest). Returns the exit code.
 
     Children that die are restarted (at most `backoff_limit` times each); the aggregator
     comes back on the same port, database and checkpoint folder and resumes the job.
+    Results are saved after every round: an interrupted or failed run keeps its rounds so
+    far and its last global adapter, and says so in run.json and the model card.
     """
     name = job.metadata.name
-    run_dir = (out / name).resolve()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    (run_dir / "logs").mkdir(parents=True)
+    run_dir = runs.new_run_dir(out.resolve(), name)
+    (run_dir / "logs").mkdir()
+    (run_dir / "state").mkdir()
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     admin = secrets.token_urlsafe(24)
     tokens = {s.name: secrets.token_urlsafe(24) for s in job.spec.silos}
-    (run_dir / "job.json").write_text(json.dumps(dump_job(job), indent=2))
-    tokens_file = run_dir / "state" / "tokens.json"
-    tokens_file.parent.mkdir()
-    tokens_file.write_text(json.dumps(tokens))
-    tokens_file.chmod(0o600)
+    _secret(run_dir / "state" / "tokens.json", json.dumps(tokens))
+    _secret(run_dir / "state" / "admin-token", admin)  # `fedsilo status runs/<job>` reads it while the run lives
+    model_path = resolve_model_path(job.spec.base_model.path, job_dir)
+    source = {"kind": "local", "aggregator_url": url, "runner_pid": os.getpid()}
+    record = runs.RunRecord(name, "running", runs.now().isoformat(timespec="seconds"), job.spec.training.rounds,
+                            source=source)
+    saved = Results(run_dir, job, record, base_resolved=model_path)
 
     procs = Processes(run_dir / "state" / "pids.json", backoff_limit)
     started = time.monotonic()
-    model_path = resolve_model_path(job.spec.base_model.path, job_dir)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, like Ctrl-C
+    client = Client(url, name, admin, retries=0, timeout=60.0)  # no retries: outages are the supervisor's business
+    outcome: runs.Outcome = "failed"
+    message = ""
     try:
-        procs.start(
-            "aggregator",
-            _aggregator_env(run_dir, port, admin),
-            run_dir / "logs" / "aggregator.log",
-            "aggregator",
-            server=True,
-        )
+        procs.start("aggregator", _aggregator_env(run_dir, port, admin), run_dir / "logs" / "aggregator.log",
+                    "aggregator", server=True)
         _wait_ready(url, procs)
-        console.print(f"aggregator on {url}  (Prometheus metrics: {url}/metrics, logs: {run_dir / 'logs'})")
+        console.print(f"run {_short(run_dir)}  aggregator {url}  (metrics {url}/metrics, logs {_short(run_dir)}/logs)",
+                      soft_wrap=True)
         threads = max(1, (os.cpu_count() or 1) // len(job.spec.silos))
         for silo in job.spec.silos:
             env = _silo_env(url, name, silo.name, tokens[silo.name], job_dir, model_path, threads)
             procs.start(silo.name, env, run_dir / "logs" / f"{silo.name}.log", "silo-agent")
-        # no client-side retries: an unreachable aggregator is the supervisor's business
-        client = Client(url, name, admin, retries=0, timeout=60.0)
-        if not _follow(client, procs, job):
-            return 1
-        history, evaluations = _ask(procs, client.rounds), _ask(procs, client.evaluations)
-        adapter = from_bytes(_ask(procs, lambda: client.adapter(client.status().version)))
-        client.close()
+        outcome, message = _follow(client, procs, job, saved, started)
+        if outcome == "succeeded":
+            saved.refresh(client, lambda call: _ask(procs, call))  # the last evaluations and the final adapter
     except ChildFailed as exc:
+        message = str(exc)
         tail = (run_dir / "logs" / f"{exc.name}.log").read_text(errors="replace").splitlines()[-15:]
         console.print(f"[red]{exc}[/]\n" + "\n".join(tail))
-        return 1
+        if exc.name != "aggregator":
+            _last_look(saved, client)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopping every process[/]")
-        return 130
+        outcome, message = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+        console.print("[yellow]interrupted: saving what the aggregator has, then stopping every process[/]")
+        _last_look(saved, client)
     finally:
+        client.close()
         procs.stop()
+        source.pop("aggregator_url", None)  # nothing listens there any more
+        saved.write(outcome, message, plot=True)
 
-    table = report.rows(history, evaluations)
-    report.write_csv(table, run_dir / "rounds.csv")
-    report.plot(table, run_dir / "rounds.png", f"{name}: global adapter per round")
-    _save_adapter(job, model_path, adapter, run_dir / "adapter")
-    _write_generations(evaluations, run_dir / "generations.jsonl")
-    console.print(report.rich_table(table, f"{name}: {len(history)} rounds in {time.monotonic() - started:.0f}s"))
-    console.print(
-        f"final PEFT adapter: {run_dir / 'adapter'}   table: {run_dir / 'rounds.csv'}   plot: {run_dir / 'rounds.png'}"
-    )
-    return 0
+    table = report.rows(saved.history, saved.evaluations)
+    done = saved.rounds_completed()
+    console.print(report.rich_table(table, f"{name}: {done} rounds in {time.monotonic() - started:.0f}s"))
+    _print_results(run_dir, saved, outcome, message)
+    return {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
+
+
+def _secret(path: Path, text: str) -> None:
+    path.touch(mode=0o600)
+    path.write_text(text)
+
+
+def _short(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it (shorter lines, no wrapping)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _last_look(saved: Results, client: Client) -> None:
+    """After an interruption or a silo's failure: save the newest rounds and adapter if the aggregator answers."""
+    client.http.timeout = httpx.Timeout(5.0)
+    with contextlib.suppress(httpx.HTTPError, ClientError):  # else keep what was saved after the last round
+        saved.refresh(client)
+
+
+def _print_results(run_dir: Path, saved: Results, outcome: str, message: str) -> None:
+    where = _short(run_dir)
+    latest = _short(run_dir.parent / runs.LATEST)
+    if outcome != "succeeded":
+        kept = (f"kept rounds 1-{saved.version} and the global adapter of round {saved.version}"
+                if saved.version else "no round completed: nothing but the logs to keep")
+        console.print(f"[yellow]{outcome}[/] ({message}): {kept}", soft_wrap=True)
+    console.print(f"results: {where}/   (also {latest}/)", soft_wrap=True)
+    if saved.version:
+        card = f"  adapter/     PEFT adapter, version {saved.version}, with its model card (adapter/README.md)"
+        console.print(card, soft_wrap=True)
+    console.print("  rounds.csv   rounds.png   logs/   run.json", soft_wrap=True)
 
 
 def _aggregator_env(run_dir: Path, port: int, admin: str) -> dict[str, str]:
@@ -277,7 +309,7 @@ def _aggregator_env(run_dir: Path, port: int, admin: str) -> dict[str, str]:
         "FEDSILO_CHECKPOINT_DIR": str(run_dir / "state"),
         "FEDSILO_JOB_FILE": str(run_dir / "job.json"),
         "FEDSILO_SILO_TOKENS_FILE": str(run_dir / "state" / "tokens.json"),
-        "FEDSILO_LOG_LEVEL": "warning",
+        "FEDSILO_LOG_LEVEL": "info",  # one logfmt line per round, upload and refusal
         # one aggregator per run, supervised here: a restarted one waits only briefly for a killed one's lease
         "FEDSILO_LEASE_SECONDS": "3",
     }
@@ -302,24 +334,6 @@ def _silo_env(
 
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _save_adapter(job: FederatedJob, model_path: str, adapter: dict, folder: Path) -> None:  # type: ignore[type-arg]
-    from fedsilo.silo_agent.model import peft_config, save_peft_adapter
-
-    save_peft_adapter(adapter, peft_config(job.spec, model_path), folder)
-
-
-def _write_generations(evaluations: list[dict], path: Path) -> None:  # type: ignore[type-arg]
-    """Causal LM: one line per (version, silo, prompt) with the greedy answer, when any were recorded."""
-    lines = [
-        json.dumps({"version": e["version"], "silo": silo, "prompt": prompt, "generation": text})
-        for e in evaluations
-        for silo, answers in (e.get("generations") or {}).items()
-        for prompt, text in answers.items()
-    ]
-    if lines:
-        path.write_text("\n".join(lines) + "\n")
 
 
 def _unavailable(exc: Exception) -> bool:
@@ -353,26 +367,40 @@ def _wait_ready(url: str, procs: Processes, timeout: float = 60.0) -> None:
     raise SystemExit(f"the aggregator was not ready within {timeout:.0f}s")
 
 
-def _follow(client: Client, procs: Processes, job: FederatedJob) -> bool:
-    """Show progress, supervising the children, until the job ends and every silo has finished."""
+def _follow(client: Client, procs: Processes, job: FederatedJob, saved: Results, started: float) -> tuple[
+        runs.Outcome, str]:
+    """Show progress and save results as they arrive, until the job ends and every silo has finished."""
     silos = [s.name for s in job.spec.silos]
-    with Live(console=console, refresh_per_second=2, transient=True) as live:
+    has_evaluator = any(s.role == "evaluator" for s in job.spec.silos)
+    seen: object = None
+    asked: tuple[object, float] = (None, 0.0)  # what status said when rounds and evaluations were last read
+    with progress.Display(console) as display:
         while True:
             procs.supervise()
             try:
                 status = client.status()
+                said = (status.phase, status.round, status.version, status.accuracy, status.loss)
+                if said != asked[0] or time.monotonic() - asked[1] > FULL_READ_SECONDS:
+                    saved.refresh(client, status=status)  # rounds, evaluations and a new adapter: on news only
+                    asked = (said, time.monotonic())
             except (httpx.TransportError, ClientError) as exc:
                 if not _unavailable(exc):
                     raise
-                live.update("[yellow]aggregator unavailable: waiting for it to come back[/]")
+                display.show("aggregator unavailable: waiting for it to come back", "unavailable")
                 time.sleep(0.5)
                 continue
-            states = "  ".join(f"{s.name}:{s.state}" for s in status.silos)
-            acc = f"{status.accuracy:.3f}" if status.accuracy is not None else "-"
-            live.update(f"[bold]{status.phase}[/] round {status.round}/{status.rounds}  accuracy {acc}  {states}")
+            news = (status.phase, status.round, status.version, repr(saved.evaluations), len(saved.history))
+            if news != seen:  # a round closed, an evaluation arrived: the folder follows
+                saved.write()
+                seen = news
+            busy = [s for s in silos if not procs.finished(s)]
+            phase, score, states = progress.parts(status, saved.history, saved.evaluations,
+                                                  has_evaluator=has_evaluator, busy=busy)
+            display.show(progress.line(phase, score, states, time.monotonic() - started, display.width),
+                         f"{phase}  ·  {score}")
             if status.phase == "Failed":
-                console.print(f"[red]job failed: {status.message}[/]")
-                return False
-            if status.phase == "Succeeded" and all(procs.finished(s) for s in silos):
-                return True
+                console.print(f"[red]job failed: {status.message}[/]", soft_wrap=True)
+                return "failed", status.message
+            if status.phase == "Succeeded" and not busy:
+                return "succeeded", ""
             time.sleep(0.5)

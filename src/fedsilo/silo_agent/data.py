@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from fedsilo.spec import DataSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -69,6 +71,8 @@ def label_ids(values: pd.Series, labels: list[str], path: str) -> list[int]:
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic (train, validation) split of range(n)."""
+    import torch  # here, not at import: `fedsilo validate` reads data files without loading torch
+
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = round(n * fraction)
     if fraction > 0 and n > 1:
@@ -110,6 +114,8 @@ def batches(
     data: Encoded, batch_size: int, tokenizer: Any, order: list[int] | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Pad each batch to its own longest example; `order` shuffles (train) or groups by length."""
+    import torch
+
     order = order if order is not None else sorted(range(len(data)), key=lambda i: len(data.features[i]["input_ids"]))
     out = []
     for start in range(0, len(order), batch_size):
