@@ -261,18 +261,21 @@ async def secagg_view(
 @silos.put("/rounds/{round}/secagg/{silo}/keys", status_code=204, dependencies=[Silo])
 def secagg_keys(job: str, round: int, silo: str, body: m.SecAggKeys, engine: EngineDep) -> Response:
     engine.secagg_keys(job, silo, round, body)
+    event(log, "secagg_keys", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/shares", status_code=204, dependencies=[Silo])
 def secagg_shares(job: str, round: int, silo: str, body: m.SecAggShares, engine: EngineDep) -> Response:
     engine.secagg_shares(job, silo, round, body)
+    event(log, "secagg_shares", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/reveal", status_code=204, dependencies=[Silo])
 def secagg_reveal(job: str, round: int, silo: str, body: m.SecAggReveal, engine: EngineDep) -> Response:
     engine.secagg_reveal(job, silo, round, body)
+    event(log, "secagg_reveal", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 

@@ -450,7 +450,7 @@ class Engine:
                 self.metrics.privacy_epsilon.labels(name).set(spent)
             if "lora_truncation_error" in result.metrics:
                 self.metrics.lora_truncation_error.labels(name).set(result.metrics["lora_truncation_error"])
-            log.info("job %s: round %d closed -> version %d (%.3fs aggregation)", name, number, number, seconds)
+            log.debug("job %s: round %d closed -> version %d (%.3fs aggregation)", name, number, number, seconds)
 
         tx.on_commit(installed)
         tx.on_commit(lambda: self._collect(updates))

@@ -38,6 +38,7 @@ from fedsilo.aggregator.store import (
     aware,
 )
 from fedsilo.api import models as m
+from fedsilo.logfmt import event
 from fedsilo.privacy import secagg, vectors
 from fedsilo.privacy.vectors import Layout
 from fedsilo.spec import AggregationSpec
@@ -190,7 +191,7 @@ def post_reveal(tx: Tx, rnd: RoundRow, silo: str, reveal: m.SecAggReveal) -> boo
 
 def _advance(tx: Tx, rnd: RoundRow, to: str, roster: str, names: list[str]) -> None:
     _set(rnd, stage=to, **{roster: names}, until=_until(tx.now, float(rnd.secagg["seconds"])))  # type: ignore[index]
-    log.info("job %s: secure round %d -> %s (%s: %d silos)", rnd.job, rnd.number, to, roster, len(names))
+    event(log, "secagg_stage", job=rnd.job, round=rnd.number, stage=to, silos=len(names))
 
 
 def due(rnd: RoundRow, now: datetime) -> bool:

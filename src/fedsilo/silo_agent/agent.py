@@ -24,6 +24,7 @@ from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, gene
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
 from fedsilo.silo_agent.distill import DistillConfig, Distiller
 from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
+from fedsilo.silo_agent.quiet import setup_logging
 from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer, TrainResult
@@ -292,8 +293,7 @@ class Agent:
 
 def run_agent(settings: SiloSettings) -> int:
     """Entry point of `fedsilo silo-agent`; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s silo {settings.silo} %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings.silo)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     metrics = AgentMetrics()
