@@ -248,13 +248,14 @@ async def secagg_view(
     until = time.monotonic() + wait
     while True:
         seen = engine.changed
-        view = await asyncio.to_thread(engine.secagg_view, job, silo, round)
-        if view.stage != after or time.monotonic() >= until:
-            return view
+        # a waiting silo re-reads only the stage (one row) after each commit, not its whole view
+        stage = await asyncio.to_thread(engine.secagg_stage, job, round)
+        if stage != after or time.monotonic() >= until:
+            return await asyncio.to_thread(engine.secagg_view, job, silo, round)
         recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
         while engine.changed == seen and time.monotonic() < min(until, recheck):
             if await request.is_disconnected():
-                return view
+                return await asyncio.to_thread(engine.secagg_view, job, silo, round)
             await asyncio.sleep(0.05)
 
 

@@ -380,6 +380,11 @@ class Engine:
             raise NotFound(f"job {job!r} has no secure round {number}", "not_secure")
         return rnd
 
+    def secagg_stage(self, job: str, number: int) -> str:
+        with self.sessions() as s:
+            rnd = self._secure_round(s, job, number)
+            return "closed" if rnd.state == RoundState.CLOSED else secure.stage(rnd)
+
     def secagg_view(self, job: str, silo: str, number: int) -> m.SecAggView:
         with self.sessions() as s:
             return secure.view(s, self._secure_round(s, job, number), silo)
