@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from fedsilo.api import models as m
 from fedsilo.api.models import JobStatus
 from fedsilo.spec import FederatedJob
 
@@ -48,21 +49,17 @@ def labels(job: FederatedJob) -> list[str]:
 
 def privacy(job: FederatedJob, status: JobStatus | None) -> dict[str, Any]:
     """What the aggregator reports it enforces; without a status, what the spec asks for."""
-    reported = getattr(status, "privacy", None)
-    if reported is not None:
-        return dict(reported.model_dump())
-    secure = bool(getattr(job.spec.aggregation, "secure", False))
-    dp = getattr(getattr(job.spec, "privacy", None), "dp", None)
-    on = dp is not None and bool(getattr(dp, "enabled", True))
-    return {
-        "secure_aggregation": secure,
-        "dp": on,
-        "epsilon": None,
-        "delta": getattr(dp, "delta", None) if on else None,
-        "target_epsilon": getattr(dp, "target_epsilon", None) if on else None,
-        "noise_multiplier": getattr(dp, "noise_multiplier", None) if on else None,
-        "clip_norm": getattr(dp, "clip_norm", None) if on else None,
-    }
+    if status is not None:
+        return dict(status.privacy.model_dump())
+    dp = job.spec.privacy.dp
+    return m.PrivacyStatus(
+        secure_aggregation=job.spec.aggregation.secure,
+        dp=dp is not None,
+        delta=dp.delta if dp else None,
+        target_epsilon=dp.target_epsilon if dp else None,
+        noise_multiplier=dp.noise_multiplier if dp else None,
+        clip_norm=dp.clip_norm if dp else None,
+    ).model_dump()
 
 
 def privacy_sentence(p: dict[str, Any]) -> str:
