@@ -30,6 +30,7 @@ IMMUTABLE_FIELDS: list[tuple[tuple[str, ...], str]] = [
     (("baseModel",), "spec.baseModel is immutable; create a new FederatedJob"),
     (("peft", "method"), "spec.peft.method is immutable; create a new FederatedJob"),
     (("task", "type"), "spec.task.type is immutable; create a new FederatedJob"),
+    (("privacy",), "spec.privacy is immutable (a budget is accounted under one mechanism); create a new FederatedJob"),
 ]
 
 Schema = dict[str, Any]
