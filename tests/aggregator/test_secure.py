@@ -127,8 +127,7 @@ def test_silo_side_strategy_contracts_hold_under_masking(tmp_path: Path, strateg
         assert task.secure and task.client_config == (
             {"clip_norm": 0.3} if strategy == "clipped-fedavg" else {"freeze_lora_a": True}
         )
-        rounds = {s: SecureRound(clients[s], s, 1) for s in silos}
-        parallel(lambda s: rounds[s].exchange_keys(), silos)
+        rounds = exchanged(clients, 1)
         deltas = {s: plain(s, 1) for s in silos}
         if strategy == "ffa-lora":
             deltas = {s: {k: v * 0 if "lora_A" in k else v for k, v in d.items()} for s, d in deltas.items()}
@@ -190,13 +189,7 @@ def test_stored_bytes_hold_no_unmasked_update(tmp_path: Path) -> None:
     hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", silos)
     clients = {s: Client(agg.url, "demo", hub.tokens[s], s, retries=None) for s in silos}
     try:
-        rounds: dict[str, SecureRound] = {}
-
-        def keys(s: str) -> None:
-            rounds[s] = SecureRound(clients[s], s, 1)
-            rounds[s].exchange_keys()
-
-        parallel(keys, silos)
+        rounds = exchanged(clients, 1)
         for s in silos:
             task = clients[s].task()
             assert task.action == "wait"  # it posted keys: no second training of this round
@@ -316,6 +309,13 @@ def clip(state: State, norm: float) -> State:
     return {k: v * min(1.0, norm / total) for k, v in state.items()}
 
 
+def exchanged(clients: dict[str, Client], round_: int) -> dict[str, SecureRound]:
+    """Every silo's secure round for `round_`, past the key and share stages (run concurrently)."""
+    rounds = {s: SecureRound(c, s, round_) for s, c in clients.items()}
+    parallel(lambda s: rounds[s].exchange_keys(), list(clients))
+    return rounds
+
+
 def parallel(fn: Callable[[str], None], silos: list[str]) -> None:
     errors: list[BaseException] = []
 
@@ -347,13 +347,7 @@ def test_aggregator_killed_mid_round_recovers_the_masked_sum_exactly(tmp_path: P
     hub, agg = secure_hub(tmp_path, url, silos)
     clients = {s: Client(agg.url, "demo", hub.tokens[s], s, retries=None, backoff_cap=0.5) for s in silos}
     try:
-        rounds: dict[str, SecureRound] = {}
-
-        def keys(s: str) -> None:
-            rounds[s] = SecureRound(clients[s], s, 1)
-            rounds[s].exchange_keys()
-
-        parallel(keys, silos)
+        rounds = exchanged(clients, 1)
         task = m.Task(action="train", round=1, secure=True)
         masked = {s: rounds[s].masked(plain(s, 1), task, examples(s)) for s in silos}
         for s in silos[:2]:
