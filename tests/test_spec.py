@@ -62,6 +62,7 @@ def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
         (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 0, "noiseMultiplier": 1}}), "clipNorm"),
         (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 1, "delta": 1}}), "delta"),
         (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1}}), "noiseMultiplier: Field required"),
+        (lambda d: d["spec"].update(aggregator={"externalUrl": "http://fl.example.org"}), "aggregator.externalUrl"),
     ],
 )
 def test_bad_documents_name_the_field(job_doc: dict[str, Any], mutate: Any, expected: str) -> None:

@@ -351,7 +351,9 @@ class AggregatorSpec(Model):
     storage_size: str = Field(default="1Gi", description="Checkpoint volume size.")
     external_url: str | None = Field(
         default=None,
-        description="URL external silos (other clusters) use to reach the aggregator, e.g. behind an Ingress.",
+        pattern=r"^https://[^/\s]+",
+        description="https URL external silos (other clusters) use to reach the aggregator, e.g. behind an "
+        "Ingress: their bearer tokens cross organisational networks, never in the clear.",
     )
 
 
