@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from fedsilo.api import models as m
@@ -20,6 +21,10 @@ from fedsilo.logfmt import Logfmt, event
 
 log = logging.getLogger("fedsilo.aggregator")
 NOISY = ("httpx", "httpcore", "multipart", "sqlalchemy.engine", "alembic.runtime.migration")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def setup(level: str) -> None:
@@ -64,6 +69,7 @@ class RoundWatch:
     every: float = 1.0
     seen: dict[str, _Seen] = field(default_factory=dict)
     last: float = 0.0
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))  # older events were logged before
 
     def __call__(self) -> None:
         now = time.monotonic()
@@ -81,23 +87,30 @@ class RoundWatch:
         old = self.seen.get(job)
         if old is not None and (old.phase, old.round, old.version) == (status.phase, status.round, status.version):
             return
-        if old is None:  # first sight (start, restart, a new job): say where it stands, replay nothing
+        if old is None:  # first sight (start, restart, a new job): say where it stands, then what is new
             rounds = self.engine.history(job)
-            opened = max((r.round for r in rounds), default=0)
-            closed = max((r.round for r in rounds if r.state == "closed"), default=0)
-            self.seen[job] = _Seen(status.phase, status.round, status.version, opened, closed)
+            before = [r for r in rounds if _utc(r.opened_at) < self.started]  # a restart does not replay these
+            opened = max((r.round for r in before), default=0)
+            closed = max((r.round for r in before if r.closed_at and _utc(r.closed_at) < self.started), default=0)
+            old = self.seen[job] = _Seen(status.phase, status.round, status.version, opened, closed)
             event(log, "job", job=job, phase=status.phase, round=status.round, rounds=status.rounds,
                   version=status.version, silos=len(status.silos))
+            for info in rounds:  # a job that opened and closed rounds between two looks still logs them
+                self._round(job, info, old)
+            if _utc(status.created_at) >= self.started and status.phase != "Pending":
+                self._phase(job, status)  # its phase changed since it was created here
             return
         for info in self.engine.history(job):
             self._round(job, info, old)
         if status.phase != old.phase:
-            fields: dict[str, Any] = {"job": job, "phase": status.phase, "round": status.round}
-            fields["version"] = status.version
-            if status.message:
-                fields["message"] = status.message
-            event(log, "job_phase", logging.WARNING if status.phase == "Failed" else logging.INFO, **fields)
+            self._phase(job, status)
         old.phase, old.round, old.version = status.phase, status.round, status.version
+
+    def _phase(self, job: str, status: m.JobStatus) -> None:
+        fields: dict[str, Any] = {"job": job, "phase": status.phase, "round": status.round, "version": status.version}
+        if status.message:
+            fields["message"] = status.message
+        event(log, "job_phase", logging.WARNING if status.phase == "Failed" else logging.INFO, **fields)
 
     def _round(self, job: str, info: m.RoundInfo, seen: _Seen) -> None:
         if info.round > seen.opened:
