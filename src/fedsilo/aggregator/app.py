@@ -11,8 +11,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
@@ -44,6 +44,7 @@ from fedsilo.api import models as m
 from fedsilo.logfmt import event
 
 log = logging.getLogger("fedsilo.aggregator")
+T = TypeVar("T")
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 SAFETENSORS = {"content": {m.SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
@@ -182,16 +183,24 @@ async def task(
     ] = 0,
 ) -> m.Task:
     """The silo's next task. With `wait`, the answer comes as soon as it is not `wait` (no write per poll)."""
+    answer = await _long_poll(engine, request, wait, lambda: engine.task(job, silo), lambda a: a.action != "wait")
+    return answer
+
+
+async def _long_poll(
+    engine: Engine, request: Request, wait: float, read: Callable[[], T], ready: Callable[[T], bool]
+) -> T:
+    """`read()` until `ready` or `wait` seconds passed, re-reading only after a commit (no write per poll)."""
     until = time.monotonic() + wait
     while True:
         seen = engine.changed
-        answer = await asyncio.to_thread(engine.task, job, silo)
-        if answer.action != "wait" or time.monotonic() >= until:
-            return answer
+        value = await asyncio.to_thread(read)
+        if ready(value) or time.monotonic() >= until:
+            return value
         recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
         while engine.changed == seen and time.monotonic() < min(until, recheck):
             if await request.is_disconnected():  # nobody is waiting for the answer any more
-                return answer
+                return value
             await asyncio.sleep(0.05)
 
 
@@ -245,18 +254,9 @@ async def secagg_view(
     wait: Annotated[float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds.")] = 0,
 ) -> m.SecAggView:
     """A secure round's stage, key roster, this silo's share inbox and the survivors (see `secure.py`)."""
-    until = time.monotonic() + wait
-    while True:
-        seen = engine.changed
-        # a waiting silo re-reads only the stage (one row) after each commit, not its whole view
-        stage = await asyncio.to_thread(engine.secagg_stage, job, round)
-        if stage != after or time.monotonic() >= until:
-            return await asyncio.to_thread(engine.secagg_view, job, silo, round)
-        recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
-        while engine.changed == seen and time.monotonic() < min(until, recheck):
-            if await request.is_disconnected():
-                return await asyncio.to_thread(engine.secagg_view, job, silo, round)
-            await asyncio.sleep(0.05)
+    # a waiting silo re-reads only the stage (one row) after each commit, not its whole view
+    await _long_poll(engine, request, wait, lambda: engine.secagg_stage(job, round), lambda stage: stage != after)
+    return await asyncio.to_thread(engine.secagg_view, job, silo, round)
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/keys", status_code=204, dependencies=[Silo])
