@@ -229,7 +229,7 @@ def _setup(agg: AggregatorProcess, silos: tuple[str, ...] = ("alpha", "beta"), *
     admin.create_job(parse_job(job_document(**spec)), {n: TOKENS[n] for n in silos})
     clients = [Client(agg.url, "demo", TOKENS[n], n, retries=0) for n in silos]
     for c in clients:
-        c.join(m.JoinRequest(n_train_examples=10, n_eval_examples=2))
+        c.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
     clients[0].put_initial(to_bytes(_v0()))
     return [admin, *clients]
 
@@ -272,7 +272,7 @@ def test_a_restarted_silo_is_told_to_wait_not_to_retrain(aggregator: AggregatorP
     a.close()
     # the agent process crashed after its upload; the new one joins again and asks for its task
     restarted = Client(aggregator.url, "demo", TOKENS["alpha"], "alpha", retries=0)
-    restarted.join(m.JoinRequest(n_train_examples=10, n_eval_examples=2))
+    restarted.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
     task = restarted.task()
     assert (task.action, task.round, task.version) == ("wait", 1, 0)
     # what the agent reads to rebuild its state: the open round already holds its update

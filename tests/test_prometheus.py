@@ -41,6 +41,7 @@ PROMETHEUS = shutil.which("prometheus") or (
 )
 JOB = "dash-test"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
+METRICS_TOKEN = "metrics-reader-token-0123456789"
 TRAINERS = ("hospital-a", "hospital-b")
 EVALUATOR = "auditor"
 ROUNDS = 3
@@ -210,6 +211,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "FEDSILO_PORT": str(agg_port),
         "FEDSILO_TICK_SECONDS": "0.2",
         "FEDSILO_LOG_LEVEL": "warning",
+        "FEDSILO_METRICS_TOKEN": METRICS_TOKEN,
     }
     for name in ("FEDSILO_JOB_FILE", "FEDSILO_SILO_TOKENS_FILE"):
         env.pop(name, None)
@@ -221,6 +223,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stderr=subprocess.STDOUT,
     )
     # The same scrape settings as the chart's ServiceMonitor: honor_labels keeps `job`.
+    reader = tmp / "metrics-token"
+    reader.write_text(METRICS_TOKEN)
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
@@ -228,6 +232,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "  - job_name: fedsilo-aggregator\n"
         "    honor_labels: true\n"
         "    metrics_path: /metrics\n"
+        f"    authorization:\n      credentials_file: {reader}\n"  # /metrics needs the reader's token
         f"    static_configs:\n      - targets: ['127.0.0.1:{agg_port}']\n"
     )
     prom_log = (tmp / "prometheus.log").open("wb")
@@ -358,7 +363,7 @@ def run_federation(url: str) -> dict[str, int]:
                 client.post_metrics(
                     m.MetricsReport(
                         version=task.version,
-                        split="test",
+                        split="test" if name == EVALUATOR else "validation",  # test: evaluators only
                         loss=0.9 / (1 + task.version),
                         accuracy=0.55 + 0.1 * task.version,
                         n_examples=20,

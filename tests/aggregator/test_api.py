@@ -52,13 +52,17 @@ def _put(
     return httpx.put(f"{agg.url}/v1/jobs/demo/rounds/{round_}/updates/{silo}", content=data, headers=headers)
 
 
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _setup(agg: AggregatorProcess, **spec: Any) -> tuple[Client, Client, Client]:
     admin = Client(agg.url, "demo", agg.admin, retries=0)
     created = admin.create_job(parse_job(job_document(**spec)), TOKENS)
     assert created.created and created.silo_tokens == TOKENS
     a, b = (Client(agg.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
     for silo in (a, b):
-        silo.join(m.JoinRequest(n_train_examples=10, n_eval_examples=2))
+        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=50))
     return admin, a, b
 
 
@@ -102,7 +106,7 @@ def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> N
     assert _wait_version(admin, 2).phase == "Succeeded"
     assert a.task().action == "evaluate"  # the final adapter still needs its validation numbers
 
-    metrics = httpx.get(f"{aggregator.url}/metrics").text
+    metrics = httpx.get(f"{aggregator.url}/metrics", headers=_bearer(aggregator.admin)).text
     assert 'fedsilo_round{job="demo"} 2.0' in metrics
     assert 'fedsilo_updates_accepted_total{job="demo"} 4.0' in metrics
     assert "fedsilo_round_duration_seconds_count" in metrics
@@ -138,7 +142,7 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(aggregator: AggregatorPro
     assert _put(aggregator, "alpha", 1, to_bytes(_delta(2.0))).status_code == 409
     assert admin.rounds()[0].updates == 1
 
-    metrics = httpx.get(f"{aggregator.url}/metrics").text
+    metrics = httpx.get(f"{aggregator.url}/metrics", headers=_bearer(aggregator.admin)).text
     assert 'fedsilo_updates_rejected_total{job="demo",reason="wrong_shape"} 1.0' in metrics
 
 
@@ -166,7 +170,8 @@ def test_auth_and_job_admin(aggregator: AggregatorProcess) -> None:
     )
     assert response.status_code == 422 and "apiVersion" in response.json()["detail"]
     assert admin.patch_job(rounds=5).rounds == 5
-    assert httpx.get(f"{aggregator.url}/openapi.json").json()["info"]["version"] == "v1"
+    document = httpx.get(f"{aggregator.url}/openapi.json", headers=_bearer(aggregator.admin)).json()
+    assert document["info"]["version"] == "v1"
     silo = Client(aggregator.url, "demo", created.silo_tokens["alpha"], "alpha", retries=0)
     assert silo.spec().metadata.name == "demo"
     with pytest.raises(ClientError) as info:

@@ -35,7 +35,7 @@ def test_round_events_uploads_and_refusals_are_one_line_each(aggregator: Aggrega
     admin.create_job(parse_job(job_document(training={"rounds": 1, "localSteps": 1, "batchSize": 4})), TOKENS)
     alpha, beta = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
     for silo in (alpha, beta):
-        silo.join(m.JoinRequest(n_train_examples=10, n_eval_examples=2))
+        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
     alpha.put_initial(to_bytes(STATE))
     wrong_shape = {**STATE, "m.lora_A.weight": torch.ones(3, 3)}
     try:

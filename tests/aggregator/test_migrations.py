@@ -29,7 +29,7 @@ from fedsilo.aggregator.store import (
     make_sessions,
 )
 
-HEAD = "0003"
+HEAD = "0004"
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 

@@ -68,7 +68,7 @@ class Hub:
         return list(r.json())
 
     def join(self, silo: str) -> httpx.Response:
-        body = {"n_train_examples": 10, "n_eval_examples": 0}
+        body = {"n_train_examples": 1000, "n_eval_examples": 100}
         return httpx.post(f"{self.url}/v1/jobs/demo/silos/{silo}/join", json=body, headers=self._silo(silo))
 
     def task(self, silo: str, wait: float = 0) -> httpx.Response:

@@ -31,7 +31,7 @@ def _one_round(agg: AggregatorProcess) -> None:
     admin.create_job(parse_job(job_document()), TOKENS)
     alpha, beta = (Client(agg.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
     for silo in (alpha, beta):
-        silo.join(m.JoinRequest(n_train_examples=10, n_eval_examples=2))
+        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
     alpha.put_initial(to_bytes(STATE))
     for silo, scale in ((alpha, 0.5), (beta, 1.5)):
         silo.put_update(1, to_bytes({k: torch.full_like(v, scale) for k, v in STATE.items()}), n_examples=10,

@@ -257,7 +257,7 @@ def test_epsilon_after_each_round_matches_the_accountant(tmp_path: Path, secure:
         assert status["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
         per_round = [r["metrics"]["epsilon"] for r in hub.rounds()]
         assert per_round == sorted(per_round) and len(per_round) == 3
-        metrics = httpx_get(f"{agg.url}/metrics")
+        metrics = httpx_get(f"{agg.url}/metrics", agg.admin)
         assert f'fedsilo_privacy_epsilon{{job="demo"}} {status["privacy"]["epsilon"]}' in metrics
         noise = []
         for r in (1, 2, 3):
@@ -339,10 +339,10 @@ def parallel(fn: Callable[[str], None], silos: list[str]) -> None:
     assert not errors, errors
 
 
-def httpx_get(url: str) -> str:
+def httpx_get(url: str, token: str) -> str:
     import httpx
 
-    return httpx.get(url).text
+    return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).text
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

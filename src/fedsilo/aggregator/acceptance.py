@@ -111,6 +111,14 @@ def accept(
         )
     if up.silo not in rnd.participants:
         raise Forbidden(f"silo {up.silo!r} is not sampled for round {rnd.number}", "not_participant")
+    silo_row = tx.s.get(SiloRow, (row.name, up.silo))
+    assert silo_row is not None
+    if up.n_examples > silo_row.n_train_examples:  # the weight of an update is capped by the declaration
+        raise Invalid(
+            f"X-Fedsilo-Examples={up.n_examples} exceeds the {silo_row.n_train_examples} training examples "
+            f"silo {up.silo!r} declared when it joined",
+            "examples_exceed_declared",
+        )
     assert live.schema is not None and live.acc is not None
     masked = rnd.secagg is not None
     if masked:
@@ -138,8 +146,6 @@ def accept(
             base_version=up.round - 1,
         )
     )
-    silo_row = tx.s.get(SiloRow, (row.name, up.silo))
-    assert silo_row is not None
     silo_row.state, silo_row.rounds_completed = "uploaded", silo_row.rounds_completed + 1
     if up.train_seconds and up.examples_seen:
         silo_row.throughput = up.examples_seen / up.train_seconds

@@ -80,10 +80,21 @@ def get_engine(request: Request) -> Engine:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
+def _is_admin(request: Request, creds: HTTPAuthorizationCredentials | None) -> bool:
+    return creds is not None and _same_secret(creds.credentials, request.app.state.settings.admin_token)
+
+
 def require_admin(request: Request, creds: Credentials) -> None:
-    expected: str = request.app.state.settings.admin_token
-    if creds is None or not _same_secret(creds.credentials, expected):
+    if not _is_admin(request, creds):
         raise ApiError(401, "admin token required", "unauthorized")
+
+
+def require_metrics_reader(request: Request, creds: Credentials) -> None:
+    """The admin or the metrics reader (Prometheus): /metrics holds per-silo loss and example counts."""
+    reader: str | None = request.app.state.settings.metrics_token
+    if _is_admin(request, creds) or (creds is not None and reader and _same_secret(creds.credentials, reader)):
+        return
+    raise ApiError(401, "metrics reader or admin token required", "unauthorized")
 
 
 def require_silo(job: str, silo: str, engine: EngineDep, creds: Credentials) -> None:
@@ -98,18 +109,20 @@ def require_reader(
     engine: EngineDep,
     creds: Credentials,
     x_fedsilo_silo: Annotated[str | None, Header()] = None,
-) -> None:
-    """The admin, or a silo of this job naming itself in X-Fedsilo-Silo."""
-    if creds is not None and _same_secret(creds.credentials, request.app.state.settings.admin_token):
-        return
+) -> str | None:
+    """The admin (None), or a silo of this job naming itself in X-Fedsilo-Silo (its name: it reads its slice)."""
+    if _is_admin(request, creds):
+        return None
     if creds is None or x_fedsilo_silo is None:
         raise ApiError(401, "admin token, or silo token with X-Fedsilo-Silo, required", "unauthorized")
     engine.authenticate(job, x_fedsilo_silo, creds.credentials)
+    return x_fedsilo_silo
 
 
 Admin = Depends(require_admin)
 Silo = Depends(require_silo)
 Reader = Depends(require_reader)
+Caller = Annotated[str | None, Reader]  # None: the admin; else the silo reading
 
 jobs = APIRouter(prefix=f"{m.API_PREFIX}/jobs", tags=["jobs"])
 silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"])
@@ -125,9 +138,9 @@ def create_job(body: m.CreateJob, engine: EngineDep, response: Response) -> m.Jo
     return created
 
 
-@jobs.get("/{job}", dependencies=[Reader])
-def get_job(job: str, engine: EngineDep) -> m.JobStatus:
-    return engine.status(job)
+@jobs.get("/{job}")
+def get_job(job: str, engine: EngineDep, caller: Caller) -> m.JobStatus:
+    return engine.status(job, caller)
 
 
 @jobs.patch("/{job}", dependencies=[Admin])
@@ -138,14 +151,14 @@ def patch_job(job: str, body: m.PatchJob, engine: EngineDep) -> m.JobStatus:
     return status
 
 
-@jobs.get("/{job}/spec", dependencies=[Reader])
-def get_spec(job: str, engine: EngineDep) -> dict[str, object]:
-    return engine.document(job)
+@jobs.get("/{job}/spec")
+def get_spec(job: str, engine: EngineDep, caller: Caller) -> dict[str, object]:
+    return engine.document(job, caller)
 
 
-@jobs.get("/{job}/rounds", dependencies=[Reader])
-def get_rounds(job: str, engine: EngineDep) -> list[m.RoundInfo]:
-    return engine.history(job)
+@jobs.get("/{job}/rounds")
+def get_rounds(job: str, engine: EngineDep, caller: Caller) -> list[m.RoundInfo]:
+    return engine.history(job, caller)
 
 
 @jobs.get("/{job}/evaluations", dependencies=[Reader])
@@ -162,6 +175,23 @@ def get_adapter(
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     return Response(data, media_type=m.SAFETENSORS_MEDIA_TYPE, headers={"ETag": etag})
+
+
+@silos.post("/silos/{silo}/token", dependencies=[Admin], tags=["identity"])
+def rotate_token(job: str, silo: str, body: m.RotateToken, engine: EngineDep) -> m.TokenIssued:
+    """A new token for the silo; the old one keeps working for `grace_seconds` (then 401)."""
+    issued = engine.rotate_token(job, silo, body)
+    event(log, "token_rotated", job=job, silo=silo, changed=issued.rotated,
+          previous_valid_until=issued.previous_valid_until, expires_at=issued.expires_at)
+    return issued
+
+
+@silos.delete("/silos/{silo}/token", status_code=204, dependencies=[Admin], tags=["identity"])
+def revoke_token(job: str, silo: str, engine: EngineDep) -> Response:
+    """Refuse the silo's tokens (current and previous) at once; a rotation issues a new one."""
+    engine.revoke_token(job, silo)
+    event(log, "token_revoked", logging.WARNING, job=job, silo=silo)
+    return Response(status_code=204)
 
 
 @silos.post("/silos/{silo}/join", dependencies=[Silo])
@@ -312,7 +342,7 @@ def refused(request: Request, status: int, reason: str | None, detail: str) -> N
 
 def create_app(settings: AggregatorSettings) -> FastAPI:
     """Build the app: store, blobs, engine and metrics are created here, once."""
-    metrics = Metrics()
+    metrics = Metrics(per_silo=settings.per_silo_metrics)
     engine = Engine(
         make_sessions(settings.database_url),
         Blobs(settings.checkpoint_dir / "blobs"),
@@ -366,7 +396,10 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         with contextlib.suppress(Exception):
             engine.release_leases()
 
-    app = FastAPI(title="fedsilo aggregator", version="v1", lifespan=lifespan)
+    # no public /docs: the OpenAPI document is served to the admin only (below)
+    app = FastAPI(
+        title="fedsilo aggregator", version="v1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.settings = settings
     app.state.settings_limit = 1024 * 1024 * 1024  # hard ceiling; each job's own limit is checked after
     app.state.engine = engine
@@ -404,7 +437,11 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
             return JSONResponse({"status": "waiting for the job's lease"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/openapi.json", tags=["ops"], dependencies=[Admin], include_in_schema=False)
+    def openapi_document() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics_reader)])
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

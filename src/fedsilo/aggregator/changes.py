@@ -11,8 +11,7 @@ import logging
 from datetime import timedelta
 
 from fedsilo import strategies
-from fedsilo.adapters import sha256
-from fedsilo.aggregator import budget, secure
+from fedsilo.aggregator import budget, identity, secure
 from fedsilo.aggregator.errors import Conflict, Invalid
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx, immutable_changes, round_complete, with_aggregation
 from fedsilo.aggregator.metrics import Metrics
@@ -23,18 +22,13 @@ from fedsilo.spec import FederatedJob, dump_job, parse_job
 log = logging.getLogger("fedsilo.aggregator")
 
 
-def token_hash(token: str) -> str:
-    """Tokens are stored only as SHA-256 hashes (any string hashes: no 500 on odd bytes)."""
-    return sha256(token.encode("utf-8", "surrogatepass"))
-
-
 def check_tokens(tokens: dict[str, str], names: set[str]) -> None:
     unknown = sorted(set(tokens) - names)
     if unknown:
         raise Invalid(f"silo_tokens names silos not in the job: {unknown}", "invalid_spec")
-    short = sorted(n for n, t in tokens.items() if len(t) < 16)
+    short = sorted(n for n, t in tokens.items() if len(t) < identity.MIN_TOKEN_LENGTH)
     if short:
-        raise Invalid(f"silo tokens must have at least 16 characters: {short}", "invalid_spec")
+        raise Invalid(f"silo tokens must have at least {identity.MIN_TOKEN_LENGTH} characters: {short}", "invalid_spec")
 
 
 def set_rounds(tx: Tx, row: JobRow, rounds: int, metrics: Metrics) -> None:
@@ -98,9 +92,11 @@ def change_spec(tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) 
             continue
         existing = tx.s.get(SiloRow, (row.name, silo.name))
         if existing is None:
-            tx.s.add(SiloRow(job=row.name, name=silo.name, role=silo.role, token_hash=token_hash(tokens[silo.name])))
+            token_hash = identity.token_hash(tokens[silo.name])
+            tx.s.add(SiloRow(job=row.name, name=silo.name, role=silo.role, token_hash=token_hash))
         else:  # re-added after a removal: a new token, a clean record
-            existing.token_hash, existing.revoked_at, existing.role = token_hash(tokens[silo.name]), None, silo.role
+            identity.readmit(existing, tokens[silo.name])
+            existing.role, existing.joined_at = silo.role, None  # it joins (and declares its data) anew
     for name in removed:
         silo_row = tx.s.get(SiloRow, (row.name, name))
         if silo_row is not None:

@@ -19,6 +19,7 @@ _AGG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    per_silo: bool = True  # series labelled by silo (loss, accuracy, examples, train time); off: none are kept
 
     def __post_init__(self) -> None:
         r = self.registry

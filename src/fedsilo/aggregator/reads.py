@@ -74,6 +74,8 @@ def status(s: Session, row: JobRow) -> m.JobStatus:
                 joined=x.joined_at is not None,
                 last_seen=aware(x.last_seen),
                 rounds_completed=x.rounds_completed,
+                train_examples=x.n_train_examples,
+                eval_examples=x.n_eval_examples,
             )
             for x in silos
         ],

@@ -10,10 +10,8 @@ Rounds close in the background (`tick`), never inside an uploader's request.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -28,11 +26,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedsilo import strategies
-from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, to_bytes
-from fedsilo.aggregator import budget, changes, lease, reads, secure, transitions
+from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, sha256, to_bytes
+from fedsilo.aggregator import budget, changes, identity, lease, reads, secure, transitions, views
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
 from fedsilo.aggregator.blobs import Blobs
-from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Invalid, NotFound, Unauthorized, Unavailable
+from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Forbidden, Invalid, NotFound, Unavailable
 from fedsilo.aggregator.lifecycle import Live, MaskedSum, Phase, RoundState, Tx, fold, secure_weight
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
@@ -203,12 +201,12 @@ class Engine:
                 if document not in (existing.document, existing.pending_document):
                     raise Conflict(f"job {name!r} exists with a different spec", "conflict")
                 return m.JobCreated(name=name, silo_tokens={}, created=False)
-            issued = {n: tokens.get(n) or secrets.token_urlsafe(24) for n in sorted(names)}
+            issued = {n: tokens.get(n) or identity.new_token() for n in sorted(names)}
             tx.s.add(JobRow(name=name, document=document, rounds=spec.training.rounds, created_at=tx.now))
             tx.s.flush()
             for silo in spec.silos:
                 tx.s.add(
-                    SiloRow(job=name, name=silo.name, role=silo.role, token_hash=changes.token_hash(issued[silo.name]))
+                    SiloRow(job=name, name=silo.name, role=silo.role, token_hash=identity.token_hash(issued[silo.name]))
                 )
             tx.on_commit(lambda: self.metrics.rounds_total_planned.labels(name).set(spec.training.rounds))
             tx.on_commit(lambda: self.metrics.silos_joined.labels(name).set(0))
@@ -231,9 +229,13 @@ class Engine:
                 changes.resume(tx, row, self.metrics)
         return self.status(name)
 
-    def document(self, name: str) -> dict[str, Any]:
+    def document(self, name: str, silo: str | None = None) -> dict[str, Any]:
+        """The job's document; a silo (`silo` set) reads only its own slice of it."""
         with self.sessions() as s:
-            return dict(self._job(s, name).document)
+            row = self._job(s, name)
+            if silo is None:
+                return dict(row.document)
+            return dump_job(views.silo_job(self._parsed(row)[0], silo))
 
     def job_names(self) -> list[str]:
         with self.sessions() as s:
@@ -241,21 +243,44 @@ class Engine:
 
     # ---- silos ----------------------------------------------------------------------
 
-    def authenticate(self, job: str, silo: str, token: str) -> None:
+    def authenticate(self, job: str, silo: str, token: str) -> identity.Role:
+        """The role of the silo `token` belongs to (see `identity.verify`)."""
         with self.sessions() as s:
             if s.get(JobRow, job) is None:
                 raise NotFound(f"no job named {job!r}")
-            row = s.get(SiloRow, (job, silo))
-            if row is None or not hmac.compare_digest(row.token_hash, changes.token_hash(token)):
-                raise Unauthorized("invalid silo token")
-            if row.revoked_at is not None:
-                raise Unauthorized(f"silo {silo!r} was removed from job {job!r}", "revoked")
+            return identity.verify(s.get(SiloRow, (job, silo)), token, self.clock())
+
+    def rotate_token(self, job: str, silo: str, req: m.RotateToken) -> m.TokenIssued:
+        """A new token for `silo`; the current one stays valid for `req.grace_seconds`."""
+        with self._write(job) as tx:
+            self._job(tx.s, job, lock=True)
+            row = self._silo(tx.s, job, silo)
+            expires_in = timedelta(seconds=req.expires_in_seconds) if req.expires_in_seconds is not None else None
+            done = identity.rotate(row, req.token, timedelta(seconds=req.grace_seconds), expires_in, tx.now)
+            return m.TokenIssued(
+                silo=silo, token=done.token, previous_valid_until=done.previous_valid_until,
+                expires_at=done.expires_at, rotated=done.changed,
+            )
+
+    def revoke_token(self, job: str, silo: str) -> None:
+        """Refuse `silo`'s tokens from now on, until a rotation issues a new one."""
+        with self._write(job) as tx:
+            self._job(tx.s, job, lock=True)
+            identity.revoke(self._silo(tx.s, job, silo), tx.now)
+
+    @staticmethod
+    def _silo(s: Session, job: str, silo: str) -> SiloRow:
+        row = s.get(SiloRow, (job, silo))
+        if row is None:
+            raise NotFound(f"job {job!r} has no silo named {silo!r}")
+        return row
 
     def join(self, job: str, silo: str, req: m.JoinRequest) -> m.JoinResponse:
         with self._write(job) as tx:
             row = self._job(tx.s, job, lock=True)
-            silo_row = tx.s.get(SiloRow, (job, silo))
-            assert silo_row is not None
+            silo_row = self._silo(tx.s, job, silo)
+            if silo_row.joined_at is not None:  # a re-join (restart): the first declaration is the cap
+                _check_declared(silo_row, req)
             silo_row.joined_at = silo_row.joined_at or tx.now
             silo_row.last_seen = tx.now
             silo_row.state = "joined"
@@ -266,7 +291,7 @@ class Engine:
             joined = tx.s.scalar(select(func.count()).where(SiloRow.job == job, SiloRow.joined_at.is_not(None)))
             tx.on_commit(lambda: self.metrics.silos_joined.labels(job).set(joined or 0))
             live = self._live_for(tx.s, row)
-            return m.JoinResponse(job=live.job, role=silo_row.role)  # type: ignore[arg-type]
+            return m.JoinResponse(job=views.silo_job(live.job, silo), role=silo_row.role)  # type: ignore[arg-type]
 
     def task(self, job: str, silo: str) -> m.Task:
         """What `silo` should do now. A read: it writes only when the silo's state changes."""
@@ -305,19 +330,27 @@ class Engine:
     # ---- adapters -------------------------------------------------------------------
 
     def put_initial(self, job: str, silo: str, data: bytes) -> str:
+        """The initial adapter fixes every later upload's layout: only a trainer of the global
+        rank may send it, once; the same adapter again is a no-op, a different one a 409."""
         with self.sessions() as s:  # a read: the parse cache, not the engine's locked state
-            limit = self._parsed(self._job(s, job))[0].spec.aggregation.max_update_bytes
+            spec = self._parsed(self._job(s, job))[0].spec
+            silo_row = self._silo(s, job, silo)
+        rank = spec.silo(silo).rank if silo in {x.name for x in spec.silos} else None
+        if silo_row.role != "trainer" or rank not in (None, spec.peft.r):
+            raise Forbidden("only a trainer of the global rank peft.r sends the initial adapter", "not_allowed")
         try:
-            state = validate_initial(data, limit)
+            state = validate_initial(data, spec.aggregation.max_update_bytes)
         except AdapterError as exc:
             self.metrics.updates_rejected.labels(job, exc.reason).inc()
             raise refusal(exc) from None
+        payload = to_bytes(state)
         with self._write(job) as tx:
             row = self._job(tx.s, job, lock=True)
             existing = tx.s.get(VersionRow, (job, 0))
-            if existing is not None:  # another trainer was first: same seed, so harmless
-                return existing.sha256
-            payload = to_bytes(state)
+            if existing is not None:
+                if existing.sha256 == sha256(payload):  # a retry, or a trainer with the same seed
+                    return existing.sha256
+                raise Conflict("the job already has a different initial adapter (version 0)", "initial_exists")
             digest = self.blobs.put(payload)
             tx.s.add(VersionRow(job=job, version=0, sha256=digest, n_bytes=len(payload), created_at=tx.now))
             row.version = 0
@@ -367,6 +400,8 @@ class Engine:
     def _count_upload(self, job: str, up: Incoming) -> None:
         self.metrics.received_bytes.labels(job).inc(len(up.data))
         self.metrics.updates_accepted.labels(job).inc()
+        if not self.metrics.per_silo:
+            return
         self.metrics.silo_examples.labels(job, up.silo).set(up.n_examples)
         if up.train_seconds is not None:
             self.metrics.silo_train_seconds.labels(job, up.silo).set(up.train_seconds)
@@ -548,6 +583,7 @@ class Engine:
         with self._write(job) as tx:
             s = tx.s
             self._job(s, job)
+            _check_report(self._silo(s, job, silo), report)
             if s.get(VersionRow, (job, report.version)) is None:
                 raise Conflict(f"version {report.version} does not exist yet", "wrong_version")
             if s.get(EvaluationRow, (job, report.version, silo, report.split)) is None:
@@ -573,9 +609,10 @@ class Engine:
             tx.on_commit(lambda: self._publish_metrics(job, silo, report, summary if latest else None))
 
     def _publish_metrics(self, job: str, silo: str, report: m.MetricsReport, summary: dict[str, Any] | None) -> None:
-        self.metrics.silo_loss.labels(job, silo, report.split).set(report.loss)
-        if report.accuracy is not None:
-            self.metrics.silo_accuracy.labels(job, silo, report.split).set(report.accuracy)
+        if self.metrics.per_silo:
+            self.metrics.silo_loss.labels(job, silo, report.split).set(report.loss)
+            if report.accuracy is not None:
+                self.metrics.silo_accuracy.labels(job, silo, report.split).set(report.accuracy)
         if summary:
             self.metrics.global_loss.labels(job, summary["split"]).set(summary["loss"])
             if summary["accuracy"] is not None:
@@ -583,14 +620,17 @@ class Engine:
 
     # ---- read models ----------------------------------------------------------------
 
-    def status(self, job: str) -> m.JobStatus:
+    def status(self, job: str, silo: str | None = None) -> m.JobStatus:
+        """The job's status; a silo (`silo` set) sees only its own record among the silos."""
         with self.sessions() as s:
-            return reads.status(s, self._job(s, job))
+            status = reads.status(s, self._job(s, job))
+        return status if silo is None else views.silo_status(status, silo)
 
-    def history(self, job: str) -> list[m.RoundInfo]:
+    def history(self, job: str, silo: str | None = None) -> list[m.RoundInfo]:
         with self.sessions() as s:
             self._job(s, job)
-            return reads.history(s, job)
+            rounds = reads.history(s, job)
+        return rounds if silo is None else views.silo_history(rounds, silo)
 
     def evaluations(self, job: str) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -613,3 +653,28 @@ class Engine:
         else:
             with self._write(name):  # take the lease now: a second aggregator learns it at once
                 pass
+
+
+def _check_declared(row: SiloRow, req: m.JoinRequest) -> None:
+    """Example counts weight a silo's updates: a silo cannot raise what it declared at its first join."""
+    if req.n_train_examples > row.n_train_examples or req.n_eval_examples > row.n_eval_examples:
+        raise Conflict(
+            f"silo {row.name!r} declared {row.n_train_examples} training / {row.n_eval_examples} evaluation "
+            f"examples when it first joined and cannot declare more ({req.n_train_examples} / "
+            f"{req.n_eval_examples}); the job's admin can remove and re-add it",
+            "declared_examples",
+        )
+
+
+def _check_report(row: SiloRow, report: m.MetricsReport) -> None:
+    """Test metrics (the job's headline) come only from evaluators, validation only from trainers,
+    each counting no more examples than the silo declared."""
+    expected = "test" if row.role == "evaluator" else "validation"
+    if report.split != expected:
+        raise Forbidden(f"a {row.role} silo reports split {expected!r}, not {report.split!r}", "wrong_split")
+    if report.n_examples > row.n_eval_examples:
+        raise Invalid(
+            f"n_examples={report.n_examples} exceeds the {row.n_eval_examples} evaluation examples "
+            f"silo {row.name!r} declared when it joined",
+            "examples_exceed_declared",
+        )

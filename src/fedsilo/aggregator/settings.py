@@ -28,3 +28,12 @@ class AggregatorSettings(BaseSettings):
         "first one stops renewing it (crash) before taking over.",
     )
     log_level: str = Field(default="info")
+    metrics_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token of the metrics reader (Prometheus); the admin token works too.",
+    )
+    per_silo_metrics: bool = Field(
+        default=True,
+        description="Export per-silo series (loss, accuracy, examples, train time); false: aggregates only.",
+    )

@@ -74,7 +74,13 @@ class SiloRow(Base):
     n_train_examples: Mapped[int] = mapped_column(default=0)
     n_eval_examples: Mapped[int] = mapped_column(default=0)
     throughput: Mapped[float | None] = mapped_column(Float, default=None)
-    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # removed from the job
+    # identity lifecycle (see `identity.py`): the token before the last rotation stays valid
+    # until `previous_valid_until`; a token may expire; a revoked token is refused at once
+    previous_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    previous_valid_until: Mapped[datetime | None] = mapped_column(default=None)
+    token_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    token_revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class RoundRow(Base):

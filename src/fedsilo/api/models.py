@@ -55,6 +55,28 @@ class PatchJob(Wire):
     silo_tokens: dict[str, str] = Field(default_factory=dict)
 
 
+class RotateToken(Wire):
+    """Give a silo a new token (admin). The current one stays valid for `grace_seconds`.
+
+    Name the token yourself to make the call retry-safe (the operator does): the same
+    rotation sent again changes nothing. Without `token` one is generated and returned once.
+    """
+
+    token: str | None = Field(default=None, min_length=16, max_length=512)
+    grace_seconds: float = Field(default=300.0, ge=0, le=7 * 86400, description="How long the old token still works.")
+    expires_in_seconds: float | None = Field(
+        default=None, gt=0, le=3 * 365 * 86400, description="The new token stops working this long from now."
+    )
+
+
+class TokenIssued(Wire):
+    silo: str
+    token: str
+    previous_valid_until: datetime | None = Field(description="The old token works until then (None: not at all).")
+    expires_at: datetime | None
+    rotated: bool = Field(description="False when the token was already in force (a retried rotation).")
+
+
 class JoinRequest(Wire):
     """Sent once by a silo agent at start: what it is and what it can do."""
 
@@ -163,6 +185,8 @@ class SiloStatus(Wire):
     joined: bool
     last_seen: datetime | None
     rounds_completed: int
+    train_examples: int = Field(default=0, description="Declared at the first join: caps the weight of its updates.")
+    eval_examples: int = Field(default=0, description="Declared at the first join: caps its evaluation reports.")
 
 
 class RoundInfo(Wire):
