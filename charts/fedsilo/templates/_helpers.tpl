@@ -44,3 +44,13 @@ app.kubernetes.io/component: operator
 {{- define "fedsilo.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* A glob (* and ?) as an anchored RE2 regex, as the operator's fnmatch reads it. */}}
+{{- define "fedsilo.globRegex" -}}
+{{- printf "^%s$" (regexQuoteMeta . | replace "\\*" ".*" | replace "\\?" ".") -}}
+{{- end -}}
+
+{{/* Whether the operator watches some namespaces only: its rights are then Roles there. */}}
+{{- define "fedsilo.namespaced" -}}
+{{- if .Values.operator.watchNamespaces }}true{{ end -}}
+{{- end -}}

@@ -341,7 +341,7 @@ def build_registry(
                 SpecOutcome(False, "NotAdmitted", message), dict(status), generation, datetime.now(UTC)
             )
             set_status(patch, fields)
-            return
+            raise kopf.TemporaryError(message, delay=settings.resync_seconds)  # sent once admitted
         outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         fields, events = spec_applied_patch(outcome, dict(status), generation, datetime.now(UTC))
         set_status(patch, fields)
