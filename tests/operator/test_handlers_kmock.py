@@ -285,7 +285,14 @@ async def running_operator(cluster: Cluster, fake: FakeAggregator, settings: Ope
 
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready)
+        kopf.operator(
+            registry=registry,
+            clusterwide=not settings.namespaces(),  # as run_operator: the watched namespaces, else all
+            namespaces=settings.namespaces(),
+            standalone=True,
+            stop_flag=stop,
+            ready_flag=ready,
+        )
     )
     await asyncio.wait_for(ready.wait(), TIMEOUT)
     try:

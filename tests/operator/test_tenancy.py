@@ -15,6 +15,7 @@ from fedsilo.operator.tenancy import (
     admission_patch,
     image_repository,
     never_admitted,
+    working_namespaces,
 )
 from fedsilo.spec import FederatedJob, load_job, parse_job
 
@@ -159,3 +160,12 @@ def test_an_edit_refused_after_admission_leaves_the_phase_to_the_aggregator() ->
     # A job from before this condition existed, with children: also a refused change.
     legacy = {"phase": "Running", "conditions": [{"type": "ChildrenReady", "status": "True"}]}
     assert _condition(admission_patch(["x"], legacy, 3, NOW)[0])["reason"] == "ChangeRefused"
+
+
+def test_working_namespaces_are_the_watched_and_the_silo_namespaces() -> None:
+    assert working_namespaces(OperatorSettings()) == ()  # cluster-wide
+    assert working_namespaces(OperatorSettings(silo_namespaces="hospital-a")) == ()
+    namespaced = OperatorSettings(watch_namespaces="fl, team", silo_namespaces="hospital-a,fl")
+    assert working_namespaces(namespaced) == ("fl", "team", "hospital-a")
+    # A glob cannot be enumerated: lists go cluster-wide (the chart refuses globs with Roles).
+    assert working_namespaces(OperatorSettings(watch_namespaces="fl", silo_namespaces="hospital-*")) == ()

@@ -48,7 +48,7 @@ from fedsilo.operator.reporting import (
 )
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.status import Event, SpecOutcome, merged_conditions, spec_applied_patch
-from fedsilo.operator.tenancy import TenancyPolicy, admission_patch, never_admitted
+from fedsilo.operator.tenancy import TenancyPolicy, admission_patch, never_admitted, working_namespaces
 from fedsilo.spec import API_GROUP, API_VERSION, FederatedJob, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
@@ -62,8 +62,9 @@ __all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry"]
 class Connection:
     """kopf's login result, shared with the operator's own Kubernetes client."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: tuple[str, ...] = ()) -> None:
         self.info: kopf.ConnectionInfo | None = None
+        self._namespaces = namespaces  # lists "in every namespace" stay in these (namespaced RBAC)
         self._client: KubeClient | None = None
         self._old: list[KubeClient] = []
 
@@ -78,7 +79,7 @@ class Connection:
         if self.info is None:
             raise kopf.TemporaryError("not logged in to Kubernetes yet", delay=1)
         if self._client is None:
-            self._client = KubeClient.from_connection(self.info)
+            self._client = KubeClient.from_connection(self.info, namespaces=self._namespaces)
         return self._client
 
     async def aclose(self) -> None:
@@ -95,7 +96,7 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     """A kopf registry with every FederatedJob and child handler, bound to `settings`."""
     registry = kopf.OperatorRegistry()
-    connection = Connection()
+    connection = Connection(working_namespaces(settings))
     desired = Desired()
     locks: dict[JobRef, asyncio.Lock] = {}
     warned: dict[JobRef, set[tuple[str, str]]] = {}  # Warnings posted while the problem lasts

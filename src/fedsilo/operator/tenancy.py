@@ -23,7 +23,15 @@ from fedsilo.spec import FederatedJob
 if TYPE_CHECKING:
     from fedsilo.operator.settings import OperatorSettings
 
-__all__ = ["ADMITTED", "TenancyPolicy", "admission_patch", "image_repository", "never_admitted", "split_list"]
+__all__ = [
+    "ADMITTED",
+    "TenancyPolicy",
+    "admission_patch",
+    "image_repository",
+    "never_admitted",
+    "split_list",
+    "working_namespaces",
+]
 
 ADMITTED = "Admitted"
 REFUSED = "Refused"  # never admitted: no children, the job is Failed until its spec is fixed
@@ -36,6 +44,16 @@ _TAG = r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?"
 def split_list(value: str) -> tuple[str, ...]:
     """A comma-separated setting as a tuple (blanks dropped)."""
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def working_namespaces(settings: OperatorSettings) -> tuple[str, ...]:
+    """The namespaces the operator writes to when it watches only some: the watched ones and the
+    silo allow-list (its RBAC is Roles there). Empty: the whole cluster (cluster-wide mode, or a
+    glob that cannot be enumerated)."""
+    names = (*settings.namespaces(), *split_list(settings.silo_namespaces))
+    if not settings.namespaces() or any(c in name for name in names for c in "*?["):
+        return ()
+    return tuple(dict.fromkeys(names))
 
 
 def image_repository(image: str) -> str:
