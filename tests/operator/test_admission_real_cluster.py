@@ -62,6 +62,16 @@ def tenancy_hub(kubeconfig: str) -> Iterator[str]:
     while create(probe, kubeconfig, "--dry-run=server").returncode == 0:
         assert time.monotonic() < deadline, "the admission policy never took effect"
         time.sleep(0.5)
+    # The API server type-checks the CEL against the CRD's schema: no warning.
+    name = f"{RELEASE}-fedsilo-tenancy"
+    while True:
+        status = json.loads(run(kubectl, "get", "validatingadmissionpolicy", name, "-o", "json",
+                                config=kubeconfig).stdout).get("status") or {}
+        if status.get("observedGeneration") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status.get("observedGeneration"), "the API server never type-checked the policy"
+    assert not (status.get("typeChecking") or {}).get("expressionWarnings"), status
     try:
         yield RELEASE
     finally:
@@ -124,6 +134,8 @@ def test_the_api_server_refuses_what_the_operator_refuses(
 
 def test_an_allowed_job_is_admitted_and_a_forbidden_edit_refused(kubeconfig: str, tenancy_hub: str) -> None:
     manifest = job("allowed")
+    # Explicit nulls (nullable fields) are absent to both checks.
+    manifest["spec"]["silos"][0].update(namespace=None, volume={"emptyDir": True, "hostPath": None})
     assert TenancyPolicy.from_settings(SETTINGS).check(parse_job(manifest), {}) == []
     result = create(manifest, kubeconfig)
     assert result.returncode == 0, result.stderr
