@@ -54,3 +54,8 @@ app.kubernetes.io/component: operator
 {{- define "fedsilo.namespaced" -}}
 {{- if .Values.operator.watchNamespaces }}true{{ end -}}
 {{- end -}}
+
+{{/* Name of the tenancy ValidatingAdmissionPolicy and its binding (cluster-scoped). */}}
+{{- define "fedsilo.tenancyPolicyName" -}}
+{{- printf "%s-tenancy" (include "fedsilo.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

@@ -200,7 +200,7 @@ def build_registry(
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
                 set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
                 return
-        set_status(patch, fields)
+        set_status(patch, fields, body.get("status") or {})
         post(body, events)
         error = failures_error(outcome)
         if error is not None:
@@ -341,11 +341,11 @@ def build_registry(
             fields, _events = spec_applied_patch(
                 SpecOutcome(False, "NotAdmitted", message), dict(status), generation, datetime.now(UTC)
             )
-            set_status(patch, fields)
+            set_status(patch, fields, dict(status))
             raise kopf.TemporaryError(message, delay=settings.resync_seconds)  # sent once admitted
         outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         fields, events = spec_applied_patch(outcome, dict(status), generation, datetime.now(UTC))
-        set_status(patch, fields)
+        set_status(patch, fields, dict(status))
         post(body, events)
         if outcome.applied is None:  # retried forever, with backoff; the condition says Unknown
             delay = retry_delay(retry, settings.poll_seconds)
@@ -360,7 +360,7 @@ def build_registry(
         if never_admitted(body.get("status")):
             return  # no aggregator to ask
         fields, events = await poll_status(connection.client(), body, settings, aggregator_transport)
-        set_status(patch, fields)
+        set_status(patch, fields, body.get("status") or {})
         # The next tick may still see the status before this write: each transition posted once.
         recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
         fresh = [e for e in events if (e.reason, e.message) not in recent]
