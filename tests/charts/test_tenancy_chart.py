@@ -133,3 +133,14 @@ def test_chart_namespace_globs_match_as_the_operator_reads_them(namespace: str) 
     chart = any(re.fullmatch(r, namespace) for r in regexes(foreign))
     operator = TenancyPolicy.from_settings(OperatorSettings(silo_namespaces=globs)).listed(namespace)
     assert chart == operator == any(fnmatch.fnmatchcase(namespace, g) for g in globs.split(","))
+
+
+def test_admission_policy_needs_kubernetes_1_30() -> None:
+    old = helm("template", "r", str(HUB), "--kube-version", "1.29.0")
+    assert old.returncode != 0
+    assert "tenancy.admissionPolicy.enabled needs ValidatingAdmissionPolicy" in old.stderr
+    assert "(Kubernetes v1.29.0)" in old.stderr
+    off = ("--set", "tenancy.admissionPolicy.enabled=false")
+    without = helm("template", "r", str(HUB), "--kube-version", "1.29.0", *off)
+    assert without.returncode == 0, without.stderr
+    assert "kind: ValidatingAdmissionPolicy" not in without.stdout
