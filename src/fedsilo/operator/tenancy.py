@@ -2,9 +2,11 @@
 
 Whoever may create a FederatedJob chooses silo namespaces, data volumes and the aggregator
 image, and the operator acts on them with its own rights. `TenancyPolicy.check` lists what
-a job asks for that the operator's settings do not allow; a job with problems gets no
-children. The hub chart's ValidatingAdmissionPolicy mirrors these rules (the namespace
-label opt-in excepted: CEL cannot read another namespace's labels).
+a job asks for that the operator's settings do not allow; a job with problems gets no new
+children, and `admission_patch` turns the verdict into the condition `Admitted`, the phase
+and the Events. The hub chart's ValidatingAdmissionPolicy mirrors these rules (the namespace
+label opt-in excepted: CEL cannot read another namespace's labels). `working_namespaces` is
+where the operator's rights are when it watches only some namespaces.
 """
 
 from __future__ import annotations
