@@ -53,6 +53,11 @@ def job_manifest() -> dict[str, Any]:
     }
 
 
+def operator_settings(**extra: Any) -> OperatorSettings:
+    """Quick polls; silo b's namespace on the tenancy allow-list (the default admits only the job's own)."""
+    return OperatorSettings(**{"silo_namespaces": NS_B, "poll_seconds": 0.3, **extra})
+
+
 @dataclass
 class FakeAggregator:
     """The aggregator's /v1 admin API at the HTTP boundary.
@@ -280,7 +285,14 @@ async def running_operator(cluster: Cluster, fake: FakeAggregator, settings: Ope
 
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready)
+        kopf.operator(
+            registry=registry,
+            clusterwide=not settings.namespaces(),  # as run_operator: the watched namespaces, else all
+            namespaces=settings.namespaces(),
+            standalone=True,
+            stop_flag=stop,
+            ready_flag=ready,
+        )
     )
     await asyncio.wait_for(ready.wait(), TIMEOUT)
     try:
@@ -349,7 +361,7 @@ async def snapshot(kube: KubeClient) -> dict[tuple[str, ...], Any]:
 
 async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[Cluster]]) -> None:
     fake = FakeAggregator()
-    settings = OperatorSettings(poll_seconds=0.3)
+    settings = operator_settings()
     async with backend() as cluster, running_operator(cluster, fake, settings):
         kube = cluster.kube
         await kube.create(stale_silo_deployment())
@@ -505,7 +517,7 @@ def silo(name: str, **extra: Any) -> dict[str, Any]:
 
 async def silos_added_and_removed() -> None:
     fake = FakeAggregator()
-    async with kmock_cluster() as cluster, running_operator(cluster, fake, OperatorSettings(poll_seconds=0.3)):
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, operator_settings()):
         kube, emulator = cluster.kube, cluster.emulator
         assert emulator is not None
         await cluster.create_job(job_manifest())
@@ -559,7 +571,7 @@ async def applied_condition(check: Callable[[], Awaitable[Any]]) -> Any:
 
 async def refused_then_unreachable() -> None:
     fake = FakeAggregator()
-    async with kmock_cluster() as cluster, running_operator(cluster, fake, OperatorSettings(poll_seconds=0.3)):
+    async with kmock_cluster() as cluster, running_operator(cluster, fake, operator_settings()):
         kube, emulator = cluster.kube, cluster.emulator
         assert emulator is not None
         await cluster.create_job(job_manifest())
@@ -618,7 +630,7 @@ async def finish(kube: KubeClient, namespace: str, name: str, how: str) -> None:
 
 async def resume_by_annotation() -> None:
     fake = FakeAggregator(phase="Failed")
-    settings = OperatorSettings(poll_seconds=0.3)
+    settings = operator_settings()
     async with kmock_cluster() as cluster:
         kube, emulator = cluster.kube, cluster.emulator
         assert emulator is not None
@@ -698,7 +710,7 @@ def test_resume_annotation_resumes_once_and_restarts_silo_jobs_that_gave_up() ->
 
 async def repairs_and_events() -> None:
     fake = FakeAggregator()
-    settings = OperatorSettings(poll_seconds=0.3, resync_seconds=300)  # repairs come from watches, not the resync
+    settings = operator_settings(resync_seconds=300)  # repairs come from watches, not the resync
     async with kmock_cluster() as cluster, running_operator(cluster, fake, settings):
         kube, emulator = cluster.kube, cluster.emulator
         assert emulator is not None

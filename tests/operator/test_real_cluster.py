@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,13 @@ from fedsilo.operator.kube import FIELD_MANAGER, KubeClient
 from fedsilo.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = Path(os.environ.get("FEDSILO_K8S_DIR", ROOT.parent / "shared" / "k8s"))
 TOOLS = ROOT / ".tools" / "bin"
 NS, NS_B, HUB_NS = "fedsilo-real", "fedsilo-real-b", "fedsilo-system"
 NS_LATE = f"fedsilo-late-{uuid.uuid4().hex[:6]}"  # created mid-test: new on every run
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(300)]
+# The demo job's silos live in fedsilo-real-b and fedsilo-late-*: opened by the tenancy allow-list.
+SILO_NAMESPACES = "fedsilo-*"
+HUB_VALUES = ("--set", f"tenancy.siloNamespaces={{{SILO_NAMESPACES}}}")
 
 
 def tool(name: str) -> str:
@@ -50,27 +51,6 @@ def tool(name: str) -> str:
     if found is None:
         pytest.skip(f"{name} not installed: run scripts/install-tools.sh")
     return found
-
-
-@pytest.fixture(scope="module")
-def kubeconfig() -> Iterator[str]:
-    """A real API server: FEDSILO_TEST_KUBECONFIG, else ../shared/k8s started (and stopped) here."""
-    given = os.environ.get("FEDSILO_TEST_KUBECONFIG")
-    if given:
-        yield given
-        return
-    start = K8S / "start-cluster.sh"
-    if not start.exists():
-        pytest.skip(f"no real control plane: {start} absent and FEDSILO_TEST_KUBECONFIG unset")
-    result = subprocess.run(
-        ["bash", str(start), "--with-kcm"], capture_output=True, text=True, timeout=180, check=False
-    )
-    if result.returncode != 0:
-        pytest.fail(f"start-cluster.sh failed:\n{result.stderr[-3000:]}")
-    try:
-        yield result.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(["bash", str(K8S / "stop-cluster.sh")], capture_output=True, timeout=120, check=False)
 
 
 def run(*args: str, config: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -93,7 +73,8 @@ def hub(kubeconfig: str) -> str:
     helm, kubectl = tool("helm"), tool("kubectl")
     for ns in (HUB_NS, NS, NS_B):
         run(kubectl, "create", "namespace", ns, config=kubeconfig, check=False)
-    run(helm, "upgrade", "--install", "fedsilo", str(ROOT / "charts" / "fedsilo"), "-n", HUB_NS, config=kubeconfig)
+    run(helm, "upgrade", "--install", "fedsilo", str(ROOT / "charts" / "fedsilo"), "-n", HUB_NS, *HUB_VALUES,
+        config=kubeconfig)
     run(kubectl, "wait", "--for=condition=Established", "crd/federatedjobs.fedsilo.io", "--timeout=60s",
         config=kubeconfig)
     return "fedsilo"
@@ -177,7 +158,7 @@ async def operator_scenario(kubeconfig: str) -> dict[str, float]:
     timings: dict[str, float] = {}
     info = service_account_login(kubeconfig)
     cluster = Cluster(kube, lambda **_: info)
-    settings = OperatorSettings(poll_seconds=0.5, resync_seconds=20)
+    settings = OperatorSettings(silo_namespaces=SILO_NAMESPACES, poll_seconds=0.5, resync_seconds=20)
     fake = FakeAggregator()
     try:
         await kube.apply(build_crd())
@@ -351,4 +332,4 @@ def test_hub_chart_refuses_what_the_cluster_cannot_take(kubeconfig: str, hub: st
     assert dashboards.returncode != 0
     assert "namespace nowhere does not exist" in dashboards.stderr, dashboards.stderr
     # The release still works after the refused upgrades.
-    run(helm, "upgrade", "fedsilo", chart, "-n", HUB_NS, config=kubeconfig)
+    run(helm, "upgrade", "fedsilo", chart, "-n", HUB_NS, *HUB_VALUES, config=kubeconfig)

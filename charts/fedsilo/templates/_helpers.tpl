@@ -44,3 +44,18 @@ app.kubernetes.io/component: operator
 {{- define "fedsilo.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* A glob (* and ?) as an anchored RE2 regex, as the operator's fnmatch reads it. */}}
+{{- define "fedsilo.globRegex" -}}
+{{- printf "^%s$" (regexQuoteMeta . | replace "\\*" ".*" | replace "\\?" ".") -}}
+{{- end -}}
+
+{{/* Whether the operator watches some namespaces only: its rights are then Roles there. */}}
+{{- define "fedsilo.namespaced" -}}
+{{- if .Values.operator.watchNamespaces }}true{{ end -}}
+{{- end -}}
+
+{{/* Name of the tenancy ValidatingAdmissionPolicy and its binding (cluster-scoped). */}}
+{{- define "fedsilo.tenancyPolicyName" -}}
+{{- printf "%s-tenancy" (include "fedsilo.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

@@ -8,7 +8,9 @@ Handlers on FederatedJobs: `reconcile` (children in place), `spec` (every later 
 `spec` sent to the aggregator as a whole document), `status` (timer: the aggregator's
 status), `resync` (timer: children re-applied, the safety net), `external-url` (the
 annotation's changes), `resume-request` (timer: the `fedsilo.io/resume` annotation),
-`cleanup` (children of a deleted job). Handlers on the children (`repair-<kind>`, watched by
+`cleanup` (children of a deleted job). A job the tenancy policy refuses (`tenancy.py`: silo
+namespaces, hostPath, writable data, aggregator image) gets no new children and no spec or
+resume sent; the condition `Admitted` says why. Handlers on the children (`repair-<kind>`, watched by
 label): a child deleted or changed away from what was applied is restored within seconds.
 """
 
@@ -45,8 +47,9 @@ from fedsilo.operator.reporting import (
     write_status,
 )
 from fedsilo.operator.settings import OperatorSettings
-from fedsilo.operator.status import Event, spec_applied_patch
-from fedsilo.spec import API_GROUP, API_VERSION, SpecError
+from fedsilo.operator.status import Event, SpecOutcome, merged_conditions, spec_applied_patch
+from fedsilo.operator.tenancy import TenancyPolicy, admission_patch, never_admitted, working_namespaces
+from fedsilo.spec import API_GROUP, API_VERSION, FederatedJob, SpecError
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 POLL_EVENTS_MEMO = "fedsilo_poll_events"  # kopf memo key: Events the status poll posted lately
@@ -59,8 +62,9 @@ __all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry"]
 class Connection:
     """kopf's login result, shared with the operator's own Kubernetes client."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: tuple[str, ...] = ()) -> None:
         self.info: kopf.ConnectionInfo | None = None
+        self._namespaces = namespaces  # lists "in every namespace" stay in these (namespaced RBAC)
         self._client: KubeClient | None = None
         self._old: list[KubeClient] = []
 
@@ -75,7 +79,7 @@ class Connection:
         if self.info is None:
             raise kopf.TemporaryError("not logged in to Kubernetes yet", delay=1)
         if self._client is None:
-            self._client = KubeClient.from_connection(self.info)
+            self._client = KubeClient.from_connection(self.info, namespaces=self._namespaces)
         return self._client
 
     async def aclose(self) -> None:
@@ -92,11 +96,13 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     """A kopf registry with every FederatedJob and child handler, bound to `settings`."""
     registry = kopf.OperatorRegistry()
-    connection = Connection()
+    connection = Connection(working_namespaces(settings))
     desired = Desired()
     locks: dict[JobRef, asyncio.Lock] = {}
     warned: dict[JobRef, set[tuple[str, str]]] = {}  # Warnings posted while the problem lasts
     awaiting_namespace: dict[str, set[JobRef]] = {}  # jobs with a child in a missing namespace
+    awaiting_label: dict[str, set[JobRef]] = {}  # refused jobs with a silo in a namespace not opted in
+    policy = TenancyPolicy.from_settings(settings)
     resource: dict[str, Any] = {"group": API_GROUP, "version": API_VERSION, "plural": PLURAL, "registry": registry}
     login_fn: LoginFn = login or kopf.login_via_client
     operator_settings = settings
@@ -137,26 +143,51 @@ def build_registry(
     async def close(**_: Any) -> None:
         await connection.aclose()
 
+    async def refusals(job: FederatedJob) -> list[str]:
+        """What the tenancy policy refuses in `job` (namespace labels read where they decide)."""
+        labels: dict[str, Mapping[str, str] | None] = {}
+        for namespace in policy.labels_needed(job):
+            found = await connection.client().get("v1", "Namespace", None, namespace)
+            labels[namespace] = None if found is None else (found.get("metadata") or {}).get("labels") or {}
+        return policy.check(job, labels)
+
+    def once(ref: JobRef, events: list[Event], resolved: bool) -> list[Event]:
+        """Each Warning once while its problem lasts, however many handlers meet it."""
+        seen = warned.setdefault(ref, set())
+        current = {(e.reason, e.message) for e in events if e.type == "Warning"}
+        events = [e for e in events if e.type != "Warning" or (e.reason, e.message) not in seen]
+        if resolved:
+            seen.clear()
+        seen.update(current)
+        return events
+
     async def reconcile_into(
         body: Mapping[str, Any], repairing: tuple[Key, ...] = ()
     ) -> tuple[dict[str, Any], list[Event], Outcome]:
-        """Reconcile the job in `body`; its status fields, Events (each Warning once while its
-        problem lasts, however many handlers meet it) and the outcome."""
-        job, outcome = await reconcile(connection.client(), body, settings, desired, repairing)
-        fields, events = reconcile_fields(body, outcome, settings, datetime.now(UTC))
+        """Reconcile the job in `body` (nothing is applied when the tenancy policy refuses it);
+        its status fields, Events and the outcome."""
+        job = job_from_body(body)
         ref = (naming.job_namespace(job), job.metadata.name)
+        generation, now = int(body.get("metadata", {}).get("generation") or 1), datetime.now(UTC)
+        problems = await refusals(job)
+        admitted, admitted_events = admission_patch(problems, body.get("status") or {}, generation, now)
+        for waiting in awaiting_label.values():
+            waiting.discard(ref)
+        if problems:
+            for namespace in policy.labels_needed(job):
+                awaiting_label.setdefault(namespace, set()).add(ref)
+            return admitted, once(ref, admitted_events, resolved=False), Outcome()
+        job, outcome = await reconcile(connection.client(), body, settings, desired, repairing)
+        fields, events = reconcile_fields(body, outcome, settings, now)
+        fields["conditions"] = merged_conditions(fields["conditions"], admitted.pop("conditions"))
+        fields.update(admitted)
         for waiting in awaiting_namespace.values():
             waiting.discard(ref)
         for problem in outcome.failures:
             if problem.reason == "NamespaceNotFound" and problem.namespace:
                 awaiting_namespace.setdefault(problem.namespace, set()).add(ref)
-        seen = warned.setdefault(ref, set())
-        current = {(e.reason, e.message) for e in events if e.type == "Warning"}
-        events = [e for e in events if e.type != "Warning" or (e.reason, e.message) not in seen]
-        if not outcome.failures and (outcome.endpoint is None or outcome.endpoint.ready is not False):
-            seen.clear()
-        seen.update(current)
-        return fields, events, outcome
+        resolved = not outcome.failures and (outcome.endpoint is None or outcome.endpoint.ready is not False)
+        return fields, once(ref, [*admitted_events, *events], resolved), outcome
 
     @kopf.on.resume(**resource, id="reconcile")
     @kopf.on.create(**resource, id="reconcile")
@@ -169,7 +200,7 @@ def build_registry(
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
                 set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
                 return
-        set_status(patch, fields)
+        set_status(patch, fields, body.get("status") or {})
         post(body, events)
         error = failures_error(outcome)
         if error is not None:
@@ -232,6 +263,23 @@ def build_registry(
                 await write_status(connection.client(), ref, fields)
             post_on(fresh, events)
 
+    def opted_in(type: str | None, body: kopf.Body, **_: Any) -> bool:
+        return type in ("ADDED", "MODIFIED", None) and body.meta.name in awaiting_label and policy.opted_in(
+            body.meta.labels
+        )
+
+    @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-opted-in", when=opted_in)
+    async def namespace_opted_in(body: kopf.Body, **_: Any) -> None:
+        """A namespace a refused job wants for a silo now carries the opt-in label: admitted at once."""
+        for ref in sorted(awaiting_label.pop(body.meta.name or "", set())):
+            async with lock(ref):
+                fresh = await connection.client().get(*JOB_API, *ref)
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    continue
+                fields, events, _outcome = await reconcile_into(fresh)
+                await write_status(connection.client(), ref, fields)
+            post_on(fresh, events)
+
     def register_repair(api_version: str, kind: str) -> None:
         group, _slash, version = api_version.rpartition("/")
 
@@ -283,10 +331,21 @@ def build_registry(
 
     @kopf.on.update(**resource, id="spec", field="spec", retries=None, backoff=settings.poll_seconds)
     async def spec_changed(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, retry: int, **_: Any) -> None:
-        outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         generation = int(body.meta.get("generation") or 1)
+        try:
+            refused = await refusals(job_from_body(body))
+        except SpecError:
+            refused = []  # send_spec reports it
+        if refused:  # the aggregator never runs a spec the operator refused
+            message = f"generation {generation} was not sent to the aggregator: not admitted (condition Admitted)"
+            fields, _events = spec_applied_patch(
+                SpecOutcome(False, "NotAdmitted", message), dict(status), generation, datetime.now(UTC)
+            )
+            set_status(patch, fields, dict(status))
+            raise kopf.TemporaryError(message, delay=settings.resync_seconds)  # sent once admitted
+        outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         fields, events = spec_applied_patch(outcome, dict(status), generation, datetime.now(UTC))
-        set_status(patch, fields)
+        set_status(patch, fields, dict(status))
         post(body, events)
         if outcome.applied is None:  # retried forever, with backoff; the condition says Unknown
             delay = retry_delay(retry, settings.poll_seconds)
@@ -298,8 +357,10 @@ def build_registry(
             job_from_body(body)
         except SpecError:
             return
+        if never_admitted(body.get("status")):
+            return  # no aggregator to ask
         fields, events = await poll_status(connection.client(), body, settings, aggregator_transport)
-        set_status(patch, fields)
+        set_status(patch, fields, body.get("status") or {})
         # The next tick may still see the status before this write: each transition posted once.
         recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
         fresh = [e for e in events if (e.reason, e.message) not in recent]
@@ -320,9 +381,11 @@ def build_registry(
         if not value or value == (status.get("resumeRequest") or {}).get("value"):
             return  # handled already (also across operator restarts)
         try:
-            job_from_body(body)
+            job = job_from_body(body)
         except SpecError:
             return
+        if await refusals(job):
+            return  # restarting silo Jobs would create what the policy refuses; acted on once admitted
         fields, events = await resume_job(connection.client(), body, settings, memo, aggregator_transport)
         set_status(patch, fields)
         post(body, events)

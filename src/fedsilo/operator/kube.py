@@ -16,6 +16,7 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -123,11 +124,14 @@ class KubeClient:
         retry: RetryPolicy | None = None,
         temp_files: list[str] | None = None,
         timeout: float = 30.0,
+        namespaces: Sequence[str] = (),
     ) -> None:
         self._api = api
         self._retry = retry or RetryPolicy()
         self._temp_files = temp_files or []
         self._timeout = timeout
+        # Where a list "in every namespace" looks when the operator's rights are Roles there.
+        self._namespaces = tuple(namespaces)
 
     @classmethod
     def from_url(cls, url: str, retry: RetryPolicy | None = None) -> KubeClient:
@@ -137,8 +141,14 @@ class KubeClient:
         return cls(ApiClient(config), retry)
 
     @classmethod
-    def from_connection(cls, info: kopf.ConnectionInfo, retry: RetryPolicy | None = None) -> KubeClient:
-        """Build a client from kopf's login result (CA, client certificate, token)."""
+    def from_connection(
+        cls, info: kopf.ConnectionInfo, retry: RetryPolicy | None = None, namespaces: Sequence[str] = ()
+    ) -> KubeClient:
+        """Build a client from kopf's login result (CA, client certificate, token).
+
+        `namespaces`: a list across the cluster lists these namespaces instead (the operator
+        watching some namespaces has no cluster-wide rights); empty: the whole cluster.
+        """
         temp_files: list[str] = []
 
         def as_file(data: str | bytes) -> str:
@@ -168,7 +178,7 @@ class KubeClient:
             config.api_key_prefix = {"BearerToken": info.scheme or "Bearer"}
         elif info.username and info.password:
             config.username, config.password = info.username, info.password
-        return cls(ApiClient(config), retry, temp_files)
+        return cls(ApiClient(config), retry, temp_files, namespaces=namespaces)
 
     async def aclose(self) -> None:
         """Close the connection pool and remove temporary credential files."""
@@ -228,7 +238,13 @@ class KubeClient:
     async def list(
         self, api_version: str, kind: str, namespace: str | None, labels: dict[str, str]
     ) -> list[dict[str, Any]]:
-        """Objects carrying all `labels` (namespace None: the whole cluster)."""
+        """Objects carrying all `labels` (namespace None: the whole cluster, or each namespace the
+        client is scoped to)."""
+        if namespace is None and self._namespaces and KINDS[kind][1]:
+            found: list[dict[str, Any]] = []
+            for scoped in self._namespaces:
+                found += await self.list(api_version, kind, scoped, labels)
+            return found
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         path = f"{resource_path(api_version, kind, namespace)}?labelSelector={quote(selector)}"
         items = (await self._request("GET", path) or {}).get("items", [])

@@ -99,13 +99,19 @@ async def poll_status(
     return job_status_patch(status, previous, generation, moment)
 
 
-def set_status(patch: kopf.Patch, fields: Mapping[str, Any]) -> None:
+def set_status(patch: kopf.Patch, fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None) -> None:
     """Write status `fields` as one JSON patch against the freshest body (resourceVersion-checked).
 
     `conditions` are merged by type into the conditions found there, so the status poll and
     the spec handler never drop each other's; fields that did not change cause no write.
+    `seen`: the status `fields` were computed from; conditions merely carried over from it are
+    not written, so a handler that read a stale body never undoes a fresher writer's condition.
     """
-    patch.fns.append(functools.partial(write_raw_status, dict(fields)))
+    fields = dict(fields)
+    if seen is not None and "conditions" in fields:
+        carried = (seen.get("conditions") or []) if seen else []
+        fields["conditions"] = [c for c in fields["conditions"] if c not in carried]
+    patch.fns.append(functools.partial(write_raw_status, fields))
 
 
 def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,27 @@ class OperatorSettings(BaseSettings):
         default="fedsilo-system",
         description="Namespace of this operator: NetworkPolicies admit its status polls.",
     )
+    # --- Tenancy: what a FederatedJob may ask of the cluster (checked by operator/tenancy.py).
+    silo_namespaces: str = Field(
+        default="",
+        description="Comma-separated namespaces (globs allowed) where any job's silos may run, besides the "
+        "job's own namespace; empty: only the job's own (and labelled ones, see silo_namespace_label).",
+    )
+    silo_namespace_label: str = Field(
+        default="",
+        description="Label (`key=value`, or `key` for any value) by which a namespace opts in to host any "
+        "job's silos, e.g. fedsilo.io/silos=allowed; empty: no opt-in by label.",
+    )
+    allow_host_path: bool = Field(default=False, description="Allow hostPath data volumes in silos.")
+    allow_writable_data: bool = Field(
+        default=False, description="Allow silo data volumes (PVC, hostPath) mounted read-write."
+    )
+    aggregator_images: str = Field(
+        default="",
+        description="Comma-separated globs of spec.aggregator.image values allowed besides the operator's "
+        "own image repository (any tag or digest of it is always allowed).",
+    )
+    # --- end of tenancy
     finalizer: str = Field(default="fedsilo.io/cleanup", description="Finalizer on FederatedJobs.")
     peering: bool = Field(default=False, description="Use kopf peering (several replicas); standalone when false.")
 
