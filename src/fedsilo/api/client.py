@@ -31,6 +31,7 @@ import httpx
 
 from fedsilo.adapters import sha256
 from fedsilo.api import models as m
+from fedsilo.tls import client_context
 
 __all__ = ["Backoff", "Client", "ClientError", "Outcome", "Upload"]
 
@@ -132,7 +133,9 @@ class Client:
     """One job's view of the aggregator, as the admin or as one silo.
 
     `retries`: retries per call before giving up (`None`: for ever). `backoff_cap`: the
-    longest pause between two retries. `sleep` and `rng` are injectable for tests.
+    longest pause between two retries. `ca_bundle`: the CA that signs the aggregator's
+    certificate (default: public CAs). `client_cert`: (certificate, key) files for mutual
+    TLS. `sleep` and `rng` are injectable for tests.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Client:
         *,
         retries: int | None = 8,
         ca_bundle: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
         backoff_cap: float = 30.0,
@@ -153,7 +157,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"}
         if silo:
             headers["X-Fedsilo-Silo"] = silo
-        verify: Any = str(ca_bundle) if ca_bundle else True
+        verify: Any = client_context(ca_bundle, client_cert) if ca_bundle or client_cert else True
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify, transport=transport
         )
