@@ -26,6 +26,7 @@ from fedsilo import tls
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
+from fedsilo.local import certificates
 from fedsilo.local.runner import free_port
 from fedsilo.spec import parse_job
 
@@ -180,3 +181,17 @@ def test_an_expired_server_certificate_is_refused(tmp_path: Path) -> None:
             httpx.get(f"{agg.url}/healthz", verify=tls.client_context(agg.ca))
     finally:
         agg.stop()
+
+
+def test_a_local_run_gets_its_own_ca_a_loopback_server_and_one_certificate_per_silo(tmp_path: Path) -> None:
+    certs = certificates.create(tmp_path / "tls", "demo", ["alpha", "beta"])
+    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    assert not (tmp_path / "tls" / "ca.key").exists()  # throwaway: nothing can sign for this run later
+    server = tls.load(*certs.server).cert
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    for silo in ("alpha", "beta"):
+        cert, key = certs.silo(silo)
+        assert tls.silo_identity(tls.load(cert, key).cert) == ("demo", silo)
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600

@@ -123,7 +123,7 @@ def export(
     typer.echo(f"merged model written to {folder}")
 
 
-URL = typer.Option(None, "--url", envvar="FEDSILO_URL", help="Aggregator URL, e.g. http://127.0.0.1:8080 "
+URL = typer.Option(None, "--url", envvar="FEDSILO_URL", help="Aggregator URL, e.g. https://127.0.0.1:8080 "
                    "(kubectl -n NS port-forward svc/JOB-aggregator 8080:http).")
 TOKEN = typer.Option(None, "--token", envvar="FEDSILO_ADMIN_TOKEN", show_default=False,
                      help="The job's admin token (better: the FEDSILO_ADMIN_TOKEN variable or --token-file).")

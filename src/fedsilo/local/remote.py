@@ -136,7 +136,8 @@ def local_target(run_dir: Path) -> Target | None:
     token_file = run_dir / "state" / "admin-token"
     if record.outcome != "running" or not url or not pid or not token_file.is_file() or not _alive(int(pid)):
         return None
-    return Target(str(url), record.job, token_file.read_text().strip())
+    ca = record.source.get("ca_bundle")
+    return Target(str(url), record.job, token_file.read_text().strip(), Path(ca) if ca else None)
 
 
 def _alive(pid: int) -> bool:
