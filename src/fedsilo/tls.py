@@ -55,6 +55,14 @@ class Issued:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> Issued:
+        """A certificate and its (unencrypted EC) key from PEM."""
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("expected an EC private key")
+        return cls(x509.load_pem_x509_certificate(cert_pem), key)
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
@@ -182,11 +190,7 @@ def write(issued: Issued, cert_file: Path, key_file: Path) -> None:
 
 def load(cert_file: Path, key_file: Path) -> Issued:
     """A certificate and key written by `write` (or any PEM EC pair)."""
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{key_file}: expected an EC private key")
-    return Issued(cert, key)
+    return Issued.from_pem(cert_file.read_bytes(), key_file.read_bytes())
 
 
 def client_context(ca_bundle: Path | None = None, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
