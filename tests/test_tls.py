@@ -26,7 +26,7 @@ from fedsilo import tls
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
-from fedsilo.local import certificates
+from fedsilo.local import certificates, remote
 from fedsilo.local.runner import free_port
 from fedsilo.spec import parse_job
 
@@ -170,6 +170,22 @@ def test_a_server_from_another_ca_is_refused_and_plain_http_does_not_answer(
     with pytest.raises(httpx.TransportError):
         httpx.get(mutual.url.replace("https://", "http://") + "/healthz", timeout=5)
     assert httpx.get(f"{mutual.url}/healthz", verify=mutual.verify()).status_code == 200  # probes need no cert
+
+
+def test_a_port_forward_is_verified_under_the_service_name(tmp_path: Path) -> None:
+    folder = tls_folder(tmp_path / "tls", hosts=("demo-aggregator.fl.svc",))  # as the operator issues it
+    agg = _process(tmp_path, folder, probe_verify=False)
+    agg.start()
+    try:
+        plain = Client(agg.url, "demo", agg.admin, retries=0, ca_bundle=agg.ca)
+        with pytest.raises(httpx.ConnectError, match="IP address mismatch"):  # 127.0.0.1 is not its name
+            plain.create_job(parse_job(job_document()), TOKENS)
+        named = Client(agg.url, "demo", agg.admin, retries=0, ca_bundle=agg.ca, server_name="demo-aggregator.fl.svc")
+        named.create_job(parse_job(job_document()), TOKENS)
+        target = remote.Target(agg.url, "demo", agg.admin, agg.ca, server_name="demo-aggregator.fl.svc")
+        assert remote.snapshot(target).status.name == "demo"
+    finally:
+        agg.stop()
 
 
 def test_an_expired_server_certificate_is_refused(tmp_path: Path) -> None:

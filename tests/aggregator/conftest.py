@@ -24,11 +24,16 @@ from fedsilo.local.runner import free_port
 PG_ADMIN_URL = os.environ.get("FEDSILO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
-def tls_folder(folder: Path, server_days: float = 30, server_valid_from: datetime | None = None) -> Path:
-    """A throwaway CA (ca.crt, ca.key) and a server certificate for 127.0.0.1 (server.crt, server.key)."""
+def tls_folder(
+    folder: Path,
+    server_days: float = 30,
+    server_valid_from: datetime | None = None,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> Path:
+    """A throwaway CA (ca.crt, ca.key) and a server certificate for `hosts` (server.crt, server.key)."""
     ca = tls.create_ca("fedsilo test CA")
     tls.write(ca, folder / "ca.crt", folder / "ca.key")
-    server = tls.issue_server(ca, ["127.0.0.1", "localhost"], days=server_days, valid_from=server_valid_from)
+    server = tls.issue_server(ca, hosts, days=server_days, valid_from=server_valid_from)
     tls.write(server, folder / "server.crt", folder / "server.key")
     return folder
 

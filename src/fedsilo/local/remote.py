@@ -41,10 +41,11 @@ class Target:
     job: str
     token: str
     ca_bundle: Path | None = None
+    server_name: str | None = None  # the certificate's name when the URL is a port-forward
 
     def client(self) -> Client:
         return Client(self.url, self.job, self.token, retries=2, timeout=60.0, ca_bundle=self.ca_bundle,
-                      backoff_cap=2.0)
+                      server_name=self.server_name, backoff_cap=2.0)
 
 
 @dataclass(frozen=True)
