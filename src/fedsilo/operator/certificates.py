@@ -10,7 +10,7 @@
   one Certificate per in-cluster silo writes `<job>-silo-<name>-tls` in the silo's namespace.
 - `insecure`: plain HTTP.
 
-The builders are pure; `ensure_ca` and `read_job_tls` are the two reads and writes.
+The builders are pure; `ensure_ca`, `read_job_tls` and `job_ca` are the API reads and writes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ CA_KEY, CERT_KEY, KEY_KEY = "ca.crt", "tls.crt", "tls.key"
 VALID_DAYS = 365
 RENEW_BEFORE = timedelta(days=30)
 CERT_MANAGER_API = "cert-manager.io/v1"
+TLS_DIR = "/etc/fedsilo/tls"
+CLIENT_DIR = "/etc/fedsilo/client"
 
 
 def silo_keys(silo: str) -> tuple[str, str]:
@@ -189,6 +191,62 @@ def certificates(job: FederatedJob, uid: str, settings: OperatorSettings) -> lis
                 _certificate(job, uid, silo_tls_secret_name(job, silo), naming.silo_namespace(job, silo), client)
             )
     return out
+
+
+def aggregator_tls_mounts(
+    job: FederatedJob, job_tls: JobTls
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any] | None]:
+    """The aggregator's TLS env, volume and mount: certificate and key (and the client CA with mutual TLS)."""
+    if job_tls.mode == "insecure":
+        return [{"name": "FEDSILO_INSECURE_HTTP", "value": "true"}], None, None
+    env = [
+        {"name": "FEDSILO_TLS_CERT_FILE", "value": f"{TLS_DIR}/{CERT_KEY}"},
+        {"name": "FEDSILO_TLS_KEY_FILE", "value": f"{TLS_DIR}/{KEY_KEY}"},
+    ]
+    items = [CERT_KEY, KEY_KEY]
+    if job_tls.mutual:  # the same CA signs the silos' client certificates
+        env.append({"name": "FEDSILO_TLS_CLIENT_CA_FILE", "value": f"{TLS_DIR}/{CA_KEY}"})
+        items.append(CA_KEY)
+    secret = {"secretName": tls_secret_name(job), "items": [{"key": k, "path": k} for k in items]}
+    return env, {"name": "tls", "secret": secret}, {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+
+
+def silo_tls_mounts(
+    job: FederatedJob, silo: SiloSpec, job_tls: JobTls
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A silo agent's CA bundle and client certificate: env, volumes and mounts."""
+    if job_tls.mode == "insecure":
+        return [], [], []
+    token_secret = naming.silo_token_secret_name(job, silo)
+    env = [{"name": "FEDSILO_CA_BUNDLE", "value": f"{TLS_DIR}/{CA_KEY}"}]
+    items = [CA_KEY]
+    volumes: list[dict[str, Any]] = []
+    mounts = [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}]
+    client_dir = TLS_DIR
+    if job_tls.mutual and job_tls.mode == "certManager":  # cert-manager wrote the client certificate
+        client_dir = CLIENT_DIR
+        client = {
+            "secretName": silo_tls_secret_name(job, silo),
+            "items": [{"key": k, "path": k} for k in (CERT_KEY, KEY_KEY)],
+        }
+        volumes.append({"name": "client", "secret": client})
+        mounts.append({"name": "client", "mountPath": CLIENT_DIR, "readOnly": True})
+    elif job_tls.mutual:
+        items += [CERT_KEY, KEY_KEY]
+    if job_tls.mutual:
+        env += [
+            {"name": "FEDSILO_CLIENT_CERT", "value": f"{client_dir}/{CERT_KEY}"},
+            {"name": "FEDSILO_CLIENT_KEY", "value": f"{client_dir}/{KEY_KEY}"},
+        ]
+    volumes.insert(
+        0, {"name": "tls", "secret": {"secretName": token_secret, "items": [{"key": k, "path": k} for k in items]}}
+    )
+    return env, volumes, mounts
+
+
+def default_tls(job: FederatedJob) -> JobTls:
+    """The job's TLS mode with no certificate known yet (the handlers pass the real one)."""
+    return JobTls(job.spec.aggregator.tls.mode, job.spec.aggregator.tls.mutual)
 
 
 async def ensure_ca(kube: KubeClient, settings: OperatorSettings) -> tls.Issued:

@@ -17,10 +17,11 @@ from fedsilo.operator.certificates import (
     CERT_KEY,
     KEY_KEY,
     JobTls,
+    aggregator_tls_mounts,
     certificates,
-    silo_tls_secret_name,
+    default_tls,
+    silo_tls_mounts,
     tls_secret,
-    tls_secret_name,
 )
 from fedsilo.operator.policies import network_policies
 from fedsilo.operator.settings import OperatorSettings
@@ -32,8 +33,6 @@ Manifest = dict[str, Any]
 STATE_DIR = "/var/lib/fedsilo"
 JOB_DIR = "/etc/fedsilo/job"
 TOKENS_DIR = "/etc/fedsilo/tokens"
-TLS_DIR = "/etc/fedsilo/tls"
-CLIENT_DIR = "/etc/fedsilo/client"
 TLS_ANNOTATION = "fedsilo.io/tls-certificate"  # the served certificate's digest: a new one restarts the pod
 JOB_FILE_KEY = "job.yaml"
 DATA_DIR = "/data"
@@ -123,7 +122,7 @@ def aggregator_service(
     """
     annotations = {
         "prometheus.io/scrape": "true",
-        "prometheus.io/scheme": (job_tls or _default_tls(job)).scheme,
+        "prometheus.io/scheme": (job_tls or default_tls(job)).scheme,
         "prometheus.io/port": str(settings.aggregator_port),
         "prometheus.io/path": "/metrics",
     }
@@ -201,27 +200,11 @@ def _deployment(meta: Manifest, selector: dict[str, str], pod_labels: dict[str, 
     }
 
 
-def _aggregator_tls(job: FederatedJob, job_tls: JobTls) -> tuple[list[Manifest], Manifest | None, Manifest | None]:
-    """The aggregator's TLS env, volume and mount: certificate and key (and the client CA with mutual TLS)."""
-    if job_tls.mode == "insecure":
-        return [{"name": "FEDSILO_INSECURE_HTTP", "value": "true"}], None, None
-    env = [
-        {"name": "FEDSILO_TLS_CERT_FILE", "value": f"{TLS_DIR}/{CERT_KEY}"},
-        {"name": "FEDSILO_TLS_KEY_FILE", "value": f"{TLS_DIR}/{KEY_KEY}"},
-    ]
-    items = [CERT_KEY, KEY_KEY]
-    if job_tls.mutual:  # the same CA signs the silos' client certificates
-        env.append({"name": "FEDSILO_TLS_CLIENT_CA_FILE", "value": f"{TLS_DIR}/{CA_KEY}"})
-        items.append(CA_KEY)
-    secret = {"secretName": tls_secret_name(job), "items": [{"key": k, "path": k} for k in items]}
-    return env, {"name": "tls", "secret": secret}, {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
-
-
 def aggregator_deployment(
     job: FederatedJob, uid: str, settings: OperatorSettings, job_tls: JobTls | None = None
 ) -> Manifest:
     """The aggregator: one replica (Recreate), checkpoint PVC, probes, admin token env, TLS."""
-    job_tls = job_tls or _default_tls(job)
+    job_tls = job_tls or default_tls(job)
     spec = job.spec.aggregator
     secret = naming.tokens_secret_name(job)
     database: dict[str, Any] = {
@@ -238,7 +221,7 @@ def aggregator_deployment(
         {"name": "FEDSILO_JOB_FILE", "value": f"{JOB_DIR}/{JOB_FILE_KEY}"},
         {"name": "FEDSILO_SILO_TOKENS_FILE", "value": f"{TOKENS_DIR}/{SILO_TOKENS_KEY}"},
     ]
-    tls_env, tls_volume, tls_mount = _aggregator_tls(job, job_tls)
+    tls_env, tls_volume, tls_mount = aggregator_tls_mounts(job, job_tls)
     env += tls_env
     scheme = job_tls.scheme.upper()  # probes need no client certificate (the handshake does not require one)
     probe = {
@@ -315,39 +298,6 @@ def data_volume(silo: SiloSpec) -> dict[str, Any] | None:
     return {"name": "data", "emptyDir": {}}
 
 
-def _silo_tls(
-    job: FederatedJob, silo: SiloSpec, job_tls: JobTls
-) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
-    """A silo agent's CA bundle and client certificate: env, volumes and mounts."""
-    if job_tls.mode == "insecure":
-        return [], [], []
-    token_secret = naming.silo_token_secret_name(job, silo)
-    env = [{"name": "FEDSILO_CA_BUNDLE", "value": f"{TLS_DIR}/{CA_KEY}"}]
-    items = [CA_KEY]
-    volumes: list[Manifest] = []
-    mounts = [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}]
-    client_dir = TLS_DIR
-    if job_tls.mutual and job_tls.mode == "certManager":  # cert-manager wrote the client certificate
-        client_dir = CLIENT_DIR
-        client = {
-            "secretName": silo_tls_secret_name(job, silo),
-            "items": [{"key": k, "path": k} for k in (CERT_KEY, KEY_KEY)],
-        }
-        volumes.append({"name": "client", "secret": client})
-        mounts.append({"name": "client", "mountPath": CLIENT_DIR, "readOnly": True})
-    elif job_tls.mutual:
-        items += [CERT_KEY, KEY_KEY]
-    if job_tls.mutual:
-        env += [
-            {"name": "FEDSILO_CLIENT_CERT", "value": f"{client_dir}/{CERT_KEY}"},
-            {"name": "FEDSILO_CLIENT_KEY", "value": f"{client_dir}/{KEY_KEY}"},
-        ]
-    volumes.insert(
-        0, {"name": "tls", "secret": {"secretName": token_secret, "items": [{"key": k, "path": k} for k in items]}}
-    )
-    return env, volumes, mounts
-
-
 def silo_job(
     job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings, job_tls: JobTls | None = None
 ) -> Manifest:
@@ -372,7 +322,7 @@ def silo_job(
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
     ]
-    tls_env, tls_volumes, tls_mounts = _silo_tls(job, silo, job_tls or _default_tls(job))
+    tls_env, tls_volumes, tls_mounts = silo_tls_mounts(job, silo, job_tls or default_tls(job))
     env += tls_env
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_DIR},
@@ -447,11 +397,6 @@ def silo_jobs_to_restart(jobs: Iterable[Manifest]) -> list[Manifest]:
     return [j for j in jobs if (j.get("metadata", {}).get("labels") or {}).get(naming.LABEL_SILO) and _failed(j)]
 
 
-def _default_tls(job: FederatedJob) -> JobTls:
-    """The job's TLS mode with no certificate known yet (the handlers pass the real one)."""
-    return JobTls(job.spec.aggregator.tls.mode, job.spec.aggregator.tls.mutual)
-
-
 def job_children(
     job: FederatedJob,
     uid: str,
@@ -465,7 +410,7 @@ def job_children(
     `external_url` is the aggregator's public URL, written into external silos' token Secrets.
     `job_tls`: the job's certificates (`certificates.read_job_tls`).
     """
-    job_tls = job_tls or _default_tls(job)
+    job_tls = job_tls or default_tls(job)
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
     children = [tokens_secret(job, uid, tokens)]
     if job_tls.mode == "operator" and job_tls.data:
