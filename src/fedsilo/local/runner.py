@@ -308,6 +308,7 @@ def _aggregator_env(run_dir: Path, port: int, admin: str, certs: certificates.Ru
         "FEDSILO_TLS_CERT_FILE": str(certs.server[0]),
         "FEDSILO_TLS_KEY_FILE": str(certs.server[1]),
         "FEDSILO_TLS_CLIENT_CA_FILE": str(certs.ca),  # mutual TLS: each silo proves which silo it is
+        "FEDSILO_INSECURE_HTTP": "false",  # whatever the caller's shell says
         "FEDSILO_ADMIN_TOKEN": admin,
         "FEDSILO_HOST": "127.0.0.1",
         "FEDSILO_PORT": str(port),
