@@ -6,6 +6,7 @@ aggregator's for its Service name, a silo's client certificate against the job's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -14,10 +15,14 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from tests.operator.test_handlers_kmock import NS as kmock_ns
+from tests.operator.test_handlers_kmock import NS_B as kmock_ns_b
+from tests.operator.test_handlers_kmock import job_manifest, kmock_cluster
 from tests.operator.test_manifests import K8S_VERSION, UID, container_env, find, make_job
 
 from fedsilo import tls
-from fedsilo.operator.certificates import JobTls, complete_tls, server_hosts
+from fedsilo.operator.certificates import JobTls, complete_tls, job_ca, server_hosts
+from fedsilo.operator.children import reconcile
 from fedsilo.operator.manifests import job_children
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import complete_tokens
@@ -173,3 +178,30 @@ def test_insecure_mode_is_plain_http_by_name() -> None:
 def test_contradictory_tls_settings_are_refused(tls_spec: dict[str, Any], error: str) -> None:
     with pytest.raises(SpecError, match=error):
         make_job(tls=tls_spec)
+
+
+def test_the_operator_keeps_one_ca_and_issues_a_jobs_certificates_once() -> None:
+    """Against the kmock emulator: the CA Secret is created once, `<job>-tls` survives resyncs unchanged."""
+    asyncio.run(_issue_against_kmock())
+
+
+async def _issue_against_kmock() -> None:
+    settings = OperatorSettings()
+    body = job_manifest()
+    body["metadata"]["uid"] = UID
+    body["spec"]["aggregator"] = {"tls": {"mutual": True}}
+    async with kmock_cluster() as cluster:
+        kube = cluster.kube
+        job, _ = await reconcile(kube, body, settings)
+        ca = await kube.get("v1", "Secret", settings.operator_namespace, settings.ca_secret)
+        issued = await kube.get("v1", "Secret", kmock_ns, "demo-tls")
+        assert ca is not None and issued is not None
+        await reconcile(kube, body, settings)  # a resync: nothing is issued again
+        assert (await kube.get("v1", "Secret", settings.operator_namespace, settings.ca_secret) or {})["data"] == ca[
+            "data"
+        ]
+        assert (await kube.get("v1", "Secret", kmock_ns, "demo-tls") or {})["data"] == issued["data"]
+        ca_pem = _secret_data(ca)["tls.crt"]
+        assert await job_ca(kube, job) == ca_pem == _secret_data(issued)["ca.crt"]
+        silo_b = _secret_data(await kube.get("v1", "Secret", kmock_ns_b, "demo-silo-b-token") or {})
+        assert silo_b["ca.crt"] == ca_pem and tls.silo_identity_pem(silo_b["tls.crt"]) == ("demo", "b")
