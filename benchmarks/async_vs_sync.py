@@ -361,6 +361,7 @@ def _aggregator_env(work: Path, port: int, admin: str) -> dict[str, str]:
         "FEDSILO_JOB_FILE": str(work / "job.json"),
         "FEDSILO_SILO_TOKENS_FILE": str(work / "tokens.json"),
         "FEDSILO_LOG_LEVEL": "info",
+        "FEDSILO_INSECURE_HTTP": "true",  # measures rounds, not TLS; `fedsilo run` itself uses HTTPS
     }
 
 

@@ -205,6 +205,7 @@ def aggregator(work: Path, document: dict[str, Any], tokens: dict[str, str]) -> 
         "FEDSILO_JOB_FILE": str(work / "job.json"),
         "FEDSILO_SILO_TOKENS_FILE": str(work / "tokens.json"),
         "FEDSILO_LOG_LEVEL": "info",
+        "FEDSILO_INSECURE_HTTP": "true",  # measures rounds, not TLS; `fedsilo run` itself uses HTTPS
     }
     url = f"http://127.0.0.1:{port}"
     with (work / "aggregator.log").open("ab") as log:

@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from fedsilo import tls
+from fedsilo.local.certificates import RunCertificates
 from fedsilo.local.runner import Child, ChildFailed, Processes, backoff_delay, describe_exit, free_port, run_local
 from fedsilo.spec import load_job
 
@@ -151,7 +153,9 @@ class Chaos:
             silo = SILOS[0]
             headers = {"Authorization": f"Bearer {tokens[silo]}", "X-Fedsilo-Silo": silo}
             job = self.run_dir.parent.name  # run_dir is runs/<job>/latest
-            response = httpx.get(f"{self.url}/v1/jobs/{job}", headers=headers, timeout=5)
+            certs = RunCertificates(self.run_dir / "state" / "tls")  # mutual TLS: the silo's own certificate
+            verify = tls.client_context(certs.ca, certs.silo(silo))
+            response = httpx.get(f"{self.url}/v1/jobs/{job}", headers=headers, timeout=5, verify=verify)
             return dict(response.json()) if response.status_code == 200 else None
         except (OSError, httpx.HTTPError, ValueError):
             return None  # not started yet, or the aggregator is down
@@ -237,7 +241,7 @@ def test_sigkills_under_supervision_end_with_the_fault_free_adapter(tmp_path: Pa
 
     port = free_port()
     stormy = tmp_path / "stormy" / "chaos" / "latest"
-    chaos = Chaos(stormy, f"http://127.0.0.1:{port}", kill_schedule(CHAOS_SEED, round_seconds))
+    chaos = Chaos(stormy, f"https://127.0.0.1:{port}", kill_schedule(CHAOS_SEED, round_seconds))
     thread = threading.Thread(target=chaos.run, daemon=True)
     thread.start()
     started = time.monotonic()

@@ -27,6 +27,7 @@ import torch
 import yaml
 from tests.conftest import ROOT
 
+from fedsilo import tls
 from fedsilo.local.runner import run_local
 from fedsilo.spec import load_job
 
@@ -244,17 +245,21 @@ def test_a_second_run_keeps_the_first_can_be_pulled_live_and_keeps_its_rounds_wh
         live = _cli("status", "runs/tiny", cwd=root)  # a local run answers from its live aggregator
         assert live.returncode == 0 and "tiny  Running  round" in live.stdout, live.stdout + live.stderr
         source = json.loads((second / "run.json").read_text())["source"]
-        url, token_file = source["aggregator_url"], second / "state" / "admin-token"
-        pulled = _cli("pull", "tiny", "--url", url, "--token-file", str(token_file), "--out", "pulled", cwd=root)
+        url, token_file, ca = source["aggregator_url"], second / "state" / "admin-token", source["ca_bundle"]
+        assert url.startswith("https://")
+        pulled = _cli("pull", "tiny", "--url", url, "--token-file", str(token_file), "--ca-bundle", ca,
+                      "--out", "pulled", cwd=root)
         assert pulled.returncode == 0, pulled.stderr
-        refused = httpx.get(f"{url}/v1/jobs/tiny", headers={"Authorization": "Bearer wrong-token-0123456789"})
+        verify = tls.client_context(Path(ca))
+        refused = httpx.get(f"{url}/v1/jobs/tiny", headers={"Authorization": "Bearer wrong-token-0123456789"},
+                            verify=verify)
         assert refused.status_code == 401
         version = json.loads((root / "pulled" / "tiny" / "latest" / "adapter" / "fedsilo.json").read_text())[
             "adapter_version"]
         admin = {"Authorization": f"Bearer {token_file.read_text()}"}
 
         def scored() -> bool:  # the evaluator has tested the pulled version: the run will record its accuracy
-            answer = httpx.get(f"{url}/v1/jobs/tiny/evaluations", headers=admin).json()
+            answer = httpx.get(f"{url}/v1/jobs/tiny/evaluations", headers=admin, verify=verify).json()
             return any(e["version"] == version and e["split"] == "test" for e in answer)
 
         _wait(scored, 240, f"the evaluator's score of version {version}", proc)

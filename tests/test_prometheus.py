@@ -212,6 +212,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "FEDSILO_TICK_SECONDS": "0.2",
         "FEDSILO_LOG_LEVEL": "warning",
         "FEDSILO_METRICS_TOKEN": METRICS_TOKEN,
+        "FEDSILO_INSECURE_HTTP": "true",  # the scrape's metric names are under test here, not TLS
     }
     for name in ("FEDSILO_JOB_FILE", "FEDSILO_SILO_TOKENS_FILE"):
         env.pop(name, None)

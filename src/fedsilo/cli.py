@@ -123,15 +123,20 @@ def export(
     typer.echo(f"merged model written to {folder}")
 
 
-URL = typer.Option(None, "--url", envvar="FEDSILO_URL", help="Aggregator URL, e.g. http://127.0.0.1:8080 "
+URL = typer.Option(None, "--url", envvar="FEDSILO_URL", help="Aggregator URL, e.g. https://127.0.0.1:8080 "
                    "(kubectl -n NS port-forward svc/JOB-aggregator 8080:http).")
 TOKEN = typer.Option(None, "--token", envvar="FEDSILO_ADMIN_TOKEN", show_default=False,
                      help="The job's admin token (better: the FEDSILO_ADMIN_TOKEN variable or --token-file).")
 TOKEN_FILE = typer.Option(None, "--token-file", exists=True, dir_okay=False, help="File holding the admin token.")
 CA_BUNDLE = typer.Option(None, "--ca-bundle", exists=True, dir_okay=False, help="CA bundle for an HTTPS aggregator.")
+SERVER_NAME = typer.Option(None, "--server-name", help="Name the aggregator's certificate must carry when --url "
+                           "names another host, e.g. demo-aggregator.fl.svc through a port-forward to 127.0.0.1.")
 
 
-def _target(job: str, url: str | None, token: str | None, token_file: Path | None, ca_bundle: Path | None) -> Any:
+def _target(
+    job: str, url: str | None, token: str | None, token_file: Path | None, ca_bundle: Path | None,
+    server_name: str | None,
+) -> Any:
     from fedsilo.local.remote import Target
 
     if not url:
@@ -142,7 +147,7 @@ def _target(job: str, url: str | None, token: str | None, token_file: Path | Non
         typer.secho("the job's admin token is required: --token-file, FEDSILO_ADMIN_TOKEN or --token", fg="red",
                     err=True)
         raise typer.Exit(2)
-    return Target(url, job, secret, ca_bundle)
+    return Target(url, job, secret, ca_bundle, server_name)
 
 
 @app.command()
@@ -152,6 +157,7 @@ def status(
     token: str | None = TOKEN,
     token_file: Path | None = TOKEN_FILE,
     ca_bundle: Path | None = CA_BUNDLE,
+    server_name: str | None = SERVER_NAME,
     as_json: bool = typer.Option(False, "--json", help="Print status, rounds and evaluations as JSON."),
 ) -> None:
     """Where a job stands: phase, the round running, scores, privacy, silos and the round table."""
@@ -177,7 +183,7 @@ def status(
             return
         where = live
     else:
-        where = _target(target, url, token, token_file, ca_bundle)
+        where = _target(target, url, token, token_file, ca_bundle, server_name)
     try:
         snap = remote.snapshot(where)
     except remote.RemoteError as exc:
@@ -199,6 +205,7 @@ def pull(
     token: str | None = TOKEN,
     token_file: Path | None = TOKEN_FILE,
     ca_bundle: Path | None = CA_BUNDLE,
+    server_name: str | None = SERVER_NAME,
     version: int | None = typer.Option(None, min=0, help="Global adapter version (default: the newest)."),
     out: Path = typer.Option(Path("runs"), help="Runs folder; the pull goes to <out>/<job>/<UTC time>/."),
 ) -> None:
@@ -206,7 +213,7 @@ def pull(
     from fedsilo.local import remote
 
     try:
-        results = remote.pull(_target(job, url, token, token_file, ca_bundle), out, version)
+        results = remote.pull(_target(job, url, token, token_file, ca_bundle, server_name), out, version)
     except remote.RemoteError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None

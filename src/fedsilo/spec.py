@@ -340,6 +340,43 @@ class SiloSpec(Model):
     resources: Resources = Field(default_factory=Resources, description="Silo pod resources, GPUs included.")
 
 
+class IssuerRef(Model):
+    """A cert-manager issuer."""
+
+    name: str = Field(min_length=1, description="Name of the Issuer or ClusterIssuer.")
+    kind: Literal["Issuer", "ClusterIssuer"] = Field(
+        default="ClusterIssuer",
+        description="An Issuer must exist in the job's namespace (and in each in-cluster "
+        "silo's namespace with mutual TLS); a ClusterIssuer serves them all.",
+    )
+    group: str = Field(default="cert-manager.io", description="API group of the issuer.")
+
+
+class TlsSpec(Model):
+    """HTTPS between the aggregator and the silos (the cluster's side; `fedsilo run` always uses mutual TLS)."""
+
+    mode: Literal["operator", "certManager", "insecure"] = Field(
+        default="operator",
+        description="operator: the operator issues the certificates from its own CA Secret. certManager: "
+        "cert-manager Certificates from issuerRef. insecure: plain HTTP inside the cluster (tokens and adapters "
+        "in clear).",
+    )
+    mutual: bool = Field(
+        default=False,
+        description="Mutual TLS: each silo presents a client certificate naming its job and silo "
+        "(fedsilo://<job>/<silo>), checked against the silo of every request.",
+    )
+    issuer_ref: IssuerRef | None = Field(default=None, description="The cert-manager issuer (mode certManager).")
+
+    @model_validator(mode="after")
+    def _issuer_for_cert_manager(self) -> TlsSpec:
+        if self.mode == "certManager" and self.issuer_ref is None:
+            raise ValueError("tls.issuerRef is required with tls.mode certManager")
+        if self.mode == "insecure" and self.mutual:
+            raise ValueError("tls.mutual needs TLS: it cannot be combined with tls.mode insecure")
+        return self
+
+
 class AggregatorSpec(Model):
     """Cluster settings of the aggregator pod (ignored by the local runner)."""
 
@@ -355,6 +392,7 @@ class AggregatorSpec(Model):
         description="https URL external silos (other clusters) use to reach the aggregator, e.g. behind an "
         "Ingress: their bearer tokens cross organisational networks, never in the clear.",
     )
+    tls: TlsSpec = Field(default_factory=TlsSpec, description="HTTPS (and mutual TLS) inside the cluster.")
 
 
 class FederatedJobSpec(Model):

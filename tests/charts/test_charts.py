@@ -150,6 +150,7 @@ INVALID_CASES = [
         ["aggregator.egress.cidrs is empty", "networkPolicy.enabled=false"],
     ),
     (SILO, "silo-two-ca-sources.yaml", ["aggregator.caBundle: set configMap or secret, not both"]),
+    (SILO, "silo-plain-http.yaml", ["aggregator.url is plain http://", "insecureAllowPlainHttp=true"]),
     (HUB, "hub-typo.yaml", ["schema", "operater"]),
     (HUB, "hub-bad-interval.yaml", ["schema", "interval"]),
     (
@@ -298,6 +299,7 @@ def test_service_monitor_selects_the_operators_aggregator_services() -> None:
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
+    assert endpoint["scheme"] == service["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
     assert endpoint["honorLabels"] is True  # the dashboard queries the metrics' own `job` label
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["fedsilo-jobs", "hospital-a"]}
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -405,6 +407,27 @@ def test_silo_gpu_ca_model_and_metrics() -> None:
     )
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
+
+
+def test_silo_mutual_tls_mounts_the_client_certificate() -> None:
+    _, pod = _silo_pod("gpu-values.yaml")
+    env = env_of(pod["containers"][0])
+    assert env["FEDSILO_CLIENT_CERT"] == "/etc/fedsilo/client/tls.crt"
+    assert env["FEDSILO_CLIENT_KEY"] == "/etc/fedsilo/client/tls.key"
+    volume = next(v for v in pod["volumes"] if v["name"] == "client-cert")
+    assert volume["secret"]["secretName"] == "fedsilo-token" and volume["secret"]["defaultMode"] == 0o400
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "client-cert")
+    assert mount == {"name": "client-cert", "mountPath": "/etc/fedsilo/client", "readOnly": True}
+    _, without = _silo_pod("minimal-values.yaml")
+    assert "FEDSILO_CLIENT_CERT" not in env_of(without["containers"][0])
+
+
+def test_silo_plain_http_only_with_the_loud_insecure_value() -> None:
+    plain = ["-f", str(INVALID / "silo-plain-http.yaml")]
+    assert helm("template", "release", str(SILO), *plain).returncode != 0
+    allowed = helm("template", "release", str(SILO), *plain, "--set", "aggregator.insecureAllowPlainHttp=true")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "http://fl.hub.example.org" in allowed.stdout
 
 
 def test_silo_secret_ca_without_network_policy_or_metrics() -> None:

@@ -159,7 +159,8 @@ def test_silo_jobs() -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     env = container_env(a)
-    assert env["FEDSILO_AGGREGATOR_URL"] == "http://demo-aggregator.fl.svc.cluster.local:8080"
+    assert env["FEDSILO_AGGREGATOR_URL"] == "https://demo-aggregator.fl.svc.cluster.local:8080"
+    assert env["FEDSILO_CA_BUNDLE"] == "/etc/fedsilo/tls/ca.crt"  # HTTPS by default
     assert env["FEDSILO_SILO"] == "a" and env["FEDSILO_JOB"] == "demo"
     assert env["FEDSILO_DATA_ROOT"] == "/data"
     assert env["FEDSILO_TOKEN"] == {"secretKeyRef": {"name": "demo-silo-a-token", "key": "token"}}

@@ -105,6 +105,14 @@ spec:
         - name: FEDSILO_CA_BUNDLE
           value: {{ printf "/etc/fedsilo/ca/%s" .Values.aggregator.caBundle.key | quote }}
         {{- end }}
+        {{- with .Values.aggregator.clientCert }}
+        {{- if .secret }}
+        - name: FEDSILO_CLIENT_CERT
+          value: {{ printf "/etc/fedsilo/client/%s" .certKey | quote }}
+        - name: FEDSILO_CLIENT_KEY
+          value: {{ printf "/etc/fedsilo/client/%s" .keyKey | quote }}
+        {{- end }}
+        {{- end }}
         - name: FEDSILO_METRICS_PORT
           value: {{ .Values.metrics.port | quote }}
         - name: FEDSILO_CACHE_DIR
@@ -157,6 +165,11 @@ spec:
           mountPath: /etc/fedsilo/ca
           readOnly: true
         {{- end }}
+        {{- if .Values.aggregator.clientCert.secret }}
+        - name: client-cert
+          mountPath: /etc/fedsilo/client
+          readOnly: true
+        {{- end }}
         - name: cache
           mountPath: /cache
         - name: tmp
@@ -186,6 +199,19 @@ spec:
         items:
           - key: {{ .Values.aggregator.caBundle.key }}
             path: {{ .Values.aggregator.caBundle.key }}
+    {{- end }}
+    {{- with .Values.aggregator.clientCert }}
+    {{- if .secret }}
+    - name: client-cert
+      secret:
+        secretName: {{ .secret }}
+        defaultMode: 0400
+        items:
+          - key: {{ .certKey }}
+            path: {{ .certKey }}
+          - key: {{ .keyKey }}
+            path: {{ .keyKey }}
+    {{- end }}
     {{- end }}
     - name: cache
       {{- if .Values.cache.existingClaim }}

@@ -37,6 +37,7 @@ from fedsilo.aggregator.errors import (
     Unavailable,
 )
 from fedsilo.aggregator.metrics import Metrics
+from fedsilo.aggregator.peer import require_silo_cert
 from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.aggregator.store import make_sessions
@@ -97,9 +98,10 @@ def require_metrics_reader(request: Request, creds: Credentials) -> None:
     raise ApiError(401, "metrics reader or admin token required", "unauthorized")
 
 
-def require_silo(job: str, silo: str, engine: EngineDep, creds: Credentials) -> None:
+def require_silo(job: str, silo: str, request: Request, engine: EngineDep, creds: Credentials) -> None:
     if creds is None:
         raise ApiError(401, "silo token required", "unauthorized")
+    require_silo_cert(request, job, silo)
     engine.authenticate(job, silo, creds.credentials)
 
 
@@ -115,6 +117,7 @@ def require_reader(
         return None
     if creds is None or x_fedsilo_silo is None:
         raise ApiError(401, "admin token, or silo token with X-Fedsilo-Silo, required", "unauthorized")
+    require_silo_cert(request, job, x_fedsilo_silo)
     engine.authenticate(job, x_fedsilo_silo, creds.credentials)
     return x_fedsilo_silo
 

@@ -37,3 +37,26 @@ class AggregatorSettings(BaseSettings):
         default=True,
         description="Export per-silo series (loss, accuracy, examples, train time); false: aggregates only.",
     )
+    tls_cert_file: Path | None = Field(default=None, description="PEM server certificate (chain) served over HTTPS.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="Mutual TLS: CA bundle that signs the silos' client certificates. Silo routes then require a "
+        "certificate naming the URL's job and silo (admin routes keep the bearer token).",
+    )
+    insecure_http: bool = Field(
+        default=False,
+        description="Serve plain HTTP without TLS (tokens and adapters travel in clear): only behind a TLS-terminating "
+        "proxy or in tests. Without it the aggregator refuses to start without tls_cert_file and tls_key_file.",
+    )
+
+    def tls_problem(self) -> str | None:
+        """Why these settings cannot serve (None when they can): HTTPS is the default, plain HTTP opt-in."""
+        if self.insecure_http:
+            return "FEDSILO_INSECURE_HTTP with TLS files set: choose one" if self.tls_cert_file else None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return (
+                "the aggregator serves HTTPS only: set FEDSILO_TLS_CERT_FILE and FEDSILO_TLS_KEY_FILE "
+                "(or FEDSILO_INSECURE_HTTP=true for plain HTTP behind a TLS-terminating proxy)"
+            )
+        return None

@@ -31,6 +31,7 @@ import httpx
 
 from fedsilo.adapters import sha256
 from fedsilo.api import models as m
+from fedsilo.tls import client_context
 
 __all__ = ["Backoff", "Client", "ClientError", "Outcome", "Upload"]
 
@@ -132,7 +133,10 @@ class Client:
     """One job's view of the aggregator, as the admin or as one silo.
 
     `retries`: retries per call before giving up (`None`: for ever). `backoff_cap`: the
-    longest pause between two retries. `sleep` and `rng` are injectable for tests.
+    longest pause between two retries. `ca_bundle`: the CA that signs the aggregator's
+    certificate (default: public CAs). `client_cert`: (certificate, key) files for mutual
+    TLS. `server_name`: the name to expect in the server's certificate when the URL names
+    another host (a port-forward to 127.0.0.1). `sleep` and `rng` are injectable for tests.
     """
 
     def __init__(
@@ -144,6 +148,8 @@ class Client:
         *,
         retries: int | None = 8,
         ca_bundle: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
+        server_name: str | None = None,
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
         backoff_cap: float = 30.0,
@@ -153,11 +159,12 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"}
         if silo:
             headers["X-Fedsilo-Silo"] = silo
-        verify: Any = str(ca_bundle) if ca_bundle else True
+        verify: Any = client_context(ca_bundle, client_cert) if ca_bundle or client_cert else True
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify, transport=transport
         )
         self.job, self.silo, self.retries, self.timeout = job, silo, retries, timeout
+        self.server_name = server_name
         self.backoff = Backoff(cap=backoff_cap)
         self.sleep, self.rng = sleep, rng or random.Random()
 
@@ -170,6 +177,8 @@ class Client:
         Returns 2xx/3xx answers (and 409 when `conflicts`); raises `ClientError` for other 4xx.
         """
         outage = _Outage(f"{method} {url}", "for ever" if self.retries is None else f"up to {self.retries} times")
+        if self.server_name:  # SNI and certificate check use this name, not the URL's host
+            kwargs["extensions"] = {**kwargs.get("extensions", {}), "sni_hostname": self.server_name}
         while True:
             try:
                 response = self.http.request(method, url, **kwargs)

@@ -41,10 +41,11 @@ class Target:
     job: str
     token: str
     ca_bundle: Path | None = None
+    server_name: str | None = None  # the certificate's name when the URL is a port-forward
 
     def client(self) -> Client:
         return Client(self.url, self.job, self.token, retries=2, timeout=60.0, ca_bundle=self.ca_bundle,
-                      backoff_cap=2.0)
+                      server_name=self.server_name, backoff_cap=2.0)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def local_target(run_dir: Path) -> Target | None:
     token_file = run_dir / "state" / "admin-token"
     if record.outcome != "running" or not url or not pid or not token_file.is_file() or not _alive(int(pid)):
         return None
-    return Target(str(url), record.job, token_file.read_text().strip())
+    ca = record.source.get("ca_bundle")
+    return Target(str(url), record.job, token_file.read_text().strip(), Path(ca) if ca else None)
 
 
 def _alive(pid: int) -> bool:

@@ -28,8 +28,9 @@ from typing import IO, TypeVar
 import httpx
 from rich.console import Console
 
+from fedsilo import tls
 from fedsilo.api.client import Client, ClientError
-from fedsilo.local import progress, report, runs
+from fedsilo.local import certificates, progress, report, runs
 from fedsilo.local.results import Results
 from fedsilo.spec import FederatedJob
 
@@ -212,13 +213,14 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0, backof
     (run_dir / "logs").mkdir()
     (run_dir / "state").mkdir()
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     admin = secrets.token_urlsafe(24)
     tokens = {s.name: secrets.token_urlsafe(24) for s in job.spec.silos}
+    certs = certificates.create(run_dir / "state" / "tls", name, tokens)
     _secret(run_dir / "state" / "tokens.json", json.dumps(tokens))
     _secret(run_dir / "state" / "admin-token", admin)  # `fedsilo status runs/<job>` reads it while the run lives
     model_path = resolve_model_path(job.spec.base_model.path, job_dir)
-    source = {"kind": "local", "aggregator_url": url, "runner_pid": os.getpid()}
+    source = {"kind": "local", "aggregator_url": url, "ca_bundle": str(certs.ca), "runner_pid": os.getpid()}
     record = runs.RunRecord(name, "running", runs.now().isoformat(timespec="seconds"), job.spec.training.rounds,
                             source=source)
     saved = Results(run_dir, job, record, base_resolved=model_path)
@@ -226,18 +228,19 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0, backof
     procs = Processes(run_dir / "state" / "pids.json", backoff_limit)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the children too, like Ctrl-C
-    client = Client(url, name, admin, retries=0, timeout=60.0)  # no retries: outages are the supervisor's business
+    # no retries: outages are the supervisor's business
+    client = Client(url, name, admin, retries=0, timeout=60.0, ca_bundle=certs.ca)
     outcome: runs.Outcome = "failed"
     message = ""
     try:
-        procs.start("aggregator", _aggregator_env(run_dir, port, admin), run_dir / "logs" / "aggregator.log",
+        procs.start("aggregator", _aggregator_env(run_dir, port, admin, certs), run_dir / "logs" / "aggregator.log",
                     "aggregator", server=True)
-        _wait_ready(url, procs)
+        _wait_ready(url, procs, certs.ca)
         console.print(f"run {_short(run_dir)}  aggregator {url}  (metrics {url}/metrics, logs {_short(run_dir)}/logs)",
                       soft_wrap=True)
         threads = max(1, (os.cpu_count() or 1) // len(job.spec.silos))
         for silo in job.spec.silos:
-            env = _silo_env(url, name, silo.name, tokens[silo.name], job_dir, model_path, threads)
+            env = _silo_env(url, name, silo.name, tokens[silo.name], job_dir, model_path, threads, certs)
             procs.start(silo.name, env, run_dir / "logs" / f"{silo.name}.log", "silo-agent")
         outcome, message = _follow(client, procs, job, saved, started)
         if outcome == "succeeded":
@@ -299,9 +302,13 @@ def _print_results(run_dir: Path, saved: Results, outcome: str, message: str) ->
     console.print("  rounds.csv   rounds.png   logs/   run.json", soft_wrap=True)
 
 
-def _aggregator_env(run_dir: Path, port: int, admin: str) -> dict[str, str]:
+def _aggregator_env(run_dir: Path, port: int, admin: str, certs: certificates.RunCertificates) -> dict[str, str]:
     """The same port, database and checkpoint folder on every (re)start: a restart resumes the job."""
     return {
+        "FEDSILO_TLS_CERT_FILE": str(certs.server[0]),
+        "FEDSILO_TLS_KEY_FILE": str(certs.server[1]),
+        "FEDSILO_TLS_CLIENT_CA_FILE": str(certs.ca),  # mutual TLS: each silo proves which silo it is
+        "FEDSILO_INSECURE_HTTP": "false",  # whatever the caller's shell says
         "FEDSILO_ADMIN_TOKEN": admin,
         "FEDSILO_HOST": "127.0.0.1",
         "FEDSILO_PORT": str(port),
@@ -316,9 +323,14 @@ def _aggregator_env(run_dir: Path, port: int, admin: str) -> dict[str, str]:
 
 
 def _silo_env(
-    url: str, job: str, silo: str, token: str, job_dir: Path, model_path: str, threads: int
+    url: str, job: str, silo: str, token: str, job_dir: Path, model_path: str, threads: int,
+    certs: certificates.RunCertificates,
 ) -> dict[str, str]:
+    cert, key = certs.silo(silo)
     return {
+        "FEDSILO_CA_BUNDLE": str(certs.ca),
+        "FEDSILO_CLIENT_CERT": str(cert),
+        "FEDSILO_CLIENT_KEY": str(key),
         "FEDSILO_AGGREGATOR_URL": url,
         "FEDSILO_JOB": job,
         "FEDSILO_SILO": silo,
@@ -354,12 +366,13 @@ def _ask(procs: Processes, call: Callable[[], T], timeout: float = 300.0) -> T:
         time.sleep(0.5)
 
 
-def _wait_ready(url: str, procs: Processes, timeout: float = 60.0) -> None:
+def _wait_ready(url: str, procs: Processes, ca: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    verify = tls.client_context(ca)
     while time.monotonic() < deadline:
         procs.supervise()
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass

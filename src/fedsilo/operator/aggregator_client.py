@@ -8,6 +8,7 @@ final answer (422 `immutable`, 409 `not_failed`, other 4xx): retrying does not h
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -66,8 +67,11 @@ class AggregatorClient:
         admin_token: str,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 5.0,
+        ca: str | None = None,
     ) -> None:
+        """`ca`: PEM of the CA that signs the aggregator's certificate (None: public CAs)."""
         self.base_url = base_url.rstrip("/")
+        self._verify: ssl.SSLContext | bool = ssl.create_default_context(cadata=ca) if ca else True
         self._headers = {"Authorization": f"Bearer {admin_token}"}
         self._transport = transport
         self._timeout = timeout
@@ -78,6 +82,7 @@ class AggregatorClient:
             headers=self._headers,
             transport=self._transport,
             timeout=self._timeout,
+            verify=self._verify,
         ) as client:
             try:
                 response = await client.request(method, f"{API_PREFIX}{path}", json=json)

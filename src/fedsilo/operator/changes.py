@@ -13,6 +13,7 @@ import kopf
 
 from fedsilo.operator import naming
 from fedsilo.operator.aggregator_client import AggregatorClient, AggregatorError, AggregatorRefused
+from fedsilo.operator.certificates import job_ca
 from fedsilo.operator.kube import KubeClient, KubeError
 from fedsilo.operator.manifests import job_document, silo_job, silo_jobs_to_restart
 from fedsilo.operator.objects import ensure_tokens, job_from_body, where
@@ -35,14 +36,16 @@ RESUME_MEMO = "fedsilo_resume"  # kopf memo key: (value, outcome, message) alrea
 RESUME_EVENT_MEMO = "fedsilo_resume_event"  # kopf memo key: the value whose Event was posted
 
 
-def admin_client(
+async def admin_client(
+    kube: KubeClient,
     job: FederatedJob,
     tokens: Tokens,
     settings: OperatorSettings,
     transport: httpx.AsyncBaseTransport | None,
 ) -> AggregatorClient:
+    """The job's aggregator as its admin, verified against the job's CA (`<job>-tls`)."""
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    return AggregatorClient(url, tokens.admin, transport=transport)
+    return AggregatorClient(url, tokens.admin, transport=transport, ca=await job_ca(kube, job))
 
 
 async def send_spec(
@@ -64,7 +67,7 @@ async def send_spec(
     except SpecError as exc:
         return SpecOutcome(False, "InvalidSpec", str(exc))
     tokens = await ensure_tokens(kube, job, str(meta.get("uid") or ""))
-    client = admin_client(job, tokens, settings, transport)
+    client = await admin_client(kube, job, tokens, settings, transport)
     try:
         running = await client.job_document(job.metadata.name)
         known = {str(s.get("name")) for s in (running.get("spec") or {}).get("silos") or []}
@@ -139,7 +142,7 @@ async def resume_job(
         outcome: ResumeOutcome = "Resumed"
         message = ""
         try:
-            await admin_client(job, tokens, settings, transport).resume(job.metadata.name)
+            await (await admin_client(kube, job, tokens, settings, transport)).resume(job.metadata.name)
         except AggregatorRefused as exc:
             outcome = "NotFailed" if exc.reason == "not_failed" else "Refused"
             message = exc.detail

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fedsilo.operator import naming
+from fedsilo.operator.certificates import read_job_tls
 from fedsilo.operator.drift import EXTERNAL_URL_ANNOTATION, drift, external_endpoint
 from fedsilo.operator.kube import CHILD_KINDS, KubeClient, KubeError
 from fedsilo.operator.manifests import job_children
@@ -152,8 +153,9 @@ async def reconcile(
     meta = body.get("metadata", {})
     uid = str(meta.get("uid") or "")
     tokens = await ensure_tokens(kube, job, uid)
+    job_tls = await read_job_tls(kube, job, settings)
     endpoint = external_endpoint(job, meta.get("annotations") or {})
-    children = job_children(job, uid, tokens, settings, endpoint.url)
+    children = job_children(job, uid, tokens, settings, endpoint.url, job_tls)
     outcome = Outcome(endpoint=endpoint)
     repair = set(repairing)
     secret_key = ("Secret", naming.job_namespace(job), naming.tokens_secret_name(job))

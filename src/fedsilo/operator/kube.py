@@ -42,6 +42,7 @@ KINDS: dict[str, tuple[str, bool]] = {
     "FederatedJob": ("federatedjobs", True),
     "Namespace": ("namespaces", False),
     "CustomResourceDefinition": ("customresourcedefinitions", False),
+    "Certificate": ("certificates", True),  # cert-manager.io/v1 (spec.aggregator.tls.mode certManager)
 }
 # The kinds of a job's children, in deletion order (workloads first).
 CHILD_KINDS: list[tuple[str, str]] = [

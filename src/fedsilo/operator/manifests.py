@@ -12,6 +12,17 @@ from typing import Any
 import yaml
 
 from fedsilo.operator import naming
+from fedsilo.operator.certificates import (
+    CA_KEY,
+    CERT_KEY,
+    KEY_KEY,
+    JobTls,
+    aggregator_tls_mounts,
+    certificates,
+    default_tls,
+    silo_tls_mounts,
+    tls_secret,
+)
 from fedsilo.operator.policies import network_policies
 from fedsilo.operator.settings import OperatorSettings
 from fedsilo.operator.tokens import SILO_TOKENS_KEY, TOKEN_KEY, Tokens, encode
@@ -22,6 +33,7 @@ Manifest = dict[str, Any]
 STATE_DIR = "/var/lib/fedsilo"
 JOB_DIR = "/etc/fedsilo/job"
 TOKENS_DIR = "/etc/fedsilo/tokens"
+TLS_ANNOTATION = "fedsilo.io/tls-certificate"  # the served certificate's digest: a new one restarts the pod
 JOB_FILE_KEY = "job.yaml"
 DATA_DIR = "/data"
 CACHE_DIR = "/cache"
@@ -41,18 +53,26 @@ def tokens_secret(job: FederatedJob, uid: str, tokens: Tokens) -> Manifest:
     }
 
 
-def silo_token_secret(job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str | None) -> Manifest:
+def silo_token_secret(
+    job: FederatedJob, uid: str, silo: SiloSpec, token: str, url: str | None, job_tls: JobTls | None = None
+) -> Manifest:
     """One silo's token (in the silo's namespace), with what the agent needs to join.
 
     `url` is the aggregator URL this silo connects to; None (an external silo while the job
     has no public URL) leaves the `aggregator-url` key out rather than handing out one the
-    other organisation cannot reach.
+    other organisation cannot reach. With TLS: the CA bundle `ca.crt` and, with mutual TLS
+    issued by the operator, the silo's client certificate and key (`tls.crt`, `tls.key`).
     """
     namespace = naming.silo_namespace(job, silo)
     name = naming.silo_token_secret_name(job, silo)
     values = {TOKEN_KEY: token, "job": job.metadata.name, "silo": silo.name}
     if url:
         values["aggregator-url"] = url
+    if job_tls is not None and job_tls.ca:
+        values[CA_KEY] = job_tls.ca
+    pair = job_tls.silo_pair(silo.name) if job_tls is not None else None
+    if pair is not None:
+        values[CERT_KEY], values[KEY_KEY] = pair
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -93,10 +113,16 @@ def checkpoints_claim(job: FederatedJob, uid: str) -> Manifest:
     }
 
 
-def aggregator_service(job: FederatedJob, uid: str, settings: OperatorSettings) -> Manifest:
-    """ClusterIP Service of the aggregator, annotated for Prometheus scraping."""
+def aggregator_service(
+    job: FederatedJob, uid: str, settings: OperatorSettings, job_tls: JobTls | None = None
+) -> Manifest:
+    """ClusterIP Service of the aggregator, annotated for Prometheus scraping.
+
+    The port keeps its name `http` (NetworkPolicies and ServiceMonitors select it) whatever the scheme.
+    """
     annotations = {
         "prometheus.io/scrape": "true",
+        "prometheus.io/scheme": (job_tls or default_tls(job)).scheme,
         "prometheus.io/port": str(settings.aggregator_port),
         "prometheus.io/path": "/metrics",
     }
@@ -174,8 +200,11 @@ def _deployment(meta: Manifest, selector: dict[str, str], pod_labels: dict[str, 
     }
 
 
-def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSettings) -> Manifest:
-    """The aggregator: one replica (Recreate), checkpoint PVC, probes, admin token env."""
+def aggregator_deployment(
+    job: FederatedJob, uid: str, settings: OperatorSettings, job_tls: JobTls | None = None
+) -> Manifest:
+    """The aggregator: one replica (Recreate), checkpoint PVC, probes, admin token env, TLS."""
+    job_tls = job_tls or default_tls(job)
     spec = job.spec.aggregator
     secret = naming.tokens_secret_name(job)
     database: dict[str, Any] = {
@@ -192,8 +221,11 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
         {"name": "FEDSILO_JOB_FILE", "value": f"{JOB_DIR}/{JOB_FILE_KEY}"},
         {"name": "FEDSILO_SILO_TOKENS_FILE", "value": f"{TOKENS_DIR}/{SILO_TOKENS_KEY}"},
     ]
+    tls_env, tls_volume, tls_mount = aggregator_tls_mounts(job, job_tls)
+    env += tls_env
+    scheme = job_tls.scheme.upper()  # probes need no client certificate (the handshake does not require one)
     probe = {
-        "httpGet": {"path": "/healthz", "port": "http"},
+        "httpGet": {"path": "/healthz", "port": "http", "scheme": scheme},
         "periodSeconds": 10,
         "failureThreshold": 6,
     }
@@ -206,7 +238,7 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
         "ports": [{"name": "http", "containerPort": settings.aggregator_port, "protocol": "TCP"}],
         "readinessProbe": {
             **probe,
-            "httpGet": {"path": "/readyz", "port": "http"},
+            "httpGet": {"path": "/readyz", "port": "http", "scheme": scheme},
             "periodSeconds": 5,
         },
         "livenessProbe": probe,
@@ -219,6 +251,7 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
             {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
             {"name": "tokens", "mountPath": TOKENS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            *([tls_mount] if tls_mount else []),
         ],
     }
     volumes = [
@@ -236,6 +269,8 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
         },
         {"name": "tmp", "emptyDir": {}},
     ]
+    if tls_volume is not None:
+        volumes.append(tls_volume)
     pod = {
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
@@ -244,7 +279,10 @@ def aggregator_deployment(job: FederatedJob, uid: str, settings: OperatorSetting
     }
     labels = {**naming.job_labels(job), naming.LABEL_COMPONENT: naming.AGGREGATOR}
     meta = naming.metadata(job, uid, naming.aggregator_name(job), naming.job_namespace(job), labels)
-    return _deployment(meta, naming.aggregator_selector(job), labels, pod)
+    deployment = _deployment(meta, naming.aggregator_selector(job), labels, pod)
+    if job_tls.data:
+        deployment["spec"]["template"]["metadata"]["annotations"] = {TLS_ANNOTATION: job_tls.server_digest()}
+    return deployment
 
 
 def data_volume(silo: SiloSpec) -> dict[str, Any] | None:
@@ -260,7 +298,9 @@ def data_volume(silo: SiloSpec) -> dict[str, Any] | None:
     return {"name": "data", "emptyDir": {}}
 
 
-def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings) -> Manifest:
+def silo_job(
+    job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSettings, job_tls: JobTls | None = None
+) -> Manifest:
     """One in-cluster silo's agent as a batch/v1 Job, in the silo's namespace, data at /data.
 
     The agent exits 0 once the federated job is done, so it runs to completion (a
@@ -282,13 +322,17 @@ def silo_job(job: FederatedJob, uid: str, silo: SiloSpec, settings: OperatorSett
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
     ]
+    tls_env, tls_volumes, tls_mounts = silo_tls_mounts(job, silo, job_tls or default_tls(job))
+    env += tls_env
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
+        *tls_mounts,
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
+        *tls_volumes,
     ]
     data = data_volume(silo)
     if data is not None:
@@ -354,25 +398,36 @@ def silo_jobs_to_restart(jobs: Iterable[Manifest]) -> list[Manifest]:
 
 
 def job_children(
-    job: FederatedJob, uid: str, tokens: Tokens, settings: OperatorSettings, external_url: str | None = None
+    job: FederatedJob,
+    uid: str,
+    tokens: Tokens,
+    settings: OperatorSettings,
+    external_url: str | None = None,
+    job_tls: JobTls | None = None,
 ) -> list[Manifest]:
     """Every child of a job, in apply order (Secrets and config before the pods using them).
 
     `external_url` is the aggregator's public URL, written into external silos' token Secrets.
+    `job_tls`: the job's certificates (`certificates.read_job_tls`).
     """
+    job_tls = job_tls or default_tls(job)
     url = naming.aggregator_url(job, settings.aggregator_port, settings.cluster_domain)
-    children = [
-        tokens_secret(job, uid, tokens),
+    children = [tokens_secret(job, uid, tokens)]
+    if job_tls.mode == "operator" and job_tls.data:
+        children.append(tls_secret(job, uid, job_tls))
+    elif job_tls.mode == "certManager":
+        children.extend(certificates(job, uid, settings))
+    children += [
         job_configmap(job, uid),
         checkpoints_claim(job, uid),
-        aggregator_service(job, uid, settings),
-        aggregator_deployment(job, uid, settings),
+        aggregator_service(job, uid, settings, job_tls),
+        aggregator_deployment(job, uid, settings, job_tls),
     ]
     for silo in job.spec.silos:
         silo_url = external_url if silo.external else url
-        children.append(silo_token_secret(job, uid, silo, tokens.silos[silo.name], silo_url))
+        children.append(silo_token_secret(job, uid, silo, tokens.silos[silo.name], silo_url, job_tls))
     children.extend(network_policies(job, uid, settings))
     for silo in job.spec.silos:
         if not silo.external:
-            children.append(silo_job(job, uid, silo, settings))
+            children.append(silo_job(job, uid, silo, settings, job_tls))
     return children

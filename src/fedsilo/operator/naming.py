@@ -62,9 +62,10 @@ def silo_token_secret_name(job: FederatedJob, silo: SiloSpec) -> str:
 
 
 def aggregator_url(job: FederatedJob, port: int, cluster_domain: str = "cluster.local") -> str:
-    """In-cluster URL of the aggregator Service."""
+    """In-cluster URL of the aggregator Service: https unless the job asks for plain HTTP."""
     host = f"{aggregator_name(job)}.{job_namespace(job)}.svc.{cluster_domain}"
-    return f"http://{host}:{port}"
+    scheme = "http" if job.spec.aggregator.tls.mode == "insecure" else "https"
+    return f"{scheme}://{host}:{port}"
 
 
 def job_labels(job: FederatedJob) -> dict[str, str]:

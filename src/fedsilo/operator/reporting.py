@@ -93,7 +93,8 @@ async def poll_status(
     if tokens is None:
         return unreachable_patch("tokens Secret not created yet", previous, generation, moment)
     try:
-        status = await admin_client(job, tokens, settings, transport).job_status(job.metadata.name)
+        client = await admin_client(kube, job, tokens, settings, transport)
+        status = await client.job_status(job.metadata.name)
     except AggregatorError as exc:
         return unreachable_patch(str(exc), previous, generation, moment)
     return job_status_patch(status, previous, generation, moment)

@@ -69,6 +69,10 @@ class OperatorSettings(BaseSettings):
         "own image repository (any tag or digest of it is always allowed).",
     )
     # --- end of tenancy
+    ca_secret: str = Field(
+        default="fedsilo-ca",
+        description="Secret (in operator_namespace) holding the CA that issues the jobs' certificates; created once.",
+    )
     finalizer: str = Field(default="fedsilo.io/cleanup", description="Finalizer on FederatedJobs.")
     peering: bool = Field(default=False, description="Use kopf peering (several replicas); standalone when false.")
 

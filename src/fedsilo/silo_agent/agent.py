@@ -306,6 +306,7 @@ def run_agent(settings: SiloSettings) -> int:
         settings.silo,
         retries=settings.request_retries,
         ca_bundle=settings.ca_bundle,
+        client_cert=settings.client_cert_pair(),
         backoff_cap=settings.backoff_cap_seconds,
     )
     try:

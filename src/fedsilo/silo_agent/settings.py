@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,10 @@ class SiloSettings(BaseSettings):
     data_root: Path = Field(default=Path("/data"), description="Relative data paths resolve against this folder.")
     model_path: str | None = Field(default=None, description="Overrides spec.baseModel.path inside this silo.")
     ca_bundle: Path | None = Field(default=None, description="CA bundle for the aggregator's TLS certificate.")
+    client_cert: Path | None = Field(
+        default=None, description="Mutual TLS: this silo's client certificate (PEM), naming its job and silo."
+    )
+    client_key: Path | None = Field(default=None, description="Mutual TLS: the private key of client_cert (PEM).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0: torch's default).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Serve this agent's /metrics here (0: off).")
     cache_dir: Path = Field(default=Path.home() / ".cache" / "fedsilo", description="Converted models and caches.")
@@ -35,3 +39,13 @@ class SiloSettings(BaseSettings):
     backoff_cap_seconds: float = Field(
         default=30.0, gt=0, description="Longest pause between two retries (exponential backoff, full jitter)."
     )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "SiloSettings":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("FEDSILO_CLIENT_CERT and FEDSILO_CLIENT_KEY go together: set both or neither")
+        return self
+
+    def client_cert_pair(self) -> tuple[Path, Path] | None:
+        """(certificate, key) for mutual TLS, or None without a client certificate."""
+        return (self.client_cert, self.client_key) if self.client_cert and self.client_key else None
