@@ -19,8 +19,15 @@ from fedsilo.operator.tenancy import TenancyPolicy
 DEFAULTS = HUB / "ci" / "default-values.yaml"
 NAMESPACED = HUB / "ci" / "monitoring-values.yaml"  # watchNamespaces [fedsilo-jobs, team-a], silos in hospital-a
 OPEN = HUB / "ci" / "tenancy-values.yaml"
-CHILDREN = [("", "secrets"), ("", "configmaps"), ("", "services"), ("", "persistentvolumeclaims"),
-            ("apps", "deployments"), ("batch", "jobs"), ("networking.k8s.io", "networkpolicies")]
+CHILDREN = [
+    ("", "secrets"),
+    ("", "configmaps"),
+    ("", "services"),
+    ("", "persistentvolumeclaims"),
+    ("apps", "deployments"),
+    ("batch", "jobs"),
+    ("networking.k8s.io", "networkpolicies"),
+]
 
 
 def policy(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
@@ -62,7 +69,11 @@ def test_namespaced_mode_grants_secrets_and_jobs_only_in_watched_and_silo_namesp
     assert {r for rule in cluster_rules for r in rule["resources"]} == {"namespaces", "customresourcedefinitions"}
     for rule in cluster_rules:
         assert set(rule["verbs"]) <= {"get", "list", "watch", "patch"}
-    roles = {r["metadata"]["namespace"]: r["rules"] for r in find(objects, "Role")}
+    ca = [r for r in find(objects, "Role") if r["metadata"]["name"].endswith("-ca")]
+    assert [(r["metadata"]["namespace"], r["rules"]) for r in ca] == [
+        ("fedsilo-test", [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}])
+    ]  # the operator's own CA (TLS), in its own namespace
+    roles = {r["metadata"]["namespace"]: r["rules"] for r in find(objects, "Role") if r not in ca}
     assert set(roles) == {"fedsilo-jobs", "team-a", "hospital-a"}
     for namespace in ("fedsilo-jobs", "team-a"):
         for group, resource in CHILDREN:
@@ -75,7 +86,9 @@ def test_namespaced_mode_grants_secrets_and_jobs_only_in_watched_and_silo_namesp
     for group, resource in [("apps", "deployments"), ("", "services"), ("", "configmaps")]:
         assert not _rbac_allows(silo_only, group, resource, "create"), resource
     assert not _rbac_allows(silo_only, "fedsilo.io", "federatedjobs", "get")
-    bindings = {b["metadata"]["namespace"]: b for b in find(objects, "RoleBinding")}
+    bindings = {
+        b["metadata"]["namespace"]: b for b in find(objects, "RoleBinding") if not b["metadata"]["name"].endswith("-ca")
+    }
     assert set(bindings) == set(roles)
     sa = one(objects, "ServiceAccount")["metadata"]["name"]
     assert all(b["subjects"][0]["name"] == sa and b["roleRef"]["kind"] == "Role" for b in bindings.values())
@@ -89,8 +102,13 @@ def test_namespaced_mode_refuses_globs() -> None:
 
 def test_operator_settings_come_from_the_tenancy_values() -> None:
     env = env_of(one(render(HUB, OPEN), "Deployment")["spec"]["template"]["spec"]["containers"][0])
-    settings = OperatorSettings(**{k.removeprefix("FEDSILO_").lower(): v for k, v in env.items()
-                                   if k.startswith("FEDSILO_") and isinstance(v, str)})
+    settings = OperatorSettings(
+        **{
+            k.removeprefix("FEDSILO_").lower(): v
+            for k, v in env.items()
+            if k.startswith("FEDSILO_") and isinstance(v, str)
+        }
+    )
     assert settings.silo_namespaces == "hospital-*,research"
     assert settings.silo_namespace_label == "fedsilo.io/silos=allowed"
     assert settings.allow_writable_data is True and settings.allow_host_path is False
@@ -125,8 +143,15 @@ def test_opt_in_label_leaves_namespaces_to_the_operator() -> None:
 @pytest.mark.parametrize("namespace", ["hospital-a", "hospital-", "hospital", "research", "research-x", "a.b"])
 def test_chart_namespace_globs_match_as_the_operator_reads_them(namespace: str) -> None:
     globs = "hospital-*,research"
-    result = helm("template", "r", str(HUB), "--set", f"tenancy.siloNamespaces={{{globs}}}",
-                  "-s", "templates/admission-policy.yaml")
+    result = helm(
+        "template",
+        "r",
+        str(HUB),
+        "--set",
+        f"tenancy.siloNamespaces={{{globs}}}",
+        "-s",
+        "templates/admission-policy.yaml",
+    )
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ValidatingAdmissionPolicy"]
     foreign = variable(tuple(docs), "foreign")
