@@ -478,3 +478,28 @@ def test_metrics_need_a_token_and_per_silo_series_can_be_switched_off(tmp_path: 
         assert "fedsilo_silo_examples{" not in text_ and "fedsilo_silo_train_seconds{" not in text_
     finally:
         agg.stop()
+
+
+def test_an_agent_picks_up_its_rotated_token_from_the_mounted_file(hub: AggregatorProcess, tmp_path: Path) -> None:
+    """The operator rewrites the silo's Secret (a file in the pod); the agent's next 401 makes it re-read it."""
+    from fedsilo.api.client import Client
+    from fedsilo.silo_agent.settings import SiloSettings
+
+    start_demo(hub)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKENS["beta"] + "\n")
+    settings = SiloSettings(aggregator_url=hub.url, job="demo", silo="beta", token_file=token_file)
+    client = Client(hub.url, "demo", settings.read_token(), "beta", retries=0, token_source=settings.read_token)
+    assert client.task().action == "train"
+    rotated = send(
+        hub,
+        {
+            "method": "POST",
+            "url": "/v1/jobs/demo/silos/beta/token",
+            "headers": bearer(ADMIN),
+            "json": {"grace_seconds": 0},
+        },
+    ).json()["token"]
+    token_file.write_text(rotated)  # what kubelet does when the Secret changes
+    assert client.task().action == "train"  # one 401, then the same request with the new token
+    assert client.http.headers["Authorization"] == f"Bearer {rotated}"

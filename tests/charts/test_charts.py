@@ -49,9 +49,7 @@ def _helm_binary() -> str | None:
 
 
 HELM = _helm_binary()
-pytestmark = pytest.mark.skipif(
-    HELM is None, reason="helm not installed: run scripts/install-tools.sh"
-)
+pytestmark = pytest.mark.skipif(HELM is None, reason="helm not installed: run scripts/install-tools.sh")
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,9 +61,7 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
         "HELM_CONFIG_HOME": "/tmp/fedsilo-helm/config",
         "HELM_DATA_HOME": "/tmp/fedsilo-helm/data",
     }
-    return subprocess.run(
-        [HELM, *args], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
+    return subprocess.run([HELM, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
 @cache
@@ -120,9 +116,7 @@ def test_rendered_manifests_validate_strictly(chart: Path, values: Path) -> None
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(
-                f"{chart.name} with {values.name}: {where}: {exc.message} at {list(exc.path)}"
-            )
+            pytest.fail(f"{chart.name} with {values.name}: {where}: {exc.message} at {list(exc.path)}")
         except kubernetes_validate.SchemaNotFoundError as exc:
             pytest.fail(f"{chart.name} with {values.name}: {where}: {exc.message}")
 
@@ -161,19 +155,13 @@ INVALID_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("chart", "name", "words"), INVALID_CASES, ids=[c[1] for c in INVALID_CASES]
-)
+@pytest.mark.parametrize(("chart", "name", "words"), INVALID_CASES, ids=[c[1] for c in INVALID_CASES])
 def test_invalid_values_fail_with_a_clear_message(chart: Path, name: str, words: list[str]) -> None:
     # Schema violations fail lint too; a template's `fail` (cross-field rules) fails
     # template/install, while helm 4's lint only reports it.
     commands = ("template", "lint") if words[0] == "schema" else ("template",)
     for command in commands:
-        args = (
-            ["template", "release", str(chart)]
-            if command == "template"
-            else ["lint", "--strict", str(chart)]
-        )
+        args = ["template", "release", str(chart)] if command == "template" else ["lint", "--strict", str(chart)]
         result = helm(*args, "-f", str(INVALID / name))
         output = result.stdout + result.stderr
         assert result.returncode != 0, f"helm {command} accepted {name}"
@@ -193,19 +181,13 @@ def test_chart_crd_copy_is_current() -> None:
     if not source.exists():
         pytest.skip("crds/federatedjob.yaml is not generated yet")
     copy = HUB / "crds" / "federatedjob.yaml"
-    assert copy.exists(), (
-        "charts/fedsilo/crds/federatedjob.yaml missing: run scripts/sync-chart-crd.sh"
-    )
-    assert copy.read_text() == source.read_text(), (
-        "chart CRD is stale: run scripts/sync-chart-crd.sh"
-    )
+    assert copy.exists(), "charts/fedsilo/crds/federatedjob.yaml missing: run scripts/sync-chart-crd.sh"
+    assert copy.read_text() == source.read_text(), "chart CRD is stale: run scripts/sync-chart-crd.sh"
 
 
 def test_chart_dashboard_copy_is_current() -> None:
     copy = HUB / "dashboards" / "fedsilo.json"
-    assert copy.exists(), (
-        "charts/fedsilo/dashboards/fedsilo.json missing: run scripts/sync-chart-crd.sh"
-    )
+    assert copy.exists(), "charts/fedsilo/dashboards/fedsilo.json missing: run scripts/sync-chart-crd.sh"
     assert copy.read_text() == (ROOT / "dashboards" / "fedsilo.json").read_text(), (
         "chart dashboard is stale: run scripts/sync-chart-crd.sh"
     )
@@ -237,9 +219,7 @@ def test_operator_deployment_runs_the_operator_unprivileged() -> None:
 
 
 def _rbac_allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
-    return any(
-        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
-    )
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
 
 
 def test_cluster_role_is_least_privilege_and_covers_what_the_operator_creates() -> None:
@@ -328,21 +308,18 @@ def test_silo_agent_env_matches_the_agent_settings() -> None:
     assert env["FEDSILO_AGGREGATOR_URL"] == "https://fl.hub.example.org"
     assert env["FEDSILO_JOB"] == "sentiment-demo"
     assert env["FEDSILO_SILO"] == "hospital-a"
-    assert env["FEDSILO_TOKEN"] == {"secretKeyRef": {"name": "fedsilo-token", "key": "token"}}
+    assert env["FEDSILO_TOKEN_FILE"] == "/etc/fedsilo/token/token"  # a file: a rotated token is picked up
+    token = {v["name"]: v for v in pod["volumes"]}["token"]["secret"]
+    assert (token["secretName"], token["items"]) == ("fedsilo-token", [{"key": "token", "path": "token"}])
     assert env["FEDSILO_DATA_ROOT"] == "/data"
     assert env["FEDSILO_METRICS_PORT"] == "9090"
     assert "FEDSILO_CA_BUNDLE" not in env and "FEDSILO_MODEL_PATH" not in env
-    # Settings build from exactly this environment (the token from the Secret).
+    # Settings build from exactly this environment (the token from the mounted Secret).
     plain = {k: v for k, v in env.items() if isinstance(v, str)}
     settings = SiloSettings(
-        **{
-            k.removeprefix("FEDSILO_").lower(): v
-            for k, v in plain.items()
-            if k.startswith("FEDSILO_")
-        },
-        token="t" * 16,
+        **{k.removeprefix("FEDSILO_").lower(): v for k, v in plain.items() if k.startswith("FEDSILO_")},
     )
-    assert settings.silo == "hospital-a"
+    assert settings.silo == "hospital-a" and settings.token_file is not None
 
 
 def test_silo_agent_is_unprivileged_with_read_only_data() -> None:
@@ -394,17 +371,15 @@ def test_silo_gpu_ca_model_and_metrics() -> None:
     env = env_of(container)
     assert env["FEDSILO_CA_BUNDLE"] == "/etc/fedsilo/ca/ca.crt"
     assert env["FEDSILO_MODEL_PATH"] == "/models"
-    assert env["FEDSILO_TOKEN"]["secretKeyRef"]["key"] == "hospital-b"
     volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["token"]["secret"]["items"] == [{"key": "hospital-b", "path": "token"}]
     assert volumes["ca-bundle"]["configMap"]["name"] == "hub-ca"
     assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
     assert container["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
     assert one(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
     service = one(objects, "Service")
     monitor = one(objects, "ServiceMonitor")
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
 

@@ -163,7 +163,12 @@ def test_silo_jobs() -> None:
     assert env["FEDSILO_CA_BUNDLE"] == "/etc/fedsilo/tls/ca.crt"  # HTTPS by default
     assert env["FEDSILO_SILO"] == "a" and env["FEDSILO_JOB"] == "demo"
     assert env["FEDSILO_DATA_ROOT"] == "/data"
-    assert env["FEDSILO_TOKEN"] == {"secretKeyRef": {"name": "demo-silo-a-token", "key": "token"}}
+    assert env["FEDSILO_TOKEN_FILE"] == "/etc/fedsilo/token/token"  # a file: rotations reach the running agent
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["token"]["secret"] == {
+        "secretName": "demo-silo-a-token",
+        "items": [{"key": "token", "path": "token"}],
+    }
     template = spec["template"]["metadata"]
     assert template["annotations"]["prometheus.io/port"] == "9090"
     b = find(items, "Job", "demo-silo-b")

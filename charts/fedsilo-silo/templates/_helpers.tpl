@@ -90,11 +90,9 @@ spec:
           value: {{ .Values.job | quote }}
         - name: FEDSILO_SILO
           value: {{ .Values.silo | quote }}
-        - name: FEDSILO_TOKEN
-          valueFrom:
-            secretKeyRef:
-              name: {{ .Values.token.existingSecret }}
-              key: {{ .Values.token.key }}
+        # a file, not an env var: a token the hub rotates reaches the running agent when the Secret changes
+        - name: FEDSILO_TOKEN_FILE
+          value: /etc/fedsilo/token/token
         - name: FEDSILO_DATA_ROOT
           value: /data
         {{- if or .Values.model.path .Values.model.existingClaim }}
@@ -146,6 +144,9 @@ spec:
       resources:
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
+        - name: token
+          mountPath: /etc/fedsilo/token
+          readOnly: true
         - name: data
           mountPath: /data
           readOnly: true
@@ -175,6 +176,13 @@ spec:
         - name: tmp
           mountPath: /tmp
   volumes:
+    - name: token
+      secret:
+        secretName: {{ .Values.token.existingSecret }}
+        defaultMode: 0400
+        items:
+          - key: {{ .Values.token.key }}
+            path: token
     - name: data
       persistentVolumeClaim:
         claimName: {{ .Values.data.existingClaim }}

@@ -155,6 +155,7 @@ class Client:
         backoff_cap: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        token_source: Callable[[], str] | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         if silo:
@@ -167,6 +168,23 @@ class Client:
         self.server_name = server_name
         self.backoff = Backoff(cap=backoff_cap)
         self.sleep, self.rng = sleep, rng or random.Random()
+        self.token_source = token_source
+
+    def _token_changed(self) -> bool:
+        """After a 401: has the token been rotated under us (a re-mounted Secret)? Then use the new one."""
+        if self.token_source is None:
+            return False
+        try:
+            token = self.token_source()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot re-read the token: %s", exc)
+            return False
+        header = f"Bearer {token}"
+        if header == self.http.headers.get("Authorization"):
+            return False
+        self.http.headers["Authorization"] = header
+        log.info("the token was rotated: using the new one")
+        return True
 
     def close(self) -> None:
         self.http.close()
@@ -192,6 +210,8 @@ class Client:
                 outage.over()
                 if response.status_code < 400 or (conflicts and response.status_code == 409):
                     return response
+                if response.status_code == 401 and self._token_changed():
+                    continue  # the same request with the rotated token
                 raise _error(response)
             if self.retries is not None and outage.retries >= self.retries:
                 raise _error(response)

@@ -33,6 +33,7 @@ Manifest = dict[str, Any]
 STATE_DIR = "/var/lib/fedsilo"
 JOB_DIR = "/etc/fedsilo/job"
 TOKENS_DIR = "/etc/fedsilo/tokens"
+SILO_TOKEN_DIR = "/etc/fedsilo/token"
 TLS_ANNOTATION = "fedsilo.io/tls-certificate"  # the served certificate's digest: a new one restarts the pod
 JOB_FILE_KEY = "job.yaml"
 DATA_DIR = "/data"
@@ -314,7 +315,8 @@ def silo_job(
         {"name": "FEDSILO_AGGREGATOR_URL", "value": url},
         {"name": "FEDSILO_JOB", "value": job.metadata.name},
         {"name": "FEDSILO_SILO", "value": silo.name},
-        _secret_env("FEDSILO_TOKEN", naming.silo_token_secret_name(job, silo), TOKEN_KEY),
+        # a file, not an env var: a rotated token reaches the running agent (kubelet refreshes the mount)
+        {"name": "FEDSILO_TOKEN_FILE", "value": f"{SILO_TOKEN_DIR}/{TOKEN_KEY}"},
         {"name": "FEDSILO_DATA_ROOT", "value": DATA_DIR},
         {"name": "FEDSILO_METRICS_PORT", "value": str(settings.silo_metrics_port)},
         {"name": "FEDSILO_CACHE_DIR", "value": CACHE_DIR},
@@ -324,12 +326,15 @@ def silo_job(
     ]
     tls_env, tls_volumes, tls_mounts = silo_tls_mounts(job, silo, job_tls or default_tls(job))
     env += tls_env
+    token_items = [{"key": TOKEN_KEY, "path": TOKEN_KEY}]
     mounts: list[dict[str, Any]] = [
+        {"name": "token", "mountPath": SILO_TOKEN_DIR, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
         *tls_mounts,
     ]
     volumes: list[dict[str, Any]] = [
+        {"name": "token", "secret": {"secretName": naming.silo_token_secret_name(job, silo), "items": token_items}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         *tls_volumes,

@@ -302,8 +302,9 @@ def run_agent(settings: SiloSettings) -> int:
     client = Client(
         settings.aggregator_url,
         settings.job,
-        settings.token,
+        settings.read_token(),
         settings.silo,
+        token_source=settings.read_token if settings.token_file else None,
         retries=settings.request_retries,
         ca_bundle=settings.ca_bundle,
         client_cert=settings.client_cert_pair(),

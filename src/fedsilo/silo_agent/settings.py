@@ -14,7 +14,12 @@ class SiloSettings(BaseSettings):
     aggregator_url: str = Field(description="Base URL of the aggregator, e.g. https://fl.example.org")
     job: str = Field(description="FederatedJob name.")
     silo: str = Field(description="This silo's name in the job.")
-    token: str = Field(min_length=16, description="This silo's bearer token.")
+    token: str | None = Field(default=None, min_length=16, description="This silo's bearer token.")
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the token instead (a mounted Secret): re-read when the aggregator refuses the "
+        "token, so a rotated Secret is picked up without a restart.",
+    )
     data_root: Path = Field(default=Path("/data"), description="Relative data paths resolve against this folder.")
     model_path: str | None = Field(default=None, description="Overrides spec.baseModel.path inside this silo.")
     ca_bundle: Path | None = Field(default=None, description="CA bundle for the aggregator's TLS certificate.")
@@ -44,7 +49,19 @@ class SiloSettings(BaseSettings):
     def _cert_with_key(self) -> "SiloSettings":
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("FEDSILO_CLIENT_CERT and FEDSILO_CLIENT_KEY go together: set both or neither")
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("set exactly one of FEDSILO_TOKEN and FEDSILO_TOKEN_FILE")
         return self
+
+    def read_token(self) -> str:
+        """The current token: FEDSILO_TOKEN, or the file's content as it is now."""
+        if self.token is not None:
+            return self.token
+        assert self.token_file is not None
+        token = self.token_file.read_text().strip()
+        if len(token) < 16:
+            raise ValueError(f"{self.token_file} does not hold a token (at least 16 characters)")
+        return token
 
     def client_cert_pair(self) -> tuple[Path, Path] | None:
         """(certificate, key) for mutual TLS, or None without a client certificate."""
