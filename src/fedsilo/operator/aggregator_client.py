@@ -1,4 +1,5 @@
-"""The operator's view of an aggregator: job status, spec changes and resumes over `/v1` (httpx).
+"""The operator's view of an aggregator: job status, spec changes, resumes and token rotations
+over `/v1` (httpx).
 
 Errors come in two kinds. `AggregatorError` means "not now": the aggregator is not
 reachable, failed (5xx) or cannot take the change at this moment (409 `conflict` or
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from fedsilo.api.models import API_PREFIX, JobStatus
+from fedsilo.api.models import API_PREFIX, JobStatus, RotateToken, TokenIssued
 
 # 409 reasons that are an answer, not a "try again later" (`conflict`, `fenced` are transient).
 FINAL_CONFLICTS = frozenset({"not_failed"})
@@ -119,3 +120,11 @@ class AggregatorClient:
         Raises `AggregatorRefused` with reason `not_failed` when the job is not Failed.
         """
         await self._call("PATCH", f"/jobs/{job}", json={"resume": True})
+
+    async def rotate_token(self, job: str, silo: str, token: str, grace_seconds: float) -> TokenIssued:
+        """POST /v1/jobs/{job}/silos/{silo}/token: `token` replaces the silo's token; the current
+        one keeps working for `grace_seconds`. Retry-safe: the same call again changes nothing.
+        """
+        body = RotateToken(token=token, grace_seconds=grace_seconds).model_dump(mode="json", exclude_none=True)
+        response = await self._call("POST", f"/jobs/{job}/silos/{silo}/token", json=body)
+        return TokenIssued.model_validate(response.json())

@@ -8,6 +8,7 @@ Handlers on FederatedJobs: `reconcile` (children in place), `spec` (every later 
 `spec` sent to the aggregator as a whole document), `status` (timer: the aggregator's
 status), `resync` (timer: children re-applied, the safety net), `external-url` (the
 annotation's changes), `resume-request` (timer: the `fedsilo.io/resume` annotation),
+`rotate-tokens` (timer: the `fedsilo.io/rotate-tokens` annotation, see `rotation.py`),
 `cleanup` (children of a deleted job). A job the tenancy policy refuses (`tenancy.py`: silo
 namespaces, hostPath, writable data, aggregator image) gets no new children and no spec or
 resume sent; the condition `Admitted` says why. Handlers on the children (`repair-<kind>`, watched by
@@ -26,14 +27,14 @@ from typing import Any
 import httpx
 import kopf
 
-from fedsilo.operator import naming
+from fedsilo.operator import naming, rotation
 from fedsilo.operator.aggregator_client import retry_delay
-from fedsilo.operator.changes import RESUME_ANNOTATION, resume_job, send_spec
+from fedsilo.operator.changes import RESUME_ANNOTATION, admin_client, resume_job, send_spec
 from fedsilo.operator.children import Desired, JobRef, Key, delete_children, describe, key, reconcile
 from fedsilo.operator.crd import PLURAL
 from fedsilo.operator.drift import EXTERNAL_URL_ANNOTATION, external_endpoint
 from fedsilo.operator.kube import CHILD_KINDS, KINDS, KubeClient
-from fedsilo.operator.objects import job_from_body
+from fedsilo.operator.objects import job_from_body, rotate_silo_tokens
 from fedsilo.operator.reconciled import EXTERNAL_SILOS_READY, Outcome
 from fedsilo.operator.reporting import (
     JOB_API,
@@ -389,6 +390,44 @@ def build_registry(
         fields, events = await resume_job(connection.client(), body, settings, memo, aggregator_transport)
         set_status(patch, fields)
         post(body, events)
+
+    @kopf.timer(
+        **resource, id="rotate-tokens", interval=settings.poll_seconds, initial_delay=min(settings.poll_seconds, 5.0)
+    )
+    async def rotate_tokens(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, **kwargs: Any) -> None:
+        """A new `fedsilo.io/rotate-tokens` value (or a rotation left pending): silo tokens rotated."""
+        if rotation.settled(rotation.requested(body.meta.annotations), status) or never_admitted(dict(status)):
+            return  # nothing asked, or handled: no request at all
+        if body.meta.get("deletionTimestamp"):
+            return
+        try:
+            job = job_from_body(body)
+        except SpecError:
+            return
+        ref = (naming.job_namespace(job), job.metadata.name)
+
+        async def reapply() -> None:
+            """The silos' token Secrets follow the tokens Secret (a reconcile, so no repair undoes it)."""
+            fresh = await connection.client().get(*JOB_API, *ref)
+            if fresh is not None:
+                fields, events, _outcome = await reconcile_into(fresh)
+                await write_status(connection.client(), ref, fields)
+                post_on(fresh, events)
+
+        async with lock(ref):
+            fields, events, error = await rotate_silo_tokens(
+                connection.client(),
+                body,
+                settings,
+                lambda tokens: admin_client(job, tokens, settings, aggregator_transport),
+                reapply,
+                lambda fields: write_status(connection.client(), ref, fields),
+                int(kwargs.get("retry") or 0),
+            )
+        set_status(patch, fields, dict(status))
+        post(body, events if error is None else once(ref, events, resolved=False))
+        if error is not None:
+            raise error
 
     @kopf.on.delete(**resource, id="cleanup", backoff=5)
     async def delete_job(body: kopf.Body, **_: Any) -> None:

@@ -73,6 +73,13 @@ class OperatorSettings(BaseSettings):
         default="fedsilo-ca",
         description="Secret (in operator_namespace) holding the CA that issues the jobs' certificates; created once.",
     )
+    token_grace_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=7 * 86400,
+        description="When silo tokens are rotated (annotation fedsilo.io/rotate-tokens), how long the "
+        "aggregator still accepts the previous ones: the time silo agents have to pick up their new Secret.",
+    )
     finalizer: str = Field(default="fedsilo.io/cleanup", description="Finalizer on FederatedJobs.")
     peering: bool = Field(default=False, description="Use kopf peering (several replicas); standalone when false.")
 

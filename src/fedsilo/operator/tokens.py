@@ -1,7 +1,8 @@
 """Bearer tokens of a job: one admin token and one per silo.
 
-A token is generated once and never rotated: a silo added to the job later gets a new
-token, a silo removed from it loses its token (a silo added back gets a new one).
+A token is generated once: a silo added to the job later gets a new token, a silo removed
+from it loses its token (a silo added back gets a new one). Silo tokens change only when the
+job asks for a rotation (`rotation.py`); the admin token never does.
 """
 
 from __future__ import annotations
