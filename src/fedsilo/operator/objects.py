@@ -130,7 +130,11 @@ async def rotate_silo_tokens(
         return fields, events, kopf.TemporaryError(exc.detail, delay=settings.resync_seconds)
     except AggregatorError as exc:
         fields, events = rotation.failed_patch(AGGREGATOR_UNREACHABLE, str(exc), previous, generation, now)
-        return fields, events, kopf.TemporaryError(str(exc), delay=retry_delay(retry, settings.poll_seconds))
+        return (
+            fields,
+            events,
+            kopf.TemporaryError(str(exc), delay=retry_delay(retry, settings.poll_seconds, settings.resync_seconds)),
+        )
     secret = await kube.get(*secret_at)  # fresh: silos may have come or gone meanwhile
     current = tokens_from_secret(secret) or tokens
     rotated = rotation.rotated_tokens(current, sending)
