@@ -45,9 +45,13 @@ class Forward:
 
     port: int
     calls: list[tuple[str, str]] = field(default_factory=list)
+    cut_once: set[str] = field(default_factory=set)  # paths whose next request the network drops
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         self.calls.append((request.method, request.url.path))
+        if request.url.path in self.cut_once:
+            self.cut_once.discard(request.url.path)
+            raise httpx.ConnectError("connection cut (injected)", request=request)
         url = request.url.copy_with(scheme="http", host="127.0.0.1", port=self.port)
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         async with httpx.AsyncClient(timeout=5) as client:
@@ -124,7 +128,10 @@ async def rotate_through_the_resource(tmp_path: Path) -> None:
                 assert before is not None and await silo_tokens(kube) == before.silos
                 assert await accepted(agg, "a", before.silos["a"])
 
-                # 1. Annotate: every silo's token is rotated at the aggregator and in its Secret.
+                # 1. Annotate: every silo's token is rotated at the aggregator and in its Secret. The
+                # network drops silo b's rotation once: the retry sends the same tokens again (silo a's
+                # is already in force: its grace period is not cut short).
+                forward.cut_once.add("/v1/jobs/demo/silos/b/token")
                 await annotate(kube, "1")
 
                 async def handled(value: str) -> dict[str, Any] | None:
@@ -146,7 +153,7 @@ async def rotate_through_the_resource(tmp_path: Path) -> None:
                 secret = await kube.get("v1", "Secret", NS, "demo-tokens") or {}
                 assert secret["metadata"]["annotations"][rotation.HANDLED_ANNOTATION] == "1"
                 assert rotation.rotation_state(secret) == rotation.RotationState(handled="1")
-                assert len(forward.rotations()) == 3
+                assert forward.rotations() == [f"/v1/jobs/demo/silos/{s}/token" for s in ("a", "b", "a", "b", "c")]
 
                 async def rotated_event() -> list[dict[str, Any]]:
                     return [e for e in posted_events(emulator) if e.get("reason") == rotation.TOKENS_ROTATED]
@@ -154,10 +161,16 @@ async def rotate_through_the_resource(tmp_path: Path) -> None:
                 (event,) = await eventually(rotated_event, "a TokensRotated Event")
                 assert event["type"] == "Normal" and "previous tokens work until" in event["message"]
 
+                def warnings() -> list[dict[str, Any]]:
+                    return [e for e in posted_events(emulator) if e.get("reason") == "TokensNotRotated"]
+
+                (cut,) = warnings()  # the dropped request, while it lasted
+                assert cut["type"] == "Warning" and "connection cut (injected)" in cut["message"]
+
                 # 2. The same value again (timer ticks, a reconcile): nothing rotates.
                 await kube.patch(*JOB_API, NS, "demo", {"spec": {"training": {"rounds": 4}}})
                 await asyncio.sleep(2.0)  # several timer intervals and the spec change's reconcile
-                assert len(forward.rotations()) == 3
+                assert forward.rotations() == [f"/v1/jobs/demo/silos/{s}/token" for s in ("a", "b", "a", "b", "c")]
                 assert await silo_tokens(kube) == after.silos
             finally:
                 await asyncio.to_thread(agg.stop)
@@ -173,7 +186,7 @@ async def rotate_through_the_resource(tmp_path: Path) -> None:
             assert found["reason"] == "AggregatorUnreachable"
 
             async def warning() -> list[dict[str, Any]]:
-                return [e for e in posted_events(emulator) if e.get("reason") == "TokensNotRotated"]
+                return [e for e in warnings() if "All connection attempts failed" in e["message"]]
 
             (event,) = await eventually(warning, "a TokensNotRotated Warning")
             assert event["type"] == "Warning"
