@@ -419,7 +419,7 @@ def build_registry(
                 connection.client(),
                 body,
                 settings,
-                lambda tokens: admin_client(job, tokens, settings, aggregator_transport),
+                lambda tokens: admin_client(connection.client(), job, tokens, settings, aggregator_transport),
                 reapply,
                 lambda fields: write_status(connection.client(), ref, fields),
                 int(kwargs.get("retry") or 0),

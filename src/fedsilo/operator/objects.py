@@ -81,7 +81,7 @@ async def rotate_silo_tokens(
     kube: KubeClient,
     body: Mapping[str, Any],
     settings: OperatorSettings,
-    aggregator: Callable[[Tokens], AggregatorClient],
+    aggregator: Callable[[Tokens], Awaitable[AggregatorClient]],
     reapply: Callable[[], Awaitable[None]],
     note: Callable[[dict[str, Any]], Awaitable[Any]],
     retry: int = 0,
@@ -114,7 +114,7 @@ async def rotate_silo_tokens(
         state = rotation.RotationState(state.handled, value, pending)
         await note(rotation.rotating_patch(value, previous, generation, now))
     handling = str(state.pending_value)
-    client = aggregator(tokens)
+    client = await aggregator(tokens)
     until: datetime | None = None
     try:
         running = await client.job_document(job.metadata.name)
