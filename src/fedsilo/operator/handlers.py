@@ -394,38 +394,48 @@ def build_registry(
     @kopf.timer(
         **resource, id="rotate-tokens", interval=settings.poll_seconds, initial_delay=min(settings.poll_seconds, 5.0)
     )
-    async def rotate_tokens(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, **kwargs: Any) -> None:
-        """A new `fedsilo.io/rotate-tokens` value (or a rotation left pending): silo tokens rotated."""
+    async def rotate_tokens(body: kopf.Body, status: kopf.Status, **kwargs: Any) -> None:
+        """A new `fedsilo.io/rotate-tokens` value (or a rotation left pending): silo tokens rotated.
+
+        Judged on the job as it is now (the timer's body may predate this handler's last status
+        write), and the status written at once, so the next tick never redoes a finished step.
+        """
         if rotation.settled(rotation.requested(body.meta.annotations), status) or never_admitted(dict(status)):
             return  # nothing asked, or handled: no request at all
-        if body.meta.get("deletionTimestamp"):
-            return
-        try:
-            job = job_from_body(body)
-        except SpecError:
-            return
-        ref = (naming.job_namespace(job), job.metadata.name)
-
-        async def reapply() -> None:
-            """The silos' token Secrets follow the tokens Secret (a reconcile, so no repair undoes it)."""
-            fresh = await connection.client().get(*JOB_API, *ref)
-            if fresh is not None:
-                fields, events, _outcome = await reconcile_into(fresh)
-                await write_status(connection.client(), ref, fields)
-                post_on(fresh, events)
-
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        client = connection.client()
         async with lock(ref):
+            fresh = await client.get(*JOB_API, *ref)
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return
+            annotations = fresh["metadata"].get("annotations")
+            if rotation.settled(rotation.requested(annotations), fresh.get("status") or {}):
+                return
+            try:
+                job = job_from_body(fresh)
+            except SpecError:
+                return
+
+            async def reapply() -> None:
+                """The silos' token Secrets follow the tokens Secret (a reconcile: no repair undoes it)."""
+                current = await client.get(*JOB_API, *ref)
+                if current is not None:
+                    fields, events, _outcome = await reconcile_into(current)
+                    await write_status(client, ref, fields)
+                    post_on(current, events)
+
             fields, events, error = await rotate_silo_tokens(
-                connection.client(),
-                body,
+                client,
+                fresh,
                 settings,
-                lambda tokens: admin_client(connection.client(), job, tokens, settings, aggregator_transport),
+                lambda tokens: admin_client(client, job, tokens, settings, aggregator_transport),
                 reapply,
-                lambda fields: write_status(connection.client(), ref, fields),
+                lambda fields: write_status(client, ref, fields),
                 int(kwargs.get("retry") or 0),
             )
-        set_status(patch, fields, dict(status))
-        post(body, events if error is None else once(ref, events, resolved=False))
+            if fields:
+                await write_status(client, ref, fields)
+        post_on(fresh, events if error is None else once(ref, events, resolved=False))
         if error is not None:
             raise error
 
