@@ -16,6 +16,13 @@ anywhere resumes where it stopped, never with a second set of tokens:
 
 A pending rotation is finished before a newer value starts one: the aggregator already
 holds some of its tokens, and only the silos' current tokens are valid during the grace.
+The grace (`token_grace_seconds`) must cover the kubelet's refresh of the mounted Secret
+(about a minute) before an agent reads its new token.
+
+The job shows it: condition `TokensRotated` (Unknown while rotating, False with the reason
+while it cannot go on and is retried, True when done), `status.tokenRotation` (the value
+handled, when, which silos) and the Events `TokensRotated` (Normal) and `TokensNotRotated`
+(Warning).
 """
 
 from __future__ import annotations
