@@ -23,6 +23,7 @@ from tests.aggregator.test_reliability import process, v0
 from tests.conftest import job_document
 
 from fedsilo.adapters import sha256, to_bytes
+from fedsilo.local.runner import free_port
 
 TOKENS = {
     "alpha": "alpha-token-0123456789",  # trainer
@@ -449,12 +450,14 @@ def test_a_trainer_of_a_smaller_rank_cannot_send_the_initial_adapter(tmp_path: P
 
 
 def test_metrics_need_a_token_and_per_silo_series_can_be_switched_off(tmp_path: Path) -> None:
+    metrics_port = free_port()  # Prometheus' separate door: no token, the network policy guards it
     agg = process(
         tmp_path,
         f"sqlite:///{tmp_path / 'fedsilo.db'}",
         "quiet",
         FEDSILO_PER_SILO_METRICS="false",
         FEDSILO_METRICS_TOKEN=METRICS_TOKEN,
+        FEDSILO_METRICS_PORT=str(metrics_port),
     )
     agg.admin = ADMIN
     agg.start()
@@ -476,6 +479,8 @@ def test_metrics_need_a_token_and_per_silo_series_can_be_switched_off(tmp_path: 
         text_ = send(agg, {"method": "GET", "url": "/metrics", "headers": bearer(METRICS_TOKEN)}).text
         assert 'fedsilo_updates_accepted_total{job="demo"} 2.0' in text_
         assert "fedsilo_silo_examples{" not in text_ and "fedsilo_silo_train_seconds{" not in text_
+        separate = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert separate.status_code == 200 and 'fedsilo_updates_accepted_total{job="demo"} 2.0' in separate.text
     finally:
         agg.stop()
 

@@ -279,7 +279,9 @@ def test_service_monitor_selects_the_operators_aggregator_services() -> None:
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
-    assert endpoint["scheme"] == service["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # the separate metrics port: plain HTTP, no token, open to the metrics namespace only
+    assert endpoint["port"] == "metrics"
+    assert endpoint["scheme"] == service["metadata"]["annotations"]["prometheus.io/scheme"] == "http"
     assert endpoint["honorLabels"] is True  # the dashboard queries the metrics' own `job` label
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["fedsilo-jobs", "hospital-a"]}
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"

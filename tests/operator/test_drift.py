@@ -85,7 +85,7 @@ def test_secret_data_and_policy_rules_are_compared() -> None:
     assert drift(secret, tampered) == ["data.token"]
     policy = next(c for c in children() if c["kind"] == "NetworkPolicy")
     opened = copy.deepcopy(policy)
-    opened["spec"]["ingress"] = [{}]  # allow everything
+    opened["spec"]["ingress"][0] = {}  # allow everything
     assert drift(policy, opened) == ["spec.ingress[0].from", "spec.ingress[0].ports"]
 
 

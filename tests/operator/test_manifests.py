@@ -199,7 +199,13 @@ def test_network_policies() -> None:
     silo_peers = [p for p in peers if "podSelector" in p]
     assert {p["podSelector"]["matchLabels"][naming.LABEL_SILO] for p in silo_peers} == {"a", "b"}
     namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in peers}
-    assert {"fl", "hospital-b", "monitoring", "fedsilo-system", "ingress-nginx"} <= namespaces
+    assert {"fl", "hospital-b", "fedsilo-system", "ingress-nginx"} <= namespaces and "monitoring" not in namespaces
+    assert aggregator["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8080}]
+    # Prometheus reaches only the token-less metrics port, and nothing else does
+    assert aggregator["ingress"][1] == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"protocol": "TCP", "port": 9090}],
+    }
     silo = find(items, "NetworkPolicy", "demo-silo-b")["spec"]
     assert silo["policyTypes"] == ["Ingress", "Egress"]
     to_aggregator = silo["egress"][0]["to"][0]

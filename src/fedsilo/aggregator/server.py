@@ -4,6 +4,7 @@ import logging
 import ssl
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from fedsilo.aggregator import logs, peer
 from fedsilo.aggregator.app import create_app
@@ -20,6 +21,8 @@ def serve(settings: AggregatorSettings) -> None:
     if settings.insecure_http:
         log.warning("INSECURE: serving plain HTTP (FEDSILO_INSECURE_HTTP): tokens and adapters travel unencrypted")
     app = create_app(settings)
+    if settings.metrics_port:  # Prometheus' own door: no token, reachable only where the network admits it
+        start_http_server(settings.metrics_port, addr=settings.host, registry=app.state.metrics.registry)
     mutual = settings.tls_client_ca_file is not None
     # Long polls end at shutdown instead of holding SIGTERM for up to 30 s.
     uvicorn.run(

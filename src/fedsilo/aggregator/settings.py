@@ -33,6 +33,13 @@ class AggregatorSettings(BaseSettings):
         min_length=16,
         description="Bearer token of the metrics reader (Prometheus); the admin token works too.",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Also serve /metrics, without a token, on this separate plain-HTTP port (0: off); expose it "
+        "only to Prometheus (the operator's NetworkPolicy admits only the metrics namespace to it).",
+    )
     per_silo_metrics: bool = Field(
         default=True,
         description="Export per-silo series (loss, accuracy, examples, train time); false: aggregates only.",

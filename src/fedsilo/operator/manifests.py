@@ -119,12 +119,13 @@ def aggregator_service(
 ) -> Manifest:
     """ClusterIP Service of the aggregator, annotated for Prometheus scraping.
 
-    The port keeps its name `http` (NetworkPolicies and ServiceMonitors select it) whatever the scheme.
+    The API port keeps its name `http` whatever the scheme; Prometheus scrapes the separate
+    `metrics` port (plain HTTP, no token: the NetworkPolicy admits only the metrics namespace).
     """
     annotations = {
         "prometheus.io/scrape": "true",
-        "prometheus.io/scheme": (job_tls or default_tls(job)).scheme,
-        "prometheus.io/port": str(settings.aggregator_port),
+        "prometheus.io/scheme": "http",
+        "prometheus.io/port": str(settings.aggregator_metrics_port),
         "prometheus.io/path": "/metrics",
     }
     meta = naming.metadata(
@@ -135,17 +136,15 @@ def aggregator_service(
         {naming.LABEL_COMPONENT: naming.AGGREGATOR},
         annotations,
     )
-    port = {
-        "name": "http",
-        "port": settings.aggregator_port,
-        "targetPort": "http",
-        "protocol": "TCP",
-    }
+    ports = [
+        {"name": "http", "port": settings.aggregator_port, "targetPort": "http", "protocol": "TCP"},
+        {"name": "metrics", "port": settings.aggregator_metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+    ]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": meta,
-        "spec": {"type": "ClusterIP", "selector": naming.aggregator_selector(job), "ports": [port]},
+        "spec": {"type": "ClusterIP", "selector": naming.aggregator_selector(job), "ports": ports},
     }
 
 
@@ -219,6 +218,7 @@ def aggregator_deployment(
         database,
         {"name": "FEDSILO_CHECKPOINT_DIR", "value": f"{STATE_DIR}/checkpoints"},
         {"name": "FEDSILO_PORT", "value": str(settings.aggregator_port)},
+        {"name": "FEDSILO_METRICS_PORT", "value": str(settings.aggregator_metrics_port)},
         {"name": "FEDSILO_JOB_FILE", "value": f"{JOB_DIR}/{JOB_FILE_KEY}"},
         {"name": "FEDSILO_SILO_TOKENS_FILE", "value": f"{TOKENS_DIR}/{SILO_TOKENS_KEY}"},
     ]
@@ -236,7 +236,10 @@ def aggregator_deployment(
         "imagePullPolicy": settings.image_pull_policy,
         "args": ["aggregator"],
         "env": env,
-        "ports": [{"name": "http", "containerPort": settings.aggregator_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": settings.aggregator_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": settings.aggregator_metrics_port, "protocol": "TCP"},
+        ],
         "readinessProbe": {
             **probe,
             "httpGet": {"path": "/readyz", "port": "http", "scheme": scheme},

@@ -25,7 +25,7 @@ def _tcp(port: int) -> dict[str, Any]:
 
 
 def aggregator_policy(job: FederatedJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
-    """Ingress to the aggregator: silos, operator, Prometheus, ingress (external silos)."""
+    """Ingress to the aggregator's API: silos, operator, ingress (external silos); to its metrics port: Prometheus."""
     peers: list[dict[str, Any]] = [
         {
             **_namespace(naming.silo_namespace(job, silo)),
@@ -35,7 +35,6 @@ def aggregator_policy(job: FederatedJob, uid: str, settings: OperatorSettings) -
         if not silo.external
     ]
     peers.append(_namespace(settings.operator_namespace))
-    peers.append(_namespace(settings.metrics_namespace))
     if any(silo.external for silo in job.spec.silos):
         peers.append(_namespace(settings.ingress_namespace))
     name = naming.aggregator_name(job)
@@ -48,7 +47,11 @@ def aggregator_policy(job: FederatedJob, uid: str, settings: OperatorSettings) -
         "spec": {
             "podSelector": {"matchLabels": naming.aggregator_selector(job)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": peers, "ports": [_tcp(settings.aggregator_port)]}],
+            "ingress": [
+                {"from": peers, "ports": [_tcp(settings.aggregator_port)]},
+                # only Prometheus reaches the token-less metrics port (and not the API)
+                {"from": [_namespace(settings.metrics_namespace)], "ports": [_tcp(settings.aggregator_metrics_port)]},
+            ],
         },
     }
 

@@ -34,6 +34,13 @@ class OperatorSettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Log level of the operator (httpx and urllib3 stay at WARNING).")
     aggregator_port: int = Field(default=8080, ge=1, le=65535, description="Aggregator HTTP port.")
+    aggregator_metrics_port: int = Field(
+        default=9090,
+        ge=1,
+        le=65535,
+        description="Aggregator's separate /metrics port (plain HTTP, no token; only the metrics namespace "
+        "may reach it).",
+    )
     silo_metrics_port: int = Field(default=9090, ge=1, le=65535, description="Silo agent /metrics port.")
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS domain.")
     metrics_namespace: str = Field(
