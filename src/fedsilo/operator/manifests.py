@@ -219,6 +219,7 @@ def aggregator_deployment(
         {"name": "FEDSILO_CHECKPOINT_DIR", "value": f"{STATE_DIR}/checkpoints"},
         {"name": "FEDSILO_PORT", "value": str(settings.aggregator_port)},
         {"name": "FEDSILO_METRICS_PORT", "value": str(settings.aggregator_metrics_port)},
+        {"name": "FEDSILO_PER_SILO_METRICS", "value": str(settings.per_silo_metrics).lower()},
         {"name": "FEDSILO_JOB_FILE", "value": f"{JOB_DIR}/{JOB_FILE_KEY}"},
         {"name": "FEDSILO_SILO_TOKENS_FILE", "value": f"{TOKENS_DIR}/{SILO_TOKENS_KEY}"},
     ]

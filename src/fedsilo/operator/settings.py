@@ -41,6 +41,9 @@ class OperatorSettings(BaseSettings):
         description="Aggregator's separate /metrics port (plain HTTP, no token; only the metrics namespace "
         "may reach it).",
     )
+    per_silo_metrics: bool = Field(
+        default=True, description="Aggregators export per-silo series (false: aggregate series only)."
+    )
     silo_metrics_port: int = Field(default=9090, ge=1, le=65535, description="Silo agent /metrics port.")
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS domain.")
     metrics_namespace: str = Field(
