@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,13 @@ HEADER_EXAMPLES = "X-Fedsilo-Examples"
 HEADER_SHA256 = "X-Fedsilo-Sha256"
 HEADER_TRAIN_SECONDS = "X-Fedsilo-Train-Seconds"
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
+
+# Bounds on every number a client sends. Rounds, versions and example counts land in SQL
+# INTEGER columns, 32-bit on PostgreSQL: anything larger would fail in the database (a 500).
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 10**8  # about three years: longer than any round, finite as a float
+MAX_RATE = 1e12  # examples per second
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no NaN/Infinity: they could never be answered
 
 
 class Wire(BaseModel):
@@ -80,10 +87,10 @@ class TokenIssued(Wire):
 class JoinRequest(Wire):
     """Sent once by a silo agent at start: what it is and what it can do."""
 
-    n_train_examples: int = Field(ge=0)
-    n_eval_examples: int = Field(ge=0)
-    device: str = "cpu"
-    throughput_examples_per_second: float | None = Field(default=None, ge=0)
+    n_train_examples: int = Field(ge=0, le=MAX_INT)
+    n_eval_examples: int = Field(ge=0, le=MAX_INT)
+    device: str = Field(default="cpu", max_length=200)
+    throughput_examples_per_second: float | None = Field(default=None, ge=0, le=MAX_RATE)
 
 
 class JoinResponse(Wire):
@@ -161,12 +168,12 @@ class SecAggView(Wire):
 class MetricsReport(Wire):
     """A silo's evaluation of global adapter `version` on its local split."""
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_INT)
     split: Literal["validation", "test"]
-    loss: float
+    loss: Finite
     accuracy: float | None = Field(default=None, ge=0, le=1)
-    n_examples: int = Field(ge=1)
-    extra: dict[str, float] = Field(default_factory=dict)
+    n_examples: int = Field(ge=1, le=MAX_INT)
+    extra: dict[str, Finite] = Field(default_factory=dict)
     generations: dict[str, str] = Field(
         default_factory=dict, description="Causal LM: generation per spec.task.evalPrompts prompt."
     )
