@@ -94,6 +94,8 @@ def document(app: FastAPI, routes: Sequence[APIRoute], auth: Mapping[Any, tuple[
         "content": {"application/json": {"schema": ready}},
     }
     doc["paths"]["/readyz"]["get"]["responses"]["503"] = not_ready
+    exposition = {"text/plain": {"schema": {"type": "string"}}}  # Prometheus' text format, not JSON
+    doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = exposition
     app.openapi_schema = doc
     return doc
 

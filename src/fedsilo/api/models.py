@@ -31,7 +31,13 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CreateJob(Wire):
+class Request(Wire):
+    """A request body: strict types, so JSON `true` is no count and "1.5" no loss."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateJob(Request):
     """Create a job. Tokens not given are generated and returned once."""
 
     job: FederatedJob
@@ -44,7 +50,7 @@ class JobCreated(Wire):
     created: bool
 
 
-class PatchJob(Wire):
+class PatchJob(Request):
     """Change a job. Every field is optional; a patch is applied as one transaction.
 
     `job`: a new FederatedJob document for the same job. Silos it adds are admitted
@@ -62,7 +68,7 @@ class PatchJob(Wire):
     silo_tokens: dict[str, str] = Field(default_factory=dict)
 
 
-class RotateToken(Wire):
+class RotateToken(Request):
     """Give a silo a new token (admin). The current one stays valid for `grace_seconds`.
 
     Name the token yourself to make the call retry-safe (the operator does): the same
@@ -84,7 +90,7 @@ class TokenIssued(Wire):
     rotated: bool = Field(description="False when the token was already in force (a retried rotation).")
 
 
-class JoinRequest(Wire):
+class JoinRequest(Request):
     """Sent once by a silo agent at start: what it is and what it can do."""
 
     n_train_examples: int = Field(ge=0, le=MAX_INT)
@@ -122,7 +128,7 @@ class Task(Wire):
 
 
 SecAggStage = Literal["keys", "shares", "masking", "unmasking", "aggregating", "closed", "failed"]
-class SecAggKeys(Wire):
+class SecAggKeys(Request):
     """A silo's public keys for one secure round (base64): channel key, mask key, seed commitment."""
 
     c_pk: str = Field(max_length=64)
@@ -130,19 +136,19 @@ class SecAggKeys(Wire):
     b_commit: str = Field(max_length=64)
 
 
-class SecAggShares(Wire):
+class SecAggShares(Request):
     """Encrypted share bundles, one per silo of the round's key roster (itself included)."""
 
     ciphertexts: dict[str, str] = Field(description="recipient -> base64 AES-GCM ciphertext")
 
 
-class RevealedShare(Wire):
+class RevealedShare(Request):
     kind: Literal["b", "s"]
     x: int = Field(ge=1, lt=2**32)
     y: str = Field(max_length=128)
 
 
-class SecAggReveal(Wire):
+class SecAggReveal(Request):
     """A surviving silo's shares for unmasking: of b for silos that uploaded, of s_sk for those that dropped."""
 
     shares: dict[str, RevealedShare]
@@ -165,7 +171,7 @@ class SecAggView(Wire):
     masked: list[str] = Field(default_factory=list)
 
 
-class MetricsReport(Wire):
+class MetricsReport(Request):
     """A silo's evaluation of global adapter `version` on its local split."""
 
     version: int = Field(ge=0, le=MAX_INT)
