@@ -49,9 +49,10 @@ class BodyRefused(Exception):
 class _Body:
     """One request's body as it arrives, metered against its cap and deadlines."""
 
-    def __init__(self, receive: Receive, limit: int, declared: int | None, timeout: float) -> None:
+    def __init__(self, receive: Receive, limit: int, declared: int | None, timeout: float, chunked: bool) -> None:
         self._receive, self.limit, self.timeout = receive, limit, timeout
         self.size = 0
+        self.complete = not chunked and not declared  # no body at all, or all of it received
         self.deadline = time.monotonic() + timeout + (declared if declared is not None else limit) / MIN_RATE
 
     async def receive(self) -> Message:
@@ -63,6 +64,7 @@ class _Body:
             raise BodyRefused(408, f"the request body did not arrive within {self.timeout:g} s", "timeout") from None
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
             if self.size > self.limit:
                 raise BodyRefused(413, f"the request body exceeds the limit of {self.limit} bytes", "too_large")
         return message
@@ -79,11 +81,11 @@ class _Body:
                 return messages
 
 
-def _declared(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit():
-            return int(value)
-    return None
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared Content-Length, and whether the body comes chunked."""
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length", b"")
+    return (int(length) if length.isdigit() else None), b"transfer-encoding" in headers
 
 
 class BodyGuard:
@@ -110,15 +112,18 @@ class BodyGuard:
             return
         streaming = any(pattern.match(scope["path"]) for pattern in self.uploads)
         limit = self.upload_limit if streaming else self.json_limit
-        declared = _declared(scope)
+        declared, chunked = _framing(scope)
+        body = _Body(receive, limit, declared, self.timeout, chunked)
         started = False
 
         async def tracked(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body.complete:  # answered before the body was read (a 401, a 413): close, never drain it
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
-        body = _Body(receive, limit, declared, self.timeout)
         try:
             if declared is not None and declared > limit:  # refused before a byte of it is read
                 raise BodyRefused(413, f"a body of {declared} bytes exceeds the limit of {limit}", "too_large")
