@@ -253,6 +253,15 @@ def test_numbers_past_64_bits_and_garbage_names_are_422_not_500(any_store: Aggre
         headers = {**upload, "X-Fedsilo-Train-Seconds": seconds}
         response = httpx.put(f"{agg.url}/v1/jobs/demo/rounds/1/updates/alpha", content=data, headers=headers)
         assert response.status_code == 422, response.text
+    for spec, field in (  # each was accepted, then broke the job: a 500 as its round opened, or a null weight decay
+        ({"aggregation": {"strategy": "fedavg", "roundTimeoutSeconds": 1e12}}, "roundTimeoutSeconds"),
+        ({"training": {"rounds": 2, "weightDecay": 1e400}}, "weightDecay"),
+        ({"training": {"rounds": 2, "seed": 2**64}}, "seed"),
+    ):
+        document = json.dumps({"job": {**job_document(**spec), "metadata": {"name": "other"}}})
+        headers = {**_bearer(agg.admin), "Content-Type": "application/json"}
+        response = httpx.post(f"{agg.url}/v1/jobs", content=document, headers=headers)
+        assert response.status_code == 422 and field in response.json()["detail"], response.text
     for path in (
         "/v1/jobs/%00",
         "/v1/jobs/D%C3%A9mo",
