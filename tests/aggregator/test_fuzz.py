@@ -149,3 +149,23 @@ def test_as_the_admin(app: FastAPI) -> None:
 @pytest.mark.timeout(300)
 def test_as_a_silo_of_a_running_job(app: FastAPI) -> None:
     _fuzz(app, "alpha")
+
+
+def test_the_document_declares_tokens_refusals_and_names(app: FastAPI) -> None:
+    doc = TestClient(app).get("/openapi.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"adminToken", "siloToken"}
+    operations = {f"{verb.upper()} {path}": op for path, ops in doc["paths"].items() for verb, op in ops.items()}
+    assert operations["POST /v1/jobs"]["security"] == [{"adminToken": []}]
+    assert operations["GET /v1/jobs/{job}"]["security"] == [{"adminToken": []}, {"siloToken": []}]
+    assert operations["PUT /v1/jobs/{job}/rounds/{round}/updates/{silo}"]["security"] == [{"siloToken": []}]
+    assert operations["GET /healthz"]["security"] == []
+    upload = operations["PUT /v1/jobs/{job}/rounds/{round}/updates/{silo}"]["responses"]
+    assert {"401", "403", "404", "408", "409", "413", "422", "503"} <= set(upload)
+    assert upload["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert "408" not in operations["GET /v1/jobs/{job}/rounds"]["responses"]  # no body, nothing to wait for
+    for name, op in operations.items():
+        for parameter in op.get("parameters", []):
+            if parameter["name"] in ("job", "silo"):
+                assert parameter["schema"]["pattern"] == "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name
+            if parameter["name"] in ("round", "version"):
+                assert parameter["schema"]["maximum"] == 2**31 - 1, name

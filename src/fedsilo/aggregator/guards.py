@@ -57,11 +57,14 @@ class _Body:
 
     async def receive(self) -> Message:
         """The next body message, or `BodyRefused` once the body outgrows its cap or stalls."""
+        if self.complete:  # what follows the body is a disconnect notice, awaited as long as the app likes
+            return await self._receive()
         wait = min(self.timeout, self.deadline - time.monotonic())
         try:
             message = await asyncio.wait_for(self._receive(), max(wait, 0.0))
         except TimeoutError:
-            raise BodyRefused(408, f"the request body did not arrive within {self.timeout:g} s", "timeout") from None
+            detail = f"the request body stalled for {self.timeout:g} s or came slower than {MIN_RATE} bytes/s"
+            raise BodyRefused(408, detail, "timeout") from None
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             self.complete = not message.get("more_body", False)
