@@ -24,6 +24,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
+from tests.aggregator.conftest import postgres_database
 from tests.conftest import job_document
 
 from fedsilo.adapters import to_bytes
@@ -63,15 +64,12 @@ def _adapter() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
     """An app with two jobs in round 1, both silos joined: `demo` (plain) and `vault` (secure, key stage)."""
     root: Path = tmp_path_factory.mktemp("fuzz")
-    app = create_app(
-        AggregatorSettings(
-            admin_token=ADMIN, database_url=f"sqlite:///{root / 'fedsilo.db'}", checkpoint_dir=root / "checkpoints"
-        )
-    )
+    url = f"sqlite:///{root / 'fedsilo.db'}" if request.param == "sqlite" else postgres_database()
+    app = create_app(AggregatorSettings(admin_token=ADMIN, database_url=url, checkpoint_dir=root / "checkpoints"))
     client = TestClient(app)
     for name, secure in (("demo", False), ("vault", True)):
         document = job_document(aggregation={"strategy": "fedavg", "minSilos": 2, "secure": secure})
