@@ -111,6 +111,8 @@ def _operation(operation: dict[str, Any], route: APIRoute, roles: tuple[Role, ..
     for parameter in operation.get("parameters", []):
         if parameter["name"] in ("job", "silo", "x-fedsilo-silo"):
             parameter["schema"] = {**_NAME_SCHEMA, "title": parameter["schema"].get("title", parameter["name"])}
+    if route.status_code == 201:  # created; 200 when it exists exactly as asked (an idempotent retry)
+        responses["200"] = {**responses["201"], "description": "It exists already, exactly as asked."}
     if "{version}" in route.path:  # the adapter: an ETag, and 304 for a matching If-None-Match
         etag = {"ETag": {"schema": {"type": "string"}, "description": "The adapter's sha256, quoted."}}
         responses["200"]["headers"] = etag
