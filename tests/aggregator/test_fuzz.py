@@ -102,7 +102,7 @@ def _fuzz(app: FastAPI, caller: str) -> Counter[tuple[str, int]]:
     """
     # unknown query parameters and headers are ignored, as HTTP APIs do: not "invalid" input here
     config = SchemathesisConfig.from_dict({"generation": {"allow-extra-parameters": False}})
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config, headers=_bearer(ADMIN))
     # the token is fixed, never left out or mangled: test_hostile.py covers missing and malformed ones
     headers = _bearer(ADMIN if caller == "admin" else TOKENS[caller])
     if caller != "admin":
@@ -153,13 +153,14 @@ def test_as_a_silo_of_a_running_job(app: FastAPI) -> None:
 
 
 def test_the_document_declares_tokens_refusals_and_names(app: FastAPI) -> None:
-    doc = TestClient(app).get("/openapi.json").json()
-    assert set(doc["components"]["securitySchemes"]) == {"adminToken", "siloToken"}
+    doc = TestClient(app).get("/openapi.json", headers=_bearer(ADMIN)).json()
+    assert set(doc["components"]["securitySchemes"]) == {"adminToken", "siloToken", "metricsToken"}
     operations = {f"{verb.upper()} {path}": op for path, ops in doc["paths"].items() for verb, op in ops.items()}
     assert operations["POST /v1/jobs"]["security"] == [{"adminToken": []}]
     assert operations["GET /v1/jobs/{job}"]["security"] == [{"adminToken": []}, {"siloToken": []}]
     assert operations["PUT /v1/jobs/{job}/rounds/{round}/updates/{silo}"]["security"] == [{"siloToken": []}]
     assert operations["GET /healthz"]["security"] == []
+    assert operations["GET /metrics"]["security"] == [{"adminToken": []}, {"metricsToken": []}]
     upload = operations["PUT /v1/jobs/{job}/rounds/{round}/updates/{silo}"]["responses"]
     assert {"401", "403", "404", "408", "409", "413", "422", "503"} <= set(upload)
     assert upload["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}

@@ -427,7 +427,12 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         timeout=settings.body_timeout_seconds,
         on_refused=refused,
     )
-    auth = {require_admin: ("admin",), require_silo: ("silo",), require_reader: ("admin", "silo")}
+    auth = {
+        require_admin: ("admin",),
+        require_silo: ("silo",),
+        require_reader: ("admin", "silo"),
+        require_metrics_reader: ("admin", "metrics"),
+    }
     app.openapi = lambda: openapi.document(app, routes, auth)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from fedsilo.api import models as m
 from fedsilo.spec import DnsLabel
 
-Role = str  # "admin" or "silo"
+Role = str  # "admin", "silo" or "metrics"
 SCHEMES = {
     "admin": {"type": "http", "scheme": "bearer", "description": "The aggregator's admin token."},
     "silo": {
@@ -28,13 +28,14 @@ SCHEMES = {
         "scheme": "bearer",
         "description": "A silo's token, for its own silo's routes. On job reads, name the silo in X-Fedsilo-Silo.",
     },
+    "metrics": {"type": "http", "scheme": "bearer", "description": "The metrics reader's token (Prometheus)."},
 }
 _NAME_SCHEMA = TypeAdapter(DnsLabel).json_schema()  # what `guards.checked_names` holds names to
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 WHY = {
     400: "The body is not JSON.",
     401: "No token, or not one this operation accepts.",
-    403: "The silo may not do this now (not sampled for the round, wrong role).",
+    403: "The silo may not do this (not sampled for the round, wrong role, wrong client certificate).",
     404: "No such job (or round, adapter version).",
     408: "The request body did not arrive in time.",
     409: "The job's state does not allow this now (not joined, wrong round, duplicate).",
@@ -47,11 +48,11 @@ WHY = {
 def _statuses(route: APIRoute, roles: tuple[Role, ...], method: str) -> set[int]:
     """The error statuses an operation can answer, from its dependencies and its kind."""
     write = method != "GET"
-    statuses = {422}  # every /v1 route has a name, a number or a body to validate
+    statuses = {422} if route.path.startswith(m.API_PREFIX) else set()  # names, numbers, bodies to validate
     if roles:
         statuses.add(401)
-    if roles == ("silo",) and write:
-        statuses.add(403)
+    if "silo" in roles:
+        statuses.add(403)  # mutual TLS: the client certificate must name the silo; and the engine's refusals
     if "{job}" in route.path:
         statuses.add(404)
     if write:
@@ -66,7 +67,8 @@ def _statuses(route: APIRoute, roles: tuple[Role, ...], method: str) -> set[int]
 def document(app: FastAPI, routes: Sequence[APIRoute], auth: Mapping[Any, tuple[Role, ...]]) -> dict[str, Any]:
     """The document, built once per app.
 
-    `routes`: the `/v1` routes; `auth`: each token dependency and the roles it admits.
+    `routes`: the `/v1` routes (the app's own are found here); `auth`: each token dependency and
+    the roles it admits.
     """
     if app.openapi_schema is not None:
         return app.openapi_schema
@@ -77,15 +79,10 @@ def document(app: FastAPI, routes: Sequence[APIRoute], auth: Mapping[Any, tuple[
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas["Problem"] = m.Problem.model_json_schema()
-    for path, operations in doc["paths"].items():
-        if not path.startswith(m.API_PREFIX):  # probes and /metrics: no token, no Problem
-            for operation in operations.values():
-                operation["security"] = []
-                operation["responses"].pop("422", None)
-    for route in routes:
+    for route in [*routes, *(r for r in app.routes if isinstance(r, APIRoute))]:  # the /v1 routes, then the app's
         roles = next((auth[d.call] for d in route.dependant.dependencies if d.call is not None and d.call in auth), ())
         for method in route.methods or ():
-            operation = doc["paths"][route.path].get(method.lower())
+            operation = doc["paths"].get(route.path, {}).get(method.lower())
             if operation is not None:
                 _operation(operation, route, roles, method)
     ready: dict[str, Any] = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
