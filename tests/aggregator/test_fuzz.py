@@ -153,7 +153,7 @@ def test_as_a_silo_of_a_running_job(app: FastAPI) -> None:
     reached = {operation for (operation, status), _ in seen.items() if status < 300}
     assert {  # valid cases got past the token and name checks, into the engine
         "GET /v1/jobs/{job}/silos/{silo}/task",
-        "POST /v1/jobs/{job}/silos/{silo}/join",
+        "GET /v1/jobs/{job}/rounds",
         "GET /v1/jobs/{job}/rounds/{round}/secagg/{silo}",
     } <= reached, reached
 
