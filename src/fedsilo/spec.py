@@ -27,6 +27,7 @@ API_GROUP = "fedsilo.io"
 API_VERSION = "v1alpha1"
 KIND = "FederatedJob"
 
+MAX_TIMEOUT = 366 * 24 * 3600  # a year: a deadline must stay a date (datetime ends in year 9999)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -51,9 +52,14 @@ SUM_STRATEGIES = ASYNC_STRATEGIES | {"fedkd"}
 
 
 class Model(BaseModel):
-    """Base of every spec model: camelCase in YAML, unknown fields rejected."""
+    """Base of every spec model: camelCase in YAML, unknown fields rejected, numbers finite.
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    (An infinite float would be stored as null, and an infinite timeout overflows the round's deadline.)
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
 
 class BaseModelSpec(Model):
@@ -133,12 +139,16 @@ class TrainingSpec(Model):
 
     rounds: int = Field(default=3, ge=1, le=10_000, description="Federated rounds to run.")
     local_epochs: float | None = Field(default=1.0, gt=0, description="Passes over the local training split per round.")
-    local_steps: int | None = Field(default=None, ge=1, description="Optimizer steps per round; overrides localEpochs.")
+    local_steps: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Optimizer steps per round; overrides localEpochs."
+    )
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=10, description="AdamW learning rate on the silo.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
-    seed: int = Field(default=0, ge=0, description="Seed for splits, adapter initialisation and sampling.")
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="Seed for splits, adapter initialisation and sampling."
+    )
     eval_batch_size: int = Field(default=32, ge=1, description="Examples per forward pass when evaluating.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
@@ -164,7 +174,9 @@ class AggregationSpec(Model):
     )
     min_silos: int = Field(default=1, ge=1, description="Updates needed to close a round at its deadline.")
     fraction: float = Field(default=1.0, gt=0, le=1, description="Fraction of joined trainers sampled per round.")
-    round_timeout_seconds: float = Field(default=3600, gt=0, description="Deadline of a round; late silos are skipped.")
+    round_timeout_seconds: float = Field(
+        default=3600, gt=0, le=MAX_TIMEOUT, description="Deadline of a round; late silos are skipped."
+    )
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, description="Largest accepted update upload.")
     balance_workload: bool = Field(
         default=False,
@@ -206,6 +218,7 @@ class AggregationSpec(Model):
     secure_stage_timeout_seconds: float = Field(
         default=60,
         gt=0,
+        le=MAX_TIMEOUT,
         description="secure: how long the key and share exchanges and the unmasking wait for silos that are "
         "slow to answer before going on without them (at least t are needed).",
     )

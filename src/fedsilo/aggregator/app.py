@@ -12,17 +12,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedsilo.adapters import sha256
-from fedsilo.aggregator import logs
+from fedsilo.aggregator import guards, logs, openapi
 from fedsilo.aggregator.acceptance import Incoming
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import (
@@ -127,8 +130,11 @@ Silo = Depends(require_silo)
 Reader = Depends(require_reader)
 Caller = Annotated[str | None, Reader]  # None: the admin; else the silo reading
 
-jobs = APIRouter(prefix=f"{m.API_PREFIX}/jobs", tags=["jobs"])
-silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"])
+Names = Depends(guards.checked_names)  # before any other dependency: no malformed name reaches the store
+jobs = APIRouter(prefix=f"{m.API_PREFIX}/jobs", tags=["jobs"], dependencies=[Names])
+silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"], dependencies=[Names])
+Version = Annotated[int, Path(ge=0, le=m.MAX_INT)]
+Round = Annotated[int, Path(ge=0, le=m.MAX_INT)]
 
 
 @jobs.post("", status_code=201, dependencies=[Admin])
@@ -171,7 +177,7 @@ def get_evaluations(job: str, engine: EngineDep) -> list[dict[str, object]]:
 
 @jobs.get("/{job}/adapters/{version}", dependencies=[Reader], responses={200: SAFETENSORS})
 def get_adapter(
-    job: str, version: int, engine: EngineDep, if_none_match: Annotated[str | None, Header()] = None
+    job: str, version: Version, engine: EngineDep, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
     data, digest = engine.adapter(job, version)
     etag = f'"{digest}"'
@@ -256,14 +262,14 @@ async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) 
 @silos.put("/rounds/{round}/updates/{silo}", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
 async def put_update(
     job: str,
-    round: int,
+    round: Round,
     silo: str,
     request: Request,
     engine: EngineDep,
-    x_fedsilo_examples: Annotated[int, Header()],
+    x_fedsilo_examples: Annotated[int, Header(ge=-m.MAX_INT, le=m.MAX_INT)],  # < 1: the engine's bad_examples
     x_fedsilo_sha256: Annotated[str, Header()],
-    x_fedsilo_train_seconds: Annotated[float | None, Header()] = None,
-    x_fedsilo_examples_seen: Annotated[int | None, Header()] = None,
+    x_fedsilo_train_seconds: Annotated[float | None, Header(ge=0, le=m.MAX_SECONDS)] = None,
+    x_fedsilo_examples_seen: Annotated[int | None, Header(ge=0, le=m.MAX_INT)] = None,
 ) -> m.UpdateAccepted:
     data = await _read_body(request, engine, job)
     update = Incoming(
@@ -279,7 +285,7 @@ async def put_update(
 @silos.get("/rounds/{round}/secagg/{silo}", dependencies=[Silo])
 async def secagg_view(
     job: str,
-    round: int,
+    round: Round,
     silo: str,
     engine: EngineDep,
     request: Request,
@@ -293,29 +299,32 @@ async def secagg_view(
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/keys", status_code=204, dependencies=[Silo])
-def secagg_keys(job: str, round: int, silo: str, body: m.SecAggKeys, engine: EngineDep) -> Response:
+def secagg_keys(job: str, round: Round, silo: str, body: m.SecAggKeys, engine: EngineDep) -> Response:
     engine.secagg_keys(job, silo, round, body)
     event(log, "secagg_keys", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/shares", status_code=204, dependencies=[Silo])
-def secagg_shares(job: str, round: int, silo: str, body: m.SecAggShares, engine: EngineDep) -> Response:
+def secagg_shares(job: str, round: Round, silo: str, body: m.SecAggShares, engine: EngineDep) -> Response:
     engine.secagg_shares(job, silo, round, body)
     event(log, "secagg_shares", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 
 @silos.put("/rounds/{round}/secagg/{silo}/reveal", status_code=204, dependencies=[Silo])
-def secagg_reveal(job: str, round: int, silo: str, body: m.SecAggReveal, engine: EngineDep) -> Response:
+def secagg_reveal(job: str, round: Round, silo: str, body: m.SecAggReveal, engine: EngineDep) -> Response:
     engine.secagg_reveal(job, silo, round, body)
     event(log, "secagg_reveal", job=job, round=round, silo=silo)
     return Response(status_code=204)
 
 
 async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
-    """Read at most the job's upload limit, refusing early instead of buffering a flood."""
-    limit = request.app.state.settings_limit
+    """Read at most the job's upload limit, refusing early instead of buffering a flood.
+
+    `guards.BodyGuard` already holds every body to the process-wide ceiling and a read timeout.
+    """
+    limit = min(request.app.state.settings_limit, await asyncio.to_thread(engine.upload_limit, job))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         engine.metrics.updates_rejected.labels(job, "too_large").inc()
@@ -409,6 +418,22 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(jobs)
     app.include_router(silos)
+    routes = [r for r in (*jobs.routes, *silos.routes) if isinstance(r, APIRoute)]
+    uploads = [r.path for r in routes if "requestBody" in (r.openapi_extra or {})]  # they stream their body
+    app.add_middleware(
+        guards.BodyGuard,
+        uploads=uploads,
+        upload_limit=app.state.settings_limit,
+        timeout=settings.body_timeout_seconds,
+        on_refused=refused,
+    )
+    auth = {
+        require_admin: ("admin",),
+        require_silo: ("silo",),
+        require_reader: ("admin", "silo"),
+        require_metrics_reader: ("admin", "metrics"),
+    }
+    app.openapi = lambda: openapi.document(app, routes, auth)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -428,6 +453,14 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         lines = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()]
         refused(request, 422, "invalid", "; ".join(lines))
         return JSONResponse(m.Problem(detail="; ".join(lines), reason="invalid").model_dump(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown path, wrong method, unreadable body) in the Problem shape too."""
+        reason = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        refused(request, exc.status_code, reason, str(exc.detail))
+        body = m.Problem(detail=str(exc.detail), reason=reason).model_dump()
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -358,6 +358,13 @@ class Engine:
             transitions.maybe_start(tx, row, self.metrics)
             return digest
 
+    def upload_limit(self, job: str) -> int:
+        """The largest upload body `job` takes: maxUpdateBytes; a secure job's masked update has
+        8 bytes a parameter, so up to 8 times a plain (at least 1 byte a parameter) one."""
+        with self.sessions() as s:
+            aggregation = self._parsed(self._job(s, job))[0].spec.aggregation
+        return aggregation.max_update_bytes * (8 if aggregation.secure else 1)
+
     def adapter(self, job: str, version: int) -> tuple[bytes, str]:
         with self.sessions() as s:
             self._job(s, job)

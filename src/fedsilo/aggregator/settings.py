@@ -56,6 +56,9 @@ class AggregatorSettings(BaseSettings):
         description="Serve plain HTTP without TLS (tokens and adapters travel in clear): only behind a TLS-terminating "
         "proxy or in tests. Without it the aggregator refuses to start without tls_cert_file and tls_key_file.",
     )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="A request body that stalls this long is refused with 408."
+    )
 
     def tls_problem(self) -> str | None:
         """Why these settings cannot serve (None when they can): HTTPS is the default, plain HTTP opt-in."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,12 +19,25 @@ HEADER_SHA256 = "X-Fedsilo-Sha256"
 HEADER_TRAIN_SECONDS = "X-Fedsilo-Train-Seconds"
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
 
+# Bounds on every number a client sends. Rounds, versions and example counts land in SQL
+# INTEGER columns, 32-bit on PostgreSQL: anything larger would fail in the database (a 500).
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 10**8  # about three years: longer than any round, finite as a float
+MAX_RATE = 1e12  # examples per second
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no NaN/Infinity: they could never be answered
+
 
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CreateJob(Wire):
+class Request(Wire):
+    """A request body: strict types, so JSON `true` is no count and "1.5" no loss."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateJob(Request):
     """Create a job. Tokens not given are generated and returned once."""
 
     job: FederatedJob
@@ -37,7 +50,7 @@ class JobCreated(Wire):
     created: bool
 
 
-class PatchJob(Wire):
+class PatchJob(Request):
     """Change a job. Every field is optional; a patch is applied as one transaction.
 
     `job`: a new FederatedJob document for the same job. Silos it adds are admitted
@@ -55,7 +68,7 @@ class PatchJob(Wire):
     silo_tokens: dict[str, str] = Field(default_factory=dict)
 
 
-class RotateToken(Wire):
+class RotateToken(Request):
     """Give a silo a new token (admin). The current one stays valid for `grace_seconds`.
 
     Name the token yourself to make the call retry-safe (the operator does): the same
@@ -77,13 +90,13 @@ class TokenIssued(Wire):
     rotated: bool = Field(description="False when the token was already in force (a retried rotation).")
 
 
-class JoinRequest(Wire):
+class JoinRequest(Request):
     """Sent once by a silo agent at start: what it is and what it can do."""
 
-    n_train_examples: int = Field(ge=0)
-    n_eval_examples: int = Field(ge=0)
-    device: str = "cpu"
-    throughput_examples_per_second: float | None = Field(default=None, ge=0)
+    n_train_examples: int = Field(ge=0, le=MAX_INT)
+    n_eval_examples: int = Field(ge=0, le=MAX_INT)
+    device: str = Field(default="cpu", max_length=200)
+    throughput_examples_per_second: float | None = Field(default=None, ge=0, le=MAX_RATE)
 
 
 class JoinResponse(Wire):
@@ -115,7 +128,7 @@ class Task(Wire):
 
 
 SecAggStage = Literal["keys", "shares", "masking", "unmasking", "aggregating", "closed", "failed"]
-class SecAggKeys(Wire):
+class SecAggKeys(Request):
     """A silo's public keys for one secure round (base64): channel key, mask key, seed commitment."""
 
     c_pk: str = Field(max_length=64)
@@ -123,19 +136,19 @@ class SecAggKeys(Wire):
     b_commit: str = Field(max_length=64)
 
 
-class SecAggShares(Wire):
+class SecAggShares(Request):
     """Encrypted share bundles, one per silo of the round's key roster (itself included)."""
 
     ciphertexts: dict[str, str] = Field(description="recipient -> base64 AES-GCM ciphertext")
 
 
-class RevealedShare(Wire):
+class RevealedShare(Request):
     kind: Literal["b", "s"]
     x: int = Field(ge=1, lt=2**32)
     y: str = Field(max_length=128)
 
 
-class SecAggReveal(Wire):
+class SecAggReveal(Request):
     """A surviving silo's shares for unmasking: of b for silos that uploaded, of s_sk for those that dropped."""
 
     shares: dict[str, RevealedShare]
@@ -158,15 +171,15 @@ class SecAggView(Wire):
     masked: list[str] = Field(default_factory=list)
 
 
-class MetricsReport(Wire):
+class MetricsReport(Request):
     """A silo's evaluation of global adapter `version` on its local split."""
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_INT)
     split: Literal["validation", "test"]
-    loss: float
+    loss: Finite
     accuracy: float | None = Field(default=None, ge=0, le=1)
-    n_examples: int = Field(ge=1)
-    extra: dict[str, float] = Field(default_factory=dict)
+    n_examples: int = Field(ge=1, le=MAX_INT)
+    extra: dict[str, Finite] = Field(default_factory=dict)
     generations: dict[str, str] = Field(
         default_factory=dict, description="Causal LM: generation per spec.task.evalPrompts prompt."
     )
