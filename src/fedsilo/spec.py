@@ -147,7 +147,7 @@ class TrainingSpec(Model):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
     seed: int = Field(
-        default=0, ge=0, le=2**63 - 1, description="Seed for splits, adapter initialisation and sampling."
+        default=0, ge=0, le=2**32 - 1, description="Seed for splits, adapter initialisation and sampling (< 2^32)."
     )
     eval_batch_size: int = Field(default=32, ge=1, description="Examples per forward pass when evaluating.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
