@@ -40,7 +40,12 @@ VALUES = (
     "--set", f"tenancy.aggregatorImages={{{IMAGES}}}",
 )
 SETTINGS = OperatorSettings(
-    watch_namespaces=JOBS, silo_namespaces=HOSPITAL, aggregator_images=IMAGES, poll_seconds=0.5, resync_seconds=30
+    watch_namespaces=JOBS,
+    silo_namespaces=HOSPITAL,
+    aggregator_images=IMAGES,
+    poll_seconds=0.5,
+    resync_seconds=30,
+    operator_namespace=HUB_NS,  # as the chart's Deployment sets it: the operator's CA Secret lives there
 )
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(300)]
 
