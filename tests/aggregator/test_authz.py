@@ -178,6 +178,13 @@ def send(agg: AggregatorProcess, request: dict[str, Any]) -> httpx.Response:
     return httpx.request(method, url, timeout=30, **kwargs)
 
 
+def rotate(agg: AggregatorProcess, body: dict[str, Any], silo: str = "beta") -> httpx.Response:
+    """The admin rotates `silo`'s token."""
+    return send(
+        agg, {"method": "POST", "url": f"/v1/jobs/demo/silos/{silo}/token", "headers": bearer(ADMIN), "json": body}
+    )
+
+
 def start_demo(agg: AggregatorProcess) -> None:
     """Job demo running round 1 (alpha, beta joined, alpha sent v0; gamma joined) and a second job."""
     assert (
@@ -259,15 +266,7 @@ def test_authorization_matrix_and_nothing_changes_on_refusal(hub: AggregatorProc
 def test_rotation_keeps_the_old_token_for_the_grace_period_then_refuses_it(hub: AggregatorProcess) -> None:
     start_demo(hub)
     task = {"method": "GET", "url": "/v1/jobs/demo/silos/beta/task"}
-    rotated = send(
-        hub,
-        {
-            "method": "POST",
-            "url": "/v1/jobs/demo/silos/beta/token",
-            "headers": bearer(ADMIN),
-            "json": {"grace_seconds": 2},
-        },
-    )
+    rotated = rotate(hub, {"grace_seconds": 2})
     assert rotated.status_code == 200 and rotated.json()["rotated"]
     new = rotated.json()["token"]
     assert len(new) >= 32 and new != TOKENS["beta"]
@@ -278,13 +277,8 @@ def test_rotation_keeps_the_old_token_for_the_grace_period_then_refuses_it(hub: 
     assert old.status_code == 401
     assert send(hub, {**task, "headers": bearer(new)}).status_code == 200
     # a named rotation is retry-safe: the same call again changes nothing
-    named = {
-        "method": "POST",
-        "url": "/v1/jobs/demo/silos/beta/token",
-        "headers": bearer(ADMIN),
-        "json": {"token": "beta-second-token-0123456789", "grace_seconds": 60},
-    }
-    first, again = send(hub, dict(named)).json(), send(hub, dict(named)).json()
+    named = {"token": "beta-second-token-0123456789", "grace_seconds": 60}
+    first, again = rotate(hub, named).json(), rotate(hub, named).json()
     assert first["rotated"] and not again["rotated"]
     assert first["previous_valid_until"] == again["previous_valid_until"]
     assert send(hub, {**task, "headers": bearer(new)}).status_code == 200  # the previous one, in grace
@@ -293,30 +287,14 @@ def test_rotation_keeps_the_old_token_for_the_grace_period_then_refuses_it(hub: 
 def test_expiry_and_revocation(hub: AggregatorProcess) -> None:
     start_demo(hub)
     task = {"method": "GET", "url": "/v1/jobs/demo/silos/beta/task"}
-    expiring = send(
-        hub,
-        {
-            "method": "POST",
-            "url": "/v1/jobs/demo/silos/beta/token",
-            "headers": bearer(ADMIN),
-            "json": {"grace_seconds": 0, "expires_in_seconds": 1.5},
-        },
-    ).json()
+    expiring = rotate(hub, {"grace_seconds": 0, "expires_in_seconds": 1.5}).json()
     assert send(hub, {**task, "headers": bearer(TOKENS["beta"])}).status_code == 401  # no grace asked
     assert send(hub, {**task, "headers": bearer(expiring["token"])}).status_code == 200
     time.sleep(1.7)
     expired = send(hub, {**task, "headers": bearer(expiring["token"])})
     assert (expired.status_code, expired.json()["reason"]) == (401, "expired")
 
-    fresh = send(
-        hub,
-        {
-            "method": "POST",
-            "url": "/v1/jobs/demo/silos/beta/token",
-            "headers": bearer(ADMIN),
-            "json": {"grace_seconds": 600},
-        },
-    ).json()["token"]
+    fresh = rotate(hub, {"grace_seconds": 600}).json()["token"]
     assert send(hub, {**task, "headers": bearer(fresh)}).status_code == 200
     assert (
         send(hub, {"method": "DELETE", "url": "/v1/jobs/demo/silos/beta/token", "headers": bearer(ADMIN)}).status_code
@@ -325,15 +303,7 @@ def test_expiry_and_revocation(hub: AggregatorProcess) -> None:
     refused = send(hub, {**task, "headers": bearer(fresh)})
     assert (refused.status_code, refused.json()["reason"]) == (401, "revoked")
     assert send(hub, {**task, "headers": bearer(expiring["token"])}).status_code == 401  # its grace ended too
-    after = send(
-        hub,
-        {
-            "method": "POST",
-            "url": "/v1/jobs/demo/silos/beta/token",
-            "headers": bearer(ADMIN),
-            "json": {"grace_seconds": 600},
-        },
-    ).json()
+    after = rotate(hub, {"grace_seconds": 600}).json()
     assert after["previous_valid_until"] is None  # a revoked token gets no grace
     assert send(hub, {**task, "headers": bearer(after["token"])}).status_code == 200
     assert send(hub, {**task, "headers": bearer(fresh)}).status_code == 401
@@ -496,15 +466,7 @@ def test_an_agent_picks_up_its_rotated_token_from_the_mounted_file(hub: Aggregat
     settings = SiloSettings(aggregator_url=hub.url, job="demo", silo="beta", token_file=token_file)
     client = Client(hub.url, "demo", settings.read_token(), "beta", retries=0, token_source=settings.read_token)
     assert client.task().action == "train"
-    rotated = send(
-        hub,
-        {
-            "method": "POST",
-            "url": "/v1/jobs/demo/silos/beta/token",
-            "headers": bearer(ADMIN),
-            "json": {"grace_seconds": 0},
-        },
-    ).json()["token"]
+    rotated = rotate(hub, {"grace_seconds": 0}).json()["token"]
     token_file.write_text(rotated)  # what kubelet does when the Secret changes
     assert client.task().action == "train"  # one 401, then the same request with the new token
     assert client.http.headers["Authorization"] == f"Bearer {rotated}"

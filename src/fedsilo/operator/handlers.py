@@ -255,7 +255,11 @@ def build_registry(
                    when=lambda type, body, **_: type in ("ADDED", None) and body.meta.name in awaiting_namespace)
     async def namespace_created(body: kopf.Body, **_: Any) -> None:
         """A silo namespace a job was waiting for exists now: its children follow at once."""
-        for ref in sorted(awaiting_namespace.pop(body.meta.name or "", set())):
+        await reconcile_jobs(awaiting_namespace.pop(body.meta.name or "", set()))
+
+    async def reconcile_jobs(refs: set[JobRef]) -> None:
+        """Reconcile these jobs now, each as it is now (a deleted one is skipped)."""
+        for ref in sorted(refs):
             async with lock(ref):
                 fresh = await connection.client().get(*JOB_API, *ref)
                 if fresh is None or fresh["metadata"].get("deletionTimestamp"):
@@ -272,14 +276,7 @@ def build_registry(
     @kopf.on.event("", "v1", "namespaces", registry=registry, id="namespace-opted-in", when=opted_in)
     async def namespace_opted_in(body: kopf.Body, **_: Any) -> None:
         """A namespace a refused job wants for a silo now carries the opt-in label: admitted at once."""
-        for ref in sorted(awaiting_label.pop(body.meta.name or "", set())):
-            async with lock(ref):
-                fresh = await connection.client().get(*JOB_API, *ref)
-                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
-                    continue
-                fields, events, _outcome = await reconcile_into(fresh)
-                await write_status(connection.client(), ref, fields)
-            post_on(fresh, events)
+        await reconcile_jobs(awaiting_label.pop(body.meta.name or "", set()))
 
     def register_repair(api_version: str, kind: str) -> None:
         group, _slash, version = api_version.rpartition("/")
