@@ -178,6 +178,14 @@ def send(agg: AggregatorProcess, request: dict[str, Any]) -> httpx.Response:
     return httpx.request(method, url, timeout=30, **kwargs)
 
 
+def create(agg: AggregatorProcess, job: dict[str, Any], tokens: dict[str, str]) -> httpx.Response:
+    """The admin creates a job with these silo tokens."""
+    return send(
+        agg,
+        {"method": "POST", "url": "/v1/jobs", "headers": bearer(ADMIN), "json": {"job": job, "silo_tokens": tokens}},
+    )
+
+
 def rotate(agg: AggregatorProcess, body: dict[str, Any], silo: str = "beta") -> httpx.Response:
     """The admin rotates `silo`'s token."""
     return send(
@@ -187,32 +195,10 @@ def rotate(agg: AggregatorProcess, body: dict[str, Any], silo: str = "beta") -> 
 
 def start_demo(agg: AggregatorProcess) -> None:
     """Job demo running round 1 (alpha, beta joined, alpha sent v0; gamma joined) and a second job."""
-    assert (
-        send(
-            agg,
-            {
-                "method": "POST",
-                "url": "/v1/jobs",
-                "headers": bearer(ADMIN),
-                "json": {"job": demo_document(), "silo_tokens": TOKENS},
-            },
-        ).status_code
-        == 201
-    )
+    assert create(agg, demo_document(), TOKENS).status_code == 201
     other = job_document(silos=[{"name": "alpha", "data": {"path": "a.csv"}}], aggregation={"minSilos": 1})
     other["metadata"]["name"] = "other"
-    assert (
-        send(
-            agg,
-            {
-                "method": "POST",
-                "url": "/v1/jobs",
-                "headers": bearer(ADMIN),
-                "json": {"job": other, "silo_tokens": {"alpha": OTHER_JOB_ALPHA}},
-            },
-        ).status_code
-        == 201
-    )
+    assert create(agg, other, {"alpha": OTHER_JOB_ALPHA}).status_code == 201
     for silo in ("alpha", "beta", "gamma"):
         body = {"n_train_examples": 10 if SILO_ROLES[silo] == "trainer" else 0, "n_eval_examples": 4}
         r = send(
@@ -393,18 +379,7 @@ def test_a_trainer_of_a_smaller_rank_cannot_send_the_initial_adapter(tmp_path: P
             silos=[{"name": "alpha", "data": {"path": "a.csv"}}, {"name": "beta", "rank": 2, "data": {"path": "b.csv"}}]
         )
         tokens = {"alpha": TOKENS["alpha"], "beta": TOKENS["beta"]}
-        assert (
-            send(
-                agg,
-                {
-                    "method": "POST",
-                    "url": "/v1/jobs",
-                    "headers": bearer(ADMIN),
-                    "json": {"job": doc, "silo_tokens": tokens},
-                },
-            ).status_code
-            == 201
-        )
+        assert create(agg, doc, tokens).status_code == 201
         refused = send(
             agg,
             {
