@@ -38,3 +38,6 @@ def test_image_shape() -> None:
     assert "download.pytorch.org/whl/cpu" in text and "ARG TORCH_INDEX_URL" in text
     assert "USER 10001" in text
     assert 'ENTRYPOINT ["fedsilo"]' in text
+    # a CUDA target with the `gpu` extra (bitsandbytes); the CPU runtime stays the default (last) stage
+    assert "AS cuda" in text and '"./[gpu]"' in text
+    assert text.rstrip().splitlines()[-3].startswith("FROM base AS runtime")

@@ -33,7 +33,8 @@ def check_device(training: TrainingSpec, cuda: bool) -> None:
         raise HardwareError("training.precision fp16 needs a CUDA GPU; this silo has none. "
                             "Use training.precision: bf16 or fp32 on CPU silos.")
     if training.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise HardwareError("training.loadIn4bit needs the bitsandbytes package in the silo image")
+        raise HardwareError("training.loadIn4bit needs bitsandbytes: pip install 'fedsilo[gpu]' "
+                            "(or the image's cuda target)")
 
 
 def device(cuda: bool) -> torch.device:

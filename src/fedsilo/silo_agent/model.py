@@ -82,6 +82,13 @@ def wrap(model: Any, config: PeftConfig, seed: int) -> Any:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ModelError(f"the PEFT recipe does not fit this model: {exc}") from None
+    # One declared dtype end to end: the adapter (LoRA factors and the copied classifier head
+    # alike) trains and travels in fp32 whatever the base weights are (bf16/fp16 base, 4-bit
+    # QLoRA); autocast runs the forward in low precision. A bf16 head would make every fp32
+    # delta a `wrong_dtype` upload.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info("adapter: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
