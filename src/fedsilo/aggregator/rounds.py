@@ -31,7 +31,16 @@ from fedsilo.aggregator import budget, changes, identity, lease, reads, secure, 
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
 from fedsilo.aggregator.blobs import Blobs
 from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Forbidden, Invalid, NotFound, Unavailable
-from fedsilo.aggregator.lifecycle import Live, MaskedSum, Phase, RoundState, Tx, fold, secure_weight
+from fedsilo.aggregator.lifecycle import (
+    Live,
+    MaskedSum,
+    Phase,
+    RoundState,
+    Tx,
+    fold,
+    secure_weight,
+    update_weight,
+)
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import (
     EvaluationRow,
@@ -460,6 +469,9 @@ class Engine:
             total = unflatten(secagg.decode(secure.unmask(tx.s, rnd, acc.ring)), lay)
             acc = WeightedSum(total=total, weight=acc.weight, count=acc.count)
         dp = live.job.spec.privacy.dp
+        if isinstance(acc, WeightedSum) and dp is None:  # DP: a rescale would raise the sensitivity past C
+            contributions = self._rank_contributions(tx.s, row, rnd, live)
+            strategies.rescale_components(acc.total, contributions, live.job.spec.peft.r)
         if dp is not None and rnd.secagg is None:  # central DP: the aggregator adds the noise
             noise = privacy_dp.gaussian(acc.total, privacy_dp.central_std(dp.noise_multiplier, dp.clip_norm))
             for name, tensor in noise.items():
@@ -501,6 +513,21 @@ class Engine:
 
         tx.on_commit(installed)
         tx.on_commit(lambda: self._collect(updates))
+
+    @staticmethod
+    def _rank_contributions(s: Session, row: JobRow, rnd: RoundRow, live: Live) -> list[tuple[int, float]]:
+        """(LoRA rank, fold weight) of every update folded into this round's sum."""
+        spec = live.job.spec
+        ranks = {silo.name: silo.rank or spec.peft.r for silo in spec.silos}
+        out = []
+        for u in s.scalars(select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number)):
+            if rnd.secagg is not None:
+                weight = secure_weight(u.n_examples, live.job)
+            else:
+                staleness = rnd.number - 1 - (u.base_version if u.base_version is not None else rnd.number - 1)
+                weight = update_weight(u.n_examples, staleness, spec.aggregation)
+            out.append((ranks.get(u.silo, spec.peft.r), weight))
+        return out
 
     @staticmethod
     def _needed(s: Session) -> set[str]:

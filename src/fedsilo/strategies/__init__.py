@@ -19,7 +19,7 @@ from fedsilo.strategies.ffa_lora import FfaLora, is_lora_a
 from fedsilo.strategies.lora_exact import LoraExact
 from fedsilo.strategies.median import Median
 from fedsilo.strategies.participation import sample_silos
-from fedsilo.strategies.ranks import pad_rank, silo_alpha, truncate_rank
+from fedsilo.strategies.ranks import pad_rank, rescale_components, silo_alpha, truncate_rank
 from fedsilo.strategies.trimmed_mean import TrimmedMean
 from fedsilo.strategies.workload import assign_steps
 
@@ -64,6 +64,7 @@ __all__ = [
     "is_lora_a",
     "pad_rank",
     "proximal_term",
+    "rescale_components",
     "sample_silos",
     "silo_alpha",
     "truncate_rank",

@@ -13,18 +13,25 @@ Silo-side sequence each round:
     # ffa-lora: pad_rank(trained, r, a_from=global_state), so A's delta stays zero
 After `lora-exact` the global factors are SVD-ordered, so truncation keeps the dominant
 directions of the global update.
+
+Weighted sums: a rank-r_i silo's padded components j >= r_i are zeros it never trained, not
+updates towards zero. `rescale_components` divides each component's sum by the weight of
+the silos that trained it (HetLoRA-style rank-aware averaging), so fedavg and every other
+weighted-sum strategy average component j over exactly the silos of rank > j and no longer
+shrink the higher components every round. lora-exact needs no correction (a padded pair's
+product is the silo's own product).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fedsilo.adapters import State
-from fedsilo.strategies.lora import check_pair, lora_pairs
+from fedsilo.strategies.lora import LORA_A, LORA_B, check_pair, lora_pairs
 
 
 def silo_alpha(alpha: float, r_global: int, r_silo: int, rslora: bool = False) -> float:
@@ -72,3 +79,34 @@ def truncate_rank(state: Mapping[str, torch.Tensor], r_silo: int) -> State:
         out[a_key] = a[:r_silo].clone()
         out[b_key] = b[:, :r_silo].clone()
     return out
+
+
+def component_weights(contributions: Sequence[tuple[int, float]], r_global: int) -> torch.Tensor:
+    """Per LoRA component j < r_global: the summed weight of the silos whose rank exceeds j."""
+    weights = torch.zeros(r_global, dtype=torch.float64)
+    for rank, weight in contributions:
+        weights[: min(rank, r_global)] += weight
+    return weights
+
+
+def rescale_components(total: State, contributions: Sequence[tuple[int, float]], r_global: int) -> bool:
+    """Turn a weighted sum of padded deltas into per-component averages over their trainers.
+
+    `total` is sum_i w_i * delta_i (what `WeightedSum` holds) and `contributions` the (rank, w_i)
+    of the folded updates. Component j of every LoRA pair (row j of A, column j of B) is scaled
+    by W / W_j (W the total weight, W_j that of the silos of rank > j), so dividing by W later
+    averages it over exactly those silos. Components nobody trained stay zero. In place; returns
+    whether anything changed (all silos at the global rank: nothing to do).
+    """
+    per_component = component_weights(contributions, r_global)
+    overall = sum(w for _, w in contributions)
+    if overall <= 0 or bool((per_component == overall).all()):
+        return False
+    factor = torch.where(per_component > 0, overall / per_component.clamp(min=1e-300), torch.ones_like(per_component))
+    for name, tensor in total.items():  # A and B alone: a secure ffa-lora sum carries no A
+        if name.endswith(LORA_A) or name.endswith(LORA_B):
+            axis = 0 if name.endswith(LORA_A) else 1
+            if tensor.dim() != 2 or tensor.shape[axis] != r_global:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not have the global rank {r_global}")
+            tensor.mul_(factor.to(tensor.dtype)[:, None] if axis == 0 else factor.to(tensor.dtype)[None, :])
+    return True
