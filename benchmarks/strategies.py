@@ -139,8 +139,9 @@ class Bench:
         assert result.accuracy is not None
         return result.accuracy
 
-    def silo_trainer(self, data: Encoded) -> Trainer:
-        return Trainer(self.model, self.tokenizer, self.training, data, EMPTY)
+    def silo_trainer(self, data: Encoded, logit_adjustment: float = 0.0) -> Trainer:
+        training = self.training.model_copy(update={"logit_adjustment": logit_adjustment})
+        return Trainer(self.model, self.tokenizer, training, data, EMPTY)
 
     def set_trainable(self, freeze_lora_a: bool) -> None:
         """The wrapped model's trainable set, minus lora_A for ffa-lora (the model is shared)."""
@@ -161,10 +162,12 @@ class Bench:
         return proximal
 
     def federated(self, name: str, params: dict[str, float], silos: list[Encoded], alpha: str) -> Row:
-        strategy = create(name, params)
+        """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)."""
+        base, _, variant = name.partition("+")
+        strategy = create(base, params)
         config = strategy.client_config()
         torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
-        trainers = [self.silo_trainer(d) for d in silos]
+        trainers = [self.silo_trainer(d, 1.0 if variant == "la" else 0.0) for d in silos]
         global_state, server_state = dict(self.initial), {}
         row = Row(name, alpha, [])
         started = time.perf_counter()
@@ -265,7 +268,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="Local optimizer steps per silo per round.")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        help="Registered strategy names, plus 'centralised' and 'local-only'.")
+                        help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss), "
+                        "plus 'centralised' and 'local-only'.")
     parser.add_argument("--param", action="append", default=[], help="STRATEGY.PARAM=VALUE, e.g. fedadam.eta=0.03")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--silos", type=int, default=4)
@@ -283,7 +287,8 @@ def main() -> None:
     params = parse_params(args.param)
     for name in args.strategies:
         if name not in REFERENCES:
-            create(name, params.get(name))  # unknown names / parameters fail before any training
+            base = name.partition("+")[0]
+            create(base, params.get(base))  # unknown names / parameters fail before any training
     torch.set_num_threads(args.threads)
 
     wall = time.perf_counter()
@@ -323,7 +328,7 @@ def main() -> None:
                 elif name == "local-only":
                     row = bench.local_only(silos, label)
                 else:
-                    row = bench.federated(name, params.get(name, {}), silos, label)
+                    row = bench.federated(name, params.get(name.partition("+")[0], {}), silos, label)
                 rows.append(row)
                 print(f"# {row.strategy} alpha {row.alpha}: {' '.join(f'{a:.3f}' for a in row.curve)} "
                       f"({row.seconds:.0f}s)", file=sys.stderr, flush=True)

@@ -45,7 +45,9 @@ DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=_DNS_LABEL.pa
 
 # Strategies whose accumulator is a weighted sum of deltas: they stay correct when the deltas
 # of one buffer were trained from different global versions (aggregation.mode async).
-ASYNC_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "clipped-fedavg", "ffa-lora"})
+ASYNC_STRATEGIES = frozenset(
+    {"fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "clipped-fedavg", "ffa-lora"}
+)
 # Strategies that need only the (weighted) sum of a round's deltas, never one silo's delta:
 # they work under secure aggregation (the aggregator learns only the sum) and client-level DP.
 SUM_STRATEGIES = ASYNC_STRATEGIES | {"fedkd"}
@@ -145,6 +147,15 @@ class TrainingSpec(Model):
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=10, description="AdamW learning rate on the silo.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    logit_adjustment: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Label-skew remedy for sequence classification (logit adjustment / balanced softmax, "
+        "as in FedLC): each silo trains on logits + tau * log(its own label frequencies), so a silo that sees "
+        "mostly one class stops pulling the shared model towards that class. tau 1 is the usual choice; "
+        "0 is plain cross-entropy.",
+    )
     max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
     seed: int = Field(
         default=0, ge=0, le=2**32 - 1, description="Seed for splits, adapter initialisation and sampling (< 2^32)."
@@ -456,6 +467,10 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 f"privacy.dp needs a strategy that uses only the sum of the updates ({sums}), not {strategy}"
             )
+        if self.training.logit_adjustment > 0 and self.task.type != "sequence-classification":
+            raise ValueError("training.logitAdjustment applies to sequence-classification only")
+        if self.training.logit_adjustment > 0 and strategy == "fedkd":
+            raise ValueError("training.logitAdjustment is not combined with fedkd's distillation loss yet")
         if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
             raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")
         if all(t.rank not in (None, self.peft.r) for t in trainers):

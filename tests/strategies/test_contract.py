@@ -28,6 +28,7 @@ class Case:
 
 CASES = [
     Case("fedavg"),
+    Case("fedavgm"),  # round 1: velocity = the mean delta
     Case("fedprox", {"mu": 0.1}),
     Case("fedkd", {"temperature": 3.0, "alpha": 0.3, "teacher_rank": 8}),
     Case("fedadam", mean_like=False),

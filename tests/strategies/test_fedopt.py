@@ -9,7 +9,7 @@ import torch
 
 from fedsilo.strategies import create
 
-from .factories import run_round
+from .factories import lora_state, random_delta, run_round
 
 ETA, B1, B2, TAU = 0.1, 0.9, 0.99, 1e-3
 
@@ -61,3 +61,20 @@ def test_fedopt_validation() -> None:
         create("fedadagrad", {"beta2": 0.9})  # Adagrad has no beta2
     with pytest.raises(ValueError, match="server state m/w"):
         one_round("fedadam", 0.5, {"m/w": torch.zeros(3), "v/w": torch.zeros(3)})
+
+
+def test_fedavgm_steps_along_the_velocity_and_refuses_bad_params() -> None:
+    g = lora_state(6, 5, rank=2)
+    strategy = create("fedavgm", {"eta": 0.5, "momentum": 0.8})
+    d1, d2 = random_delta(g, seed=1), random_delta(g, seed=2)
+    r1 = run_round(strategy, g, [(d1, 3.0)])
+    r2 = run_round(strategy, r1.state, [(d2, 1.0)], r1.server_state)
+    for key, x in g.items():
+        v1 = d1[key].float()
+        v2 = 0.8 * v1 + d2[key].float()
+        torch.testing.assert_close(r1.state[key].float(), (x.float() + 0.5 * v1).to(x.dtype).float())
+        torch.testing.assert_close(r2.state[key].float(), (r1.state[key].float() + 0.5 * v2).to(x.dtype).float(),
+                                   atol=2e-3 if x.dtype == torch.float16 else 1e-6, rtol=1e-4)
+        torch.testing.assert_close(r2.server_state[f"velocity/{key}"], v2)
+    with pytest.raises(ValueError, match="momentum"):
+        create("fedavgm", {"momentum": 1.0})

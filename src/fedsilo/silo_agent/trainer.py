@@ -22,6 +22,7 @@ import torch
 from fedsilo.adapters import State, sha256, to_bytes
 from fedsilo.silo_agent.data import Encoded, batches
 from fedsilo.silo_agent.model import adapter_state, load_adapter_state
+from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
 from fedsilo.spec import TrainingSpec
 
 
@@ -73,6 +74,7 @@ class Trainer:
         self.classification = classification
         self.batcher = batcher  # (data, batch_size, tokenizer, order) -> padded batches
         self.device = next(model.parameters()).device
+        self._log_prior: torch.Tensor | None = None  # logit adjustment: made at the first step (needs K)
         self._eval_batches = (
             [self._on_device(b) for b in batcher(evaluation, training.eval_batch_size, tokenizer)]
             if len(evaluation)
@@ -139,7 +141,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.training.precision == "fp16")
         for _ in range(steps):
             batch = next(stream)
-            loss = step_fn(self.model, batch) if step_fn is not None else self.model(**batch).loss
+            loss = step_fn(self.model, batch) if step_fn is not None else self._task_loss(batch)
             if extra_loss is not None:
                 loss = loss + extra_loss(self.model)
             scaler.scale(loss).backward()
@@ -149,6 +151,16 @@ class Trainer:
             total_loss += float(loss.detach())
             seen += int(batch["labels"].shape[0])
         return TrainResult(steps, seen, time.perf_counter() - started, total_loss / steps)
+
+    def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own loss, or the logit-adjusted cross-entropy (`training.logitAdjustment`)."""
+        tau = self.training.logit_adjustment
+        if not (self.classification and tau > 0):
+            return self.model(**batch).loss
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if self._log_prior is None:
+            self._log_prior = log_prior(self.train_data.labels, logits.shape[-1])
+        return adjusted_cross_entropy(logits, batch["labels"], self._log_prior, tau)
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:

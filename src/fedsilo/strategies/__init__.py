@@ -12,6 +12,7 @@ from fedsilo.strategies.clipped_fedavg import ClippedFedAvg
 from fedsilo.strategies.fedadagrad import FedAdagrad
 from fedsilo.strategies.fedadam import FedAdam
 from fedsilo.strategies.fedavg import FedAvg
+from fedsilo.strategies.fedavgm import FedAvgM
 from fedsilo.strategies.fedkd import FedKD
 from fedsilo.strategies.fedprox import FedProx, proximal_term
 from fedsilo.strategies.fedyogi import FedYogi
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Strategy[Any]]] = {
     cls.name: cls
     for cls in (
         FedAvg,
+        FedAvgM,
         FedProx,
         FedKD,
         FedAdam,
