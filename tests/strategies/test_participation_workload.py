@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fedsilo.strategies import assign_steps, sample_silos
 
@@ -47,3 +48,18 @@ def test_steps_are_bounded() -> None:
     assert assign_steps({"a": None, "b": 0.0}, 10, 8) == {"a": 10, "b": 10}
     with pytest.raises(ValueError, match="max_factor"):
         assign_steps({"a": 1.0}, 10, 8, max_factor=0.5)
+
+
+def test_unequal_steps_do_not_buy_influence() -> None:
+    """Two silos with the same data distribution; the fast one took 4x the steps (balanceWorkload).
+    Normalised, both pull with the size of the job's localSteps, so the mean is not dragged."""
+    from fedsilo.strategies import normalise_steps
+
+    per_step = {"w": torch.tensor([1.0, -2.0])}
+    slow = {"w": per_step["w"] * 5}  # 5 steps, the job's localSteps
+    fast = {"w": per_step["w"] * 20}  # 20 steps
+    assert torch.equal(normalise_steps(slow, 5, 5)["w"], slow["w"])
+    assert torch.equal(normalise_steps(fast, 20, 5)["w"], slow["w"])
+    assert torch.equal(normalise_steps(fast, 20, None)["w"], fast["w"])  # epochs mode: nothing to compare with
+    with pytest.raises(ValueError, match="steps"):
+        normalise_steps(fast, 0, 5)

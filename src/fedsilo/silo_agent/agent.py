@@ -29,7 +29,7 @@ from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer, TrainResult
 from fedsilo.spec import FederatedJob, SiloSpec
-from fedsilo.strategies import is_lora_a, pad_rank, proximal_term, truncate_rank
+from fedsilo.strategies import is_lora_a, normalise_steps, pad_rank, proximal_term, truncate_rank
 
 log = logging.getLogger("fedsilo.silo")
 OWED_WAIT = 1.0  # seconds a silo with validations owed waits for a next round before validating
@@ -182,7 +182,9 @@ class Agent:
         trained = self.trainer.state()
         if self.rank is not None:  # back to the global shape; frozen A rows come from the global adapter
             trained = pad_rank(trained, self.global_rank, a_from=self.global_state)
-        return delta(trained, self.global_state), result
+        # balanceWorkload gave this silo its own step count: send the delta of the job's localSteps
+        update = normalise_steps(delta(trained, self.global_state), result.steps, self.trainer.training.local_steps)
+        return update, result
 
     def _train_secure(self, task: m.Task) -> None:
         """One secure round: keys, shares, local training, the masked upload, the reveal.

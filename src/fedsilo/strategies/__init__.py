@@ -22,7 +22,7 @@ from fedsilo.strategies.median import Median
 from fedsilo.strategies.participation import sample_silos
 from fedsilo.strategies.ranks import pad_rank, rescale_components, silo_alpha, truncate_rank
 from fedsilo.strategies.trimmed_mean import TrimmedMean
-from fedsilo.strategies.workload import assign_steps
+from fedsilo.strategies.workload import assign_steps, normalise_steps
 
 REGISTRY: dict[str, type[Strategy[Any]]] = {
     cls.name: cls
@@ -64,6 +64,7 @@ __all__ = [
     "assign_steps",
     "create",
     "is_lora_a",
+    "normalise_steps",
     "pad_rank",
     "proximal_term",
     "rescale_components",

@@ -8,6 +8,13 @@ median silo keeps its steps, faster silos do more and slower silos fewer, bounde
 Only steps are adapted: a LoRA step's time is dominated by the frozen base model's
 forward and backward passes, so a smaller rank barely shortens it (it saves memory and
 upload bytes instead; set `silos[].rank` for that).
+
+Unequal steps must not buy influence: a silo that took 4x the steps moves about 4x as far,
+and an example-weighted mean of such deltas drifts towards the fast silos' own objectives
+(the objective inconsistency FedNova, Wang et al. 2020, corrects). Each silo therefore
+normalises its delta to the job's `localSteps` before upload (`normalise_steps`): it sends
+delta * localSteps / its_steps, so every silo's pull has the size of the same work and the
+weights stay the example counts.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping
+
+import torch
+
+from fedsilo.adapters import State
 
 
 def assign_steps(
@@ -49,3 +60,13 @@ def assign_steps(
         ideal = round(target_seconds * measured[silo] / batch_size)
         steps[silo] = min(upper, max(1, ideal))
     return steps
+
+
+def normalise_steps(delta: Mapping[str, torch.Tensor], steps: int, reference_steps: int | None) -> State:
+    """`delta` scaled to `reference_steps` of local work (FedNova-style); unchanged when equal or unset."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if reference_steps is None or reference_steps == steps:
+        return dict(delta)
+    factor = reference_steps / steps
+    return {name: tensor * factor for name, tensor in delta.items()}
