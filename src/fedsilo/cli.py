@@ -79,6 +79,39 @@ def validate(job_file: Path = typer.Argument(..., exists=True, dir_okay=False)) 
         raise typer.Exit(2)
 
 
+@app.command()
+def teacher(
+    job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="FederatedJob YAML (labels, maxLength)."),
+    public: Path = typer.Option(..., exists=True, dir_okay=False, help="Public training data (CSV, JSONL, Parquet)."),
+    base: str = typer.Option(..., help="Teacher base model folder, e.g. all-mpnet-base-v2 (any architecture)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: the spec's distillation.teacher.path)."),
+    steps: int = typer.Option(300, min=1, help="Optimizer steps of full fine-tuning."),
+    batch_size: int = typer.Option(16, min=1),
+    learning_rate: float = typer.Option(3e-5, min=0),
+    text_field: str = typer.Option("text", help="Text column of the public file."),
+    label_field: str = typer.Option("label", help="Label column of the public file (names of task.labels)."),
+) -> None:
+    """Fine-tune a FedKDLoRA teacher on public data, for the job's labels; save it where the spec points."""
+    from fedsilo.silo_agent.data import read_table
+    from fedsilo.silo_agent.teacher import fit_teacher
+    from fedsilo.spec import DataSpec, load_job
+
+    spec = load_job(job_file).spec
+    folder = out or (Path(spec.distillation.teacher.path) if spec.distillation else None)
+    if folder is None:
+        raise typer.BadParameter("the job has no distillation.teacher.path: pass --out", param_hint="--out")
+    if not folder.is_absolute() and out is None:
+        folder = job_file.parent / folder  # spec paths are relative to the job file
+    data = DataSpec(path=str(public.resolve()), text_field=text_field, label_field=label_field)
+    frame = read_table(data, public.parent)
+    max_length = (spec.distillation.teacher.max_length if spec.distillation else None) or spec.training.max_length
+    report = fit_teacher(base, frame, data, spec.task.labels, folder, steps=steps, batch_size=batch_size,
+                         learning_rate=learning_rate, max_length=max_length, seed=spec.training.seed)
+    accuracy = f"{report.held_out_accuracy:.3f}" if report.held_out_accuracy is not None else "n/a"
+    typer.echo(f"teacher saved to {folder}: {report.steps} steps on {report.public_examples} public examples "
+               f"in {report.seconds:.0f}s; held-out accuracy {accuracy} on {report.held_out_examples}")
+
+
 @app.command("operator")
 def operator_() -> None:
     """Run the Kubernetes operator (settings from FEDSILO_* environment variables)."""

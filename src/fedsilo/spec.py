@@ -419,6 +419,33 @@ class AggregatorSpec(Model):
     tls: TlsSpec = Field(default_factory=TlsSpec, description="HTTPS (and mutual TLS) inside the cluster.")
 
 
+class TeacherSpec(Model):
+    """A frozen teacher for FedKDLoRA: any sequence-classification model folder with its own tokenizer."""
+
+    path: str = Field(
+        min_length=1,
+        description="Local folder of the teacher (its own architecture and tokenizer, a head for task.labels), "
+        "e.g. all-mpnet-base-v2 fine-tuned on public data by `fedsilo teacher`. Every trainer silo needs it.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision, when `path` is a hub id.")
+    max_length: int | None = Field(
+        default=None, ge=8, le=32_768, description="Teacher tokens per example (default training.maxLength)."
+    )
+
+
+class DistillationSpec(Model):
+    """FedKDLoRA: every trainer silo distils a frozen public-data teacher into the federated LoRA student."""
+
+    teacher: TeacherSpec = Field(description="The teacher model.")
+    temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature T of the KD loss.")
+    alpha: float = Field(
+        default=0.5,
+        ge=0,
+        le=100,
+        description="Weight of the KD term: loss = task loss + alpha * T^2 * KL(teacher || student).",
+    )
+
+
 class FederatedJobSpec(Model):
     """Everything one federated fine-tuning needs."""
 
@@ -429,6 +456,9 @@ class FederatedJobSpec(Model):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    distillation: DistillationSpec | None = Field(
+        default=None, description="FedKDLoRA: distil a frozen teacher into the student on every trainer silo."
+    )
     silos: list[SiloSpec] = Field(min_length=1, description="Participating organisations.")
 
     @model_validator(mode="after")
@@ -467,6 +497,10 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 f"privacy.dp needs a strategy that uses only the sum of the updates ({sums}), not {strategy}"
             )
+        if self.distillation is not None and self.task.type != "sequence-classification":
+            raise ValueError("distillation (a teacher's class predictions) applies to sequence-classification only")
+        if self.distillation is not None and strategy == "fedkd":
+            raise ValueError("distillation names a public-data teacher; fedkd trains a private one: choose one")
         if self.training.logit_adjustment > 0 and self.task.type != "sequence-classification":
             raise ValueError("training.logitAdjustment applies to sequence-classification only")
         if self.training.logit_adjustment > 0 and strategy == "fedkd":

@@ -27,6 +27,7 @@ from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
 from fedsilo.silo_agent.quiet import setup_logging
 from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
+from fedsilo.silo_agent.teacher import silo_soft_targets
 from fedsilo.silo_agent.trainer import Trainer, TrainResult
 from fedsilo.spec import FederatedJob, SiloSpec
 from fedsilo.strategies import is_lora_a, normalise_steps, pad_rank, proximal_term, truncate_rank
@@ -81,7 +82,10 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
             prompts=generation_prompts(spec, silo),
             max_new_tokens=spec.task.max_new_tokens,
         )
-    return Trainer(model, tokenizer, spec.training, train, evaluation)
+    if spec.distillation is not None and train_idx:  # FedKDLoRA: the frozen teacher scores our examples once
+        soft = silo_soft_targets(spec, frame, silo.data, settings.data_root)
+        train = Encoded(train.features, train.labels, [soft[i] for i in train_idx])
+    return Trainer(model, tokenizer, spec.training, train, evaluation, distillation=spec.distillation)
 
 
 class Agent:

@@ -86,17 +86,18 @@ class Encoded:
 
     features: list[dict[str, list[int]]]
     labels: list[Any]  # class ids (classification) or per-token label ids (causal LM)
+    soft: list[list[float]] | None = None  # a teacher's logits per example (FedKDLoRA), batched as teacher_logits
 
     def __len__(self) -> int:
         return len(self.features)
 
     def subset(self, indices: list[int]) -> Encoded:
-        return Encoded([self.features[i] for i in indices], [self.labels[i] for i in indices])
+        soft = [self.soft[i] for i in indices] if self.soft is not None else None
+        return Encoded([self.features[i] for i in indices], [self.labels[i] for i in indices], soft)
 
 
-def encode_classification(
-    frame: pd.DataFrame, data: DataSpec, labels: list[str], tokenizer: Any, max_length: int
-) -> Encoded:
+def classification_texts(frame: pd.DataFrame, data: DataSpec) -> tuple[list[str], list[str] | None, pd.DataFrame]:
+    """(texts, text pairs, the rows they come from): rows with an empty text or label are dropped."""
     columns = [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
     require_columns(frame, columns, data.path)
     frame = frame.dropna(subset=columns)
@@ -104,6 +105,13 @@ def encode_classification(
         raise DataError(f"{data.path}: every row has an empty {columns} value")
     texts = frame[data.text_field].astype(str).tolist()
     pairs = frame[data.text_pair_field].astype(str).tolist() if data.text_pair_field else None
+    return texts, pairs, frame
+
+
+def encode_classification(
+    frame: pd.DataFrame, data: DataSpec, labels: list[str], tokenizer: Any, max_length: int
+) -> Encoded:
+    texts, pairs, frame = classification_texts(frame, data)
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
@@ -122,5 +130,7 @@ def batches(
         idx = order[start : start + batch_size]
         batch = tokenizer.pad([data.features[i] for i in idx], return_tensors="pt")
         batch["labels"] = torch.tensor([data.labels[i] for i in idx])
+        if data.soft is not None:
+            batch["teacher_logits"] = torch.tensor([data.soft[i] for i in idx], dtype=torch.float32)
         out.append(dict(batch))
     return out

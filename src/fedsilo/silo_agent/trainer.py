@@ -21,9 +21,10 @@ import torch
 
 from fedsilo.adapters import State, sha256, to_bytes
 from fedsilo.silo_agent.data import Encoded, batches
+from fedsilo.silo_agent.distill import kd_divergence
 from fedsilo.silo_agent.model import adapter_state, load_adapter_state
 from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
-from fedsilo.spec import TrainingSpec
+from fedsilo.spec import DistillationSpec, TrainingSpec
 
 
 @dataclass
@@ -68,8 +69,10 @@ class Trainer:
         *,
         classification: bool = True,
         batcher: Batcher = batches,
+        distillation: DistillationSpec | None = None,
     ) -> None:
         self.model, self.tokenizer, self.training = model, tokenizer, training
+        self.distillation = distillation  # FedKDLoRA: batches carry the teacher's logits
         self.train_data, self.eval_data = train, evaluation
         self.classification = classification
         self.batcher = batcher  # (data, batch_size, tokenizer, order) -> padded batches
@@ -153,14 +156,24 @@ class Trainer:
         return TrainResult(steps, seen, time.perf_counter() - started, total_loss / steps)
 
     def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model's own loss, or the logit-adjusted cross-entropy (`training.logitAdjustment`)."""
+        """The model's own loss, logit-adjusted (`training.logitAdjustment`), plus the teacher's
+        KD term when the batch carries its logits (`distillation`)."""
+        batch = dict(batch)
+        teacher = batch.pop("teacher_logits", None)
         tau = self.training.logit_adjustment
-        if not (self.classification and tau > 0):
+        if not (self.classification and (tau > 0 or teacher is not None)):
             return self.model(**batch).loss
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        if self._log_prior is None:
-            self._log_prior = log_prior(self.train_data.labels, logits.shape[-1])
-        return adjusted_cross_entropy(logits, batch["labels"], self._log_prior, tau)
+        if tau > 0:
+            if self._log_prior is None:
+                self._log_prior = log_prior(self.train_data.labels, logits.shape[-1])
+            loss = adjusted_cross_entropy(logits, batch["labels"], self._log_prior, tau)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        if teacher is None or self.distillation is None:
+            return loss
+        kd = kd_divergence(logits, teacher.to(logits.device), self.distillation.temperature)
+        return loss + self.distillation.alpha * kd
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
