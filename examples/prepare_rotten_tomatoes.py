@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=3.0)
     parser.add_argument("--train-examples", type=int, default=2400, help="Snippets spread over the silos.")
     parser.add_argument("--test-examples", type=int, default=600, help="Snippets of held-out movies.")
+    parser.add_argument("--public-examples", type=int, default=0,
+                        help="Also write public.csv: snippets of training movies that no silo holds.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -56,11 +58,15 @@ def main() -> None:
     test = corpus[corpus["movie_name"].isin(test_movies)]
     train = corpus[~corpus["movie_name"].isin(test_movies)]
     test = test.sample(n=min(args.test_examples, len(test)), random_state=args.seed)
-    train = train.sample(n=min(args.train_examples, len(train)), random_state=args.seed).reset_index(drop=True)
+    pool = train.sample(n=min(args.train_examples + args.public_examples, len(train)), random_state=args.seed)
+    train, public = pool.iloc[: args.train_examples].reset_index(drop=True), pool.iloc[args.train_examples :]
 
     args.out.mkdir(parents=True, exist_ok=True)
     test[["text", "label"]].to_csv(args.out / "test.csv", index=False)
     print(f"test.csv: {len(test)} snippets from {len(test_movies)} held-out movies")
+    if args.public_examples:  # a public share (e.g. a FedKDLoRA teacher's data): no silo or test snippet
+        public[["text", "label"]].to_csv(args.out / "public.csv", index=False)
+        print(f"public.csv: {len(public)} snippets, {(public['label'] == 'fresh').mean():.0%} fresh")
     for i, idx in enumerate(dirichlet_split(train["label"].to_numpy(), args.silos, args.alpha, rng)):
         part = train.iloc[idx][["text", "label"]]
         name = f"silo-{chr(ord('a') + i)}.csv"
