@@ -49,7 +49,7 @@ from fedsilo.adapters import State, delta, to_bytes
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
 from fedsilo.silo_agent.trainer import Trainer
-from fedsilo.spec import DataSpec, FederatedJobSpec
+from fedsilo.spec import DataSpec, DistillationSpec, FederatedJobSpec
 from fedsilo.strategies import create, is_lora_a, proximal_term
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,7 @@ class Row:
     strategy: str
     alpha: str
     curve: list[float]
+    losses: list[float] = field(default_factory=list)  # test loss after each round, where measured
     bytes_up: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -133,15 +134,21 @@ class Bench:
         self.tester = Trainer(self.model, self.tokenizer, self.training, EMPTY, test)
 
     def accuracy(self, state: State) -> float:
+        return self.scores(state)[0]
+
+    def scores(self, state: State) -> tuple[float, float]:
+        """(test accuracy, test loss) of an adapter state."""
         assert self.tester is not None
         self.tester.load(state)
         result = self.tester.evaluate()
         assert result.accuracy is not None
-        return result.accuracy
+        return result.accuracy, result.loss
 
-    def silo_trainer(self, data: Encoded, logit_adjustment: float = 0.0) -> Trainer:
+    def silo_trainer(
+        self, data: Encoded, logit_adjustment: float = 0.0, distillation: DistillationSpec | None = None
+    ) -> Trainer:
         training = self.training.model_copy(update={"logit_adjustment": logit_adjustment})
-        return Trainer(self.model, self.tokenizer, training, data, EMPTY)
+        return Trainer(self.model, self.tokenizer, training, data, EMPTY, distillation=distillation)
 
     def set_trainable(self, freeze_lora_a: bool) -> None:
         """The wrapped model's trainable set, minus lora_A for ffa-lora (the model is shared)."""
@@ -161,13 +168,17 @@ class Bench:
 
         return proximal
 
-    def federated(self, name: str, params: dict[str, float], silos: list[Encoded], alpha: str) -> Row:
-        """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)."""
+    def federated(
+        self, name: str, params: dict[str, float], silos: list[Encoded], alpha: str,
+        distillation: DistillationSpec | None = None,
+    ) -> Row:
+        """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1);
+        with `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA)."""
         base, _, variant = name.partition("+")
         strategy = create(base, params)
         config = strategy.client_config()
         torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
-        trainers = [self.silo_trainer(d, 1.0 if variant == "la" else 0.0) for d in silos]
+        trainers = [self.silo_trainer(d, 1.0 if variant == "la" else 0.0, distillation) for d in silos]
         global_state, server_state = dict(self.initial), {}
         row = Row(name, alpha, [])
         started = time.perf_counter()
@@ -181,7 +192,9 @@ class Bench:
                 strategy.add(acc, update, len(trainer.train_data))
             result = strategy.aggregate(global_state, acc, server_state)
             global_state, server_state = result.state, result.server_state
-            row.curve.append(self.accuracy(global_state))
+            accuracy, loss = self.scores(global_state)
+            row.curve.append(accuracy)
+            row.losses.append(loss)
             if "lora_truncation_error" in result.metrics:
                 row.notes.append(f"{result.metrics['lora_truncation_error']:.2f}")
         self.set_trainable(False)
