@@ -121,3 +121,22 @@ def test_fedkdlora_federation_runs_with_a_public_teacher(workspace: Path) -> Non
     assert [r["round"] for r in rows] == ["0", "1", "2"] and all(r["updates"] == "2" for r in rows[1:])
     logs = "".join(p.read_text() for p in (run / "logs").glob("*.log"))
     assert logs.count("distillation: teacher") == 2  # each silo scored its examples once, not per step
+
+
+def test_validate_checks_the_teacher_folder(workspace: Path) -> None:
+    from fedsilo.local.validate import validate
+
+    def job(labels: list[str], teacher: str) -> Path:
+        doc = job_document(baseModel={"path": str(_minilm())}, task={"labels": labels},
+                           distillation={"teacher": {"path": teacher}},
+                           silos=[{"name": "north", "data": {"path": "data/silo-a.csv"}}], aggregation={})
+        path = workspace / f"validate-{len(labels)}-{Path(teacher).name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    report = validate(job(LABELS, "teacher"))
+    assert report.ok and any(line.startswith("teacher teacher: a ") for line in report.checked), report.checked
+    report = validate(job(["rotten", "fresh", "certified"], "teacher"))
+    assert any("the teacher predicts ['rotten', 'fresh']" in p for p in report.problems), report.problems
+    report = validate(job(LABELS, "elsewhere"))
+    assert any("fedsilo teacher" in line for line in report.unchecked), report.unchecked

@@ -65,7 +65,28 @@ def validate(job_file: Path) -> Report:
     if base is not None:
         local = any(_local(s) for s in silos) or not silos
         _check_model(report, base, peft, job_dir, causal, len(labels), local)
+    if report.job is not None and report.job.spec.distillation is not None:
+        _check_teacher(report, report.job.spec.distillation.teacher.path, job_dir, labels)
     return report
+
+
+def _check_teacher(report: Report, path: str, job_dir: Path, labels: list[str]) -> None:
+    """A FedKDLoRA teacher folder here: a classifier of exactly the job's labels (else say how to make one)."""
+    import json
+
+    where = "spec.distillation.teacher.path"
+    folder = Path(path) if Path(path).is_absolute() else job_dir / path
+    if not (folder / "config.json").is_file():
+        report.unchecked.append(f"{where}: {path} is not a model folder here (make it with `fedsilo teacher`, "
+                                "or it is mounted inside each silo)")
+        return
+    config = json.loads((folder / "config.json").read_text())
+    names = [str(v) for _, v in sorted((int(k), v) for k, v in (config.get("id2label") or {}).items())]
+    if names != labels:
+        report.problems.append(f"{where}: the teacher predicts {names or 'no labels'}, the job's task.labels are "
+                               f"{labels}: fine-tune it for them with `fedsilo teacher`")
+        return
+    report.checked.append(f"teacher {path}: a {_architecture(folder)} classifier of {', '.join(labels)}")
 
 
 def _parse(model: Any, raw: Any) -> Any:
