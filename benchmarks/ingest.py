@@ -185,6 +185,12 @@ def _ready(url: str) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -225,6 +231,7 @@ class Row:
     p50: float
     p99: float
     rss_mb: float
+    cpu_s: float  # the aggregator's CPU seconds from the first request to the aggregated round
 
     @property
     def mb_s(self) -> float:
@@ -266,6 +273,7 @@ def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: P
         threads = [threading.Thread(target=upload, args=(i,)) for i in range(silos)]
         for t in threads:
             t.start()
+        cpu = cpu_seconds(pid)
         barrier.wait()
         started = time.perf_counter()
         for t in threads:
@@ -277,22 +285,22 @@ def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: P
                 raise SystemExit("the round did not aggregate")
             time.sleep(0.02)
         seconds = time.perf_counter() - started
-        rss = peak_rss_mb(pid)
+        rss, cpu = peak_rss_mb(pid), cpu_seconds(pid) - cpu
     q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return Row(shape, silos, payloads.size, seconds, statistics.median(latencies), q[98], rss)
+    return Row(shape, silos, payloads.size, seconds, statistics.median(latencies), q[98], rss, cpu)
 
 
 def table(rows: list[Row], refs: dict[str, float]) -> str:
     lines = [
         "| shape | silos | payload | MB/s | p50 upload s | p99 upload s | aggregator peak RSS MB "
-        "| % of slowest reference |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| aggregator CPU s per GB | % of slowest reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     slowest = min(refs.values())
     for r in rows:
         lines.append(
             f"| {r.shape} | {r.silos} | {r.payload_bytes / MB:.3f} MB | {r.mb_s:.1f} | {r.p50:.2f} | {r.p99:.2f} "
-            f"| {r.rss_mb:.0f} | {100 * r.mb_s / slowest:.1f} % |"
+            f"| {r.rss_mb:.0f} | {r.cpu_s / (r.silos * r.payload_bytes / 1e9):.2f} | {100 * r.mb_s / slowest:.1f} % |"
         )
     lines += [
         "",

@@ -404,10 +404,13 @@ class Engine:
                 row = self._job(s, job)
                 if row.version < 0:
                     raise Conflict("the job has no initial adapter yet", "wrong_round")
-                with self._lock:
-                    live = self._live_for(s, row)
-                    schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
-                    hooks = live.strategy.client_config()
+                # the schema and limit, without waiting behind another upload's transaction (`accept` re-checks)
+                live = self._live.get(job)
+                if live is None or live.schema is None or live.document != row.document:
+                    with self._lock:
+                        live = self._live_for(s, row)
+                schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+                hooks = live.strategy.client_config()
                 rnd = s.get(RoundRow, (job, row.current_round))
                 masked = rnd is not None and rnd.secagg is not None and rnd.number == up.round
             assert schema is not None

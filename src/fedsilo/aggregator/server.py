@@ -3,6 +3,7 @@
 import logging
 import ssl
 
+import torch
 import uvicorn
 from prometheus_client import start_http_server
 
@@ -18,6 +19,7 @@ def serve(settings: AggregatorSettings) -> None:
     if problem:
         raise SystemExit(f"fedsilo aggregator: {problem}")
     logs.setup(settings.log_level)
+    torch.set_num_threads(settings.torch_threads)
     if settings.insecure_http:
         log.warning("INSECURE: serving plain HTTP (FEDSILO_INSECURE_HTTP): tokens and adapters travel unencrypted")
     app = create_app(settings)

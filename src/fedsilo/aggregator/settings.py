@@ -68,6 +68,14 @@ class AggregatorSettings(BaseSettings):
         "whatever their number; only this many hold their tensors in memory, so the peak memory of a round does "
         "not grow with the silo count.",
     )
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Intra-op threads of torch's math in the aggregator. Uploads are checked and folded in parallel "
+        "(ingest_slots), so one thread per operation is fastest, and on a busy machine several are much slower; more "
+        "help only the aggregation of few, large lora-exact layers.",
+    )
 
     def tls_problem(self) -> str | None:
         """Why these settings cannot serve (None when they can): HTTPS is the default, plain HTTP opt-in."""
