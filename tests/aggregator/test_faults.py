@@ -26,7 +26,7 @@ from tests.conftest import job_document
 
 from fedsilo.adapters import from_bytes, sha256, to_bytes
 from fedsilo.aggregator.acceptance import Incoming
-from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import EngineError, Fenced, Unavailable
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.rounds import Engine
@@ -66,6 +66,14 @@ class FaultyBlobs(Blobs):
         self.faults.hit("blob.put")
         return super().put(data)
 
+    def sync(self, staged: Staged) -> None:
+        self.faults.hit("blob.sync")
+        super().sync(staged)
+
+    def adopt(self, staged: Staged) -> str:
+        self.faults.hit("blob.adopt")
+        return super().adopt(staged)
+
     def get(self, digest: str) -> bytes:
         self.faults.hit("blob.get")
         return super().get(digest)
@@ -83,6 +91,11 @@ def v0() -> dict[str, torch.Tensor]:
 def delta(silo: str, round_: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(hash((silo, round_)) % 2**31)
     return {k: torch.randn(v.shape, generator=g) for k, v in v0().items()}
+
+
+def incoming(engine: Engine, silo: str, round_: int, data: bytes, n: int) -> Incoming:
+    """An upload as the HTTP layer hands it over: the body staged in the engine's blob store."""
+    return Incoming(silo, round_, engine.blobs.stage(data), sha256(data), n)
 
 
 def retry(fn: Callable[[], Any], tries: int = 5) -> Any:
@@ -129,12 +142,12 @@ def run_job(url: str, root: Path, faults: Faults) -> Engine:
     retry(lambda: engine.create_job(parse_job(doc), tokens))
     for name, n in SILOS.items():
         retry(lambda name=name, n=n: engine.join("demo", name, m.JoinRequest(n_train_examples=n, n_eval_examples=0)))
-    retry(lambda: engine.put_initial("demo", "alpha", to_bytes(v0())))
+    retry(lambda: engine.put_initial("demo", "alpha", engine.blobs.stage(to_bytes(v0()))))
     for round_ in range(1, ROUNDS + 1):
         for name, n in SILOS.items():
-            data = to_bytes(delta(name, round_))
-            up = Incoming(name, round_, data, sha256(data), n)
-            retry(lambda up=up: engine.submit_update("demo", up))
+            up = (name, round_, to_bytes(delta(name, round_)), n)
+            # each try sends the body again, as an HTTP retry does (the engine consumes the staged file)
+            retry(lambda up=up: engine.submit_update("demo", incoming(engine, *up)))
         for _ in range(10):  # the server loop: tick until the round has closed
             engine.tick()  # logs and isolates a job's failure; the next tick retries
             if engine.status("demo").version >= round_:
@@ -177,7 +190,8 @@ def test_every_single_fault_point(database: Callable[[], str], tmp_path: Path) -
     clean = Faults()
     audit(run_job(database(), tmp_path / "clean", clean))
     points = [(op, i) for op, count in sorted(clean.seen.items()) for i in range(1, count + 1)]
-    assert {op for op, _ in points} >= {"blob.put", "blob.get", "blob.delete", "commit.before", "commit.after"}
+    ops = {"blob.put", "blob.sync", "blob.adopt", "blob.get", "blob.delete", "commit.before", "commit.after"}
+    assert {op for op, _ in points} >= ops
     failures = []
     for index, point in enumerate(points):
         faults = Faults(target=point)
@@ -205,19 +219,19 @@ def test_a_paused_writer_is_fenced_after_takeover(tmp_path: Path) -> None:
     first.create_job(parse_job(doc), {n: f"{n}-token-0123456789" for n in ("alpha", "beta")})
     for name in ("alpha", "beta"):
         first.join("demo", name, m.JoinRequest(n_train_examples=10, n_eval_examples=0))
-    first.put_initial("demo", "alpha", to_bytes(v0()))
+    first.put_initial("demo", "alpha", first.blobs.stage(to_bytes(v0())))
     data = to_bytes(delta("alpha", 1))
-    alpha = Incoming("alpha", 1, data, sha256(data), 10)
-    first.submit_update("demo", alpha)
+    first.submit_update("demo", incoming(first, "alpha", 1, data, 10))
     with pytest.raises(Fenced):  # the lease is first's and still valid
-        second.submit_update("demo", alpha)
+        second.submit_update("demo", incoming(second, "alpha", 1, data, 10))
 
     now[0] += timedelta(seconds=30)  # first is paused past its lease
-    assert second.submit_update("demo", alpha).duplicate  # second took over and sees alpha's committed update
+    # second took over and sees alpha's committed update
+    assert second.submit_update("demo", incoming(second, "alpha", 1, data, 10)).duplicate
     with pytest.raises(Fenced):
-        first.submit_update("demo", alpha)
+        first.submit_update("demo", incoming(first, "alpha", 1, data, 10))
     data = to_bytes(delta("beta", 1))
-    second.submit_update("demo", Incoming("beta", 1, data, sha256(data), 10))
+    second.submit_update("demo", incoming(second, "beta", 1, data, 10))
     second.tick()
     assert second.status("demo").phase == "Succeeded"
     first.tick()  # a fenced engine's tick changes nothing and does not raise
@@ -240,11 +254,10 @@ def test_async_upload_while_a_buffer_closes_lands_in_the_next(tmp_path: Path) ->
     engine.create_job(parse_job(doc), {n: f"{n}-token-0123456789" for n in SILOS})
     for name, n in SILOS.items():
         engine.join("demo", name, m.JoinRequest(n_train_examples=n, n_eval_examples=0))
-    engine.put_initial("demo", "alpha", to_bytes(v0()))
+    engine.put_initial("demo", "alpha", engine.blobs.stage(to_bytes(v0())))
 
     def upload(silo: str) -> m.UpdateAccepted:
-        data = to_bytes(delta(silo, 1))
-        return engine.submit_update("demo", Incoming(silo, 1, data, sha256(data), SILOS[silo]))
+        return engine.submit_update("demo", incoming(engine, silo, 1, to_bytes(delta(silo, 1)), SILOS[silo]))
 
     upload("alpha")
     upload("beta")  # buffer 1 is full; it closes at the next tick

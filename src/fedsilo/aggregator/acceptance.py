@@ -1,9 +1,11 @@
 """The upload-acceptance path: one silo's update for one round, exactly once.
 
-`parse` runs outside the engine lock (checksum, safetensors, finiteness); `accept` runs
-inside the job's write transaction: it decides duplicate / late / accepted, writes the
-blob (durable before its row), adds the row, and folds the delta into the accumulator as
-the very last step, marking the transaction dirty so a failed commit drops the fold.
+`parse` runs outside the engine lock (checksum, safetensors, finiteness) on the body as it
+was streamed to a file (`blobs.Staged`); `accept` runs inside the job's write transaction:
+it decides duplicate / late / accepted, adopts the already fsynced file as the update's
+blob (a rename: durable before its row), adds the row, and folds the delta into the
+accumulator as the very last step, marking the transaction dirty so a failed commit drops
+the fold. A refused upload's file is never adopted: it cannot leave a blob behind.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from fedsilo.adapters import AdapterError, Schema, State, check_schema, sha256
+from fedsilo.adapters import AdapterError, Schema, State, check_schema
 from fedsilo.aggregator import secure
-from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge, Unavailable
 from fedsilo.aggregator.lifecycle import (
     Live,
@@ -30,15 +32,16 @@ from fedsilo.aggregator.lifecycle import (
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
 from fedsilo.aggregator.uploads import validate_update
 from fedsilo.api import models as m
+from fedsilo.strategies.updates import Stored
 
 
 @dataclass(frozen=True)
 class Incoming:
-    """One silo's upload for one round, as it arrived (before any validation)."""
+    """One silo's upload for one round, as it arrived (before any validation): the body is a staged file."""
 
     silo: str
     round: int
-    data: bytes
+    body: Staged
     claimed_sha256: str
     n_examples: int
     train_seconds: float | None = None
@@ -54,7 +57,7 @@ def parse(up: Incoming, schema: Schema, max_bytes: int) -> State:
     if up.n_examples < 1:
         raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
     try:
-        return validate_update(up.data, up.claimed_sha256, schema, max_bytes)
+        return validate_update(up.body, up.claimed_sha256, schema, max_bytes)
     except AdapterError as exc:
         raise refusal(exc) from None
 
@@ -63,11 +66,11 @@ def parse_masked(up: Incoming, size: int) -> np.ndarray:
     """A secure round's upload: exactly `size` little-endian uint64 ring elements, checksummed."""
     if up.n_examples < 1:
         raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
-    if sha256(up.data) != up.claimed_sha256.lower():
+    if up.body.sha256 != up.claimed_sha256.lower():
         raise Invalid("the body does not match X-Fedsilo-Sha256", "checksum")
-    if len(up.data) != 8 * size:
-        raise Invalid(f"a masked update has {8 * size} bytes ({size} ring elements), got {len(up.data)}", "bad_masked")
-    return np.frombuffer(up.data, dtype="<u8").astype(np.uint64)
+    if up.body.size != 8 * size:
+        raise Invalid(f"a masked update has {8 * size} bytes ({size} ring elements), got {up.body.size}", "bad_masked")
+    return np.fromfile(up.body.path, dtype="<u8").astype(np.uint64)
 
 
 def _previous(tx: Tx, job: str, up: Incoming) -> UpdateRow | None:
@@ -132,7 +135,7 @@ def accept(
             check_schema(delta, live.schema)  # the schema the parse saw may predate a takeover
         except AdapterError as exc:
             raise refusal(exc) from None
-    digest = blobs.put(up.data)
+    digest = blobs.adopt(up.body)  # fsynced before the lock: here only the rename and the folder's fsync
     tx.s.add(
         UpdateRow(
             job=row.name,
@@ -140,7 +143,7 @@ def accept(
             silo=up.silo,
             sha256=digest,
             n_examples=up.n_examples,
-            n_bytes=len(up.data),
+            n_bytes=up.body.size,
             train_seconds=up.train_seconds,
             received_at=tx.now,
             base_version=up.round - 1,
@@ -163,7 +166,7 @@ def accept(
         if isinstance(delta, np.ndarray):
             live.acc.add(delta, secure_weight(up.n_examples, live.job))
         else:
-            fold(live, live.acc, delta, up.n_examples, staleness)
+            fold(live, live.acc, Stored(delta, blobs.path(digest)), up.n_examples, staleness)
     except AdapterError as exc:
         raise refusal(exc) from None
     except ValueError as exc:

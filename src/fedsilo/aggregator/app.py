@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fedsilo.adapters import sha256
 from fedsilo.aggregator import guards, logs, openapi
 from fedsilo.aggregator.acceptance import Incoming
-from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import (
     Conflict,
     EngineError,
@@ -49,6 +49,7 @@ from fedsilo.logfmt import event
 
 log = logging.getLogger("fedsilo.aggregator")
 T = TypeVar("T")
+WRITE_BATCH = 256 * 1024  # bytes of an upload gathered in memory before one write + hash off the event loop
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 SAFETENSORS = {"content": {m.SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
@@ -253,9 +254,9 @@ def post_metrics(job: str, silo: str, body: m.MetricsReport, engine: EngineDep) 
 
 @silos.put("/silos/{silo}/adapters/0", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
 async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) -> dict[str, str]:
-    data = await _read_body(request, engine, job)
-    digest = await asyncio.to_thread(engine.put_initial, job, silo, data)
-    event(log, "initial_adapter", job=job, silo=silo, bytes=len(data), sha256=digest[:12])
+    body = await _receive_body(request, engine, job)
+    digest = await asyncio.to_thread(engine.put_initial, job, silo, body)  # consumes the staged body
+    event(log, "initial_adapter", job=job, silo=silo, bytes=body.size, sha256=digest[:12])
     return {"sha256": digest}
 
 
@@ -271,12 +272,12 @@ async def put_update(
     x_fedsilo_train_seconds: Annotated[float | None, Header(ge=0, le=m.MAX_SECONDS)] = None,
     x_fedsilo_examples_seen: Annotated[int | None, Header(ge=0, le=m.MAX_INT)] = None,
 ) -> m.UpdateAccepted:
-    data = await _read_body(request, engine, job)
+    body = await _receive_body(request, engine, job)
     update = Incoming(
-        silo, round, data, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
+        silo, round, body, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
     )
-    accepted = await asyncio.to_thread(engine.submit_update, job, update)
-    event(log, "upload", job=job, round=accepted.round, silo=silo, bytes=len(data), examples=x_fedsilo_examples,
+    accepted = await asyncio.to_thread(engine.submit_update, job, update)  # consumes the staged body
+    event(log, "upload", job=job, round=accepted.round, silo=silo, bytes=body.size, examples=x_fedsilo_examples,
           train_seconds=x_fedsilo_train_seconds, sha256=accepted.sha256[:12],
           outcome="duplicate" if accepted.duplicate else "accepted")
     return accepted
@@ -319,9 +320,12 @@ def secagg_reveal(job: str, round: Round, silo: str, body: m.SecAggReveal, engin
     return Response(status_code=204)
 
 
-async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
-    """Read at most the job's upload limit, refusing early instead of buffering a flood.
+async def _receive_body(request: Request, engine: Engine, job: str) -> Staged:
+    """Stream at most the job's upload limit into a staged file, hashing as it arrives.
 
+    Refuses at the chunk that crosses the limit instead of storing a flood; the file is
+    removed on every way out but success (then the engine owns it). At most `WRITE_BATCH`
+    bytes of a body sit in memory: they are written and hashed off the event loop.
     `guards.BodyGuard` already holds every body to the process-wide ceiling and a read timeout.
     """
     limit = min(request.app.state.settings_limit, await asyncio.to_thread(engine.upload_limit, job))
@@ -329,14 +333,25 @@ async def _read_body(request: Request, engine: Engine, job: str) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         engine.metrics.updates_rejected.labels(job, "too_large").inc()
         raise ApiError(413, f"payload of {declared} bytes exceeds the limit of {limit}", "too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            engine.metrics.updates_rejected.labels(job, "too_large").inc()
-            raise ApiError(413, f"payload exceeds the limit of {limit} bytes", "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    receiver = await asyncio.to_thread(engine.blobs.receive)
+    try:
+        batch: list[bytes] = []
+        pending = 0
+        async for chunk in request.stream():
+            if receiver.size + pending + len(chunk) > limit:
+                engine.metrics.updates_rejected.labels(job, "too_large").inc()
+                raise ApiError(413, f"payload exceeds the limit of {limit} bytes", "too_large")
+            batch.append(chunk)
+            pending += len(chunk)
+            if pending >= WRITE_BATCH:
+                await asyncio.to_thread(receiver.write, b"".join(batch))
+                batch, pending = [], 0
+        if batch:
+            await asyncio.to_thread(receiver.write, b"".join(batch))
+        return receiver.finish()
+    except BaseException:
+        receiver.discard()
+        raise
 
 
 # Refusals that are part of normal operation: a late upload (info), a retry-later answer (debug).
@@ -360,6 +375,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         Blobs(settings.checkpoint_dir / "blobs"),
         metrics,
         lease_seconds=settings.lease_seconds,
+        ingest_slots=settings.ingest_slots,
     )
     startup: dict[str, Any] = {"ready": settings.job_file is None}
     watch = logs.RoundWatch(engine)

@@ -29,7 +29,7 @@ from fedsilo import strategies
 from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, sha256, to_bytes
 from fedsilo.aggregator import budget, changes, identity, lease, reads, secure, transitions, views
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
-from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Forbidden, Invalid, NotFound, Unavailable
 from fedsilo.aggregator.lifecycle import (
     Live,
@@ -52,13 +52,14 @@ from fedsilo.aggregator.store import (
     aware,
     utcnow,
 )
-from fedsilo.aggregator.uploads import validate_initial
+from fedsilo.aggregator.uploads import load, validate_initial
 from fedsilo.api import models as m
 from fedsilo.privacy import dp as privacy_dp
 from fedsilo.privacy import secagg
 from fedsilo.privacy.vectors import unflatten
 from fedsilo.spec import FederatedJob, SpecError, dump_job, parse_job
 from fedsilo.strategies import WeightedSum
+from fedsilo.strategies.updates import Stored
 
 __all__ = ["Engine", "Incoming"]
 
@@ -76,6 +77,7 @@ class Engine:
         *,
         holder: str | None = None,
         lease_seconds: float = 10.0,
+        ingest_slots: int = 2,
     ) -> None:
         self.sessions, self.blobs, self.metrics, self.clock = sessions, blobs, metrics, clock
         self.holder = holder or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
@@ -87,6 +89,7 @@ class Engine:
         self._epochs: dict[str, int] = {}  # leases this process holds
         self._fenced_logged: set[str] = set()
         self._parse_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(ingest_slots)  # uploads parsed or being folded at once
         self._parsed_docs: dict[str, tuple[dict[str, Any], FederatedJob, strategies.ClientConfig]] = {}
 
     # ---- the commit boundary ----------------------------------------------------------
@@ -187,7 +190,8 @@ class Engine:
         acc = live.strategy.accumulator(live.global_state)
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
-            fold(live, acc, from_bytes(self.blobs.get(u.sha256)), u.n_examples, staleness)
+            path = self.blobs.path(u.sha256)
+            fold(live, acc, Stored(load(path), path), u.n_examples, staleness)
         return acc
 
     # ---- jobs -----------------------------------------------------------------------
@@ -338,9 +342,16 @@ class Engine:
 
     # ---- adapters -------------------------------------------------------------------
 
-    def put_initial(self, job: str, silo: str, data: bytes) -> str:
+    def put_initial(self, job: str, silo: str, body: Staged) -> str:
         """The initial adapter fixes every later upload's layout: only a trainer of the global
-        rank may send it, once; the same adapter again is a no-op, a different one a 409."""
+        rank may send it, once; the same adapter again is a no-op, a different one a 409.
+        Consumes `body` (a staged file): it is removed whatever the outcome."""
+        try:
+            return self._put_initial(job, silo, body)
+        finally:
+            self.blobs.discard(body)
+
+    def _put_initial(self, job: str, silo: str, body: Staged) -> str:
         with self.sessions() as s:  # a read: the parse cache, not the engine's locked state
             spec = self._parsed(self._job(s, job))[0].spec
             silo_row = self._silo(s, job, silo)
@@ -348,7 +359,7 @@ class Engine:
         if silo_row.role != "trainer" or rank not in (None, spec.peft.r):
             raise Forbidden("only a trainer of the global rank peft.r sends the initial adapter", "not_allowed")
         try:
-            state = validate_initial(data, spec.aggregation.max_update_bytes)
+            state = validate_initial(body, spec.aggregation.max_update_bytes)
         except AdapterError as exc:
             self.metrics.updates_rejected.labels(job, exc.reason).inc()
             raise refusal(exc) from None
@@ -385,28 +396,45 @@ class Engine:
         return data, v.sha256
 
     def submit_update(self, job: str, up: Incoming) -> m.UpdateAccepted:
-        """Validate outside the lock, then accept inside one fenced transaction."""
+        """Validate and fsync outside the lock, then accept inside one fenced transaction.
+
+        Consumes `up.body`: adopted as the update's blob when accepted, removed otherwise.
+        At most `ingest_slots` uploads hold their parsed tensors at once, whatever the number
+        of concurrent uploads (their bodies wait on disk).
+        """
+        try:
+            return self._submit(job, up)
+        finally:
+            self.blobs.discard(up.body)
+
+    def _submit(self, job: str, up: Incoming) -> m.UpdateAccepted:
         try:
             with self.sessions() as s:
                 row = self._job(s, job)
                 if row.version < 0:
                     raise Conflict("the job has no initial adapter yet", "wrong_round")
-                with self._lock:
-                    live = self._live_for(s, row)
-                    schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
-                    hooks = live.strategy.client_config()
+                # the schema and limit, without waiting behind another upload's transaction (`accept` re-checks)
+                live = self._live.get(job)
+                if live is None or live.schema is None or live.document != row.document:
+                    with self._lock:
+                        live = self._live_for(s, row)
+                schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+                hooks = live.strategy.client_config()
                 rnd = s.get(RoundRow, (job, row.current_round))
                 masked = rnd is not None and rnd.secagg is not None and rnd.number == up.round
             assert schema is not None
-            delta = parse_masked(up, secure.layout(schema, hooks).size) if masked else parse(up, schema, limit)
-            with self._write(job) as tx:
-                row = self._job(tx.s, job, lock=True)
-                live = self._live_for(tx.s, row, with_acc=True)
-                answer, complete = accept(tx, row, live, up, delta, self.blobs)
-                if not answer.duplicate:
-                    tx.on_commit(lambda: self._count_upload(job, up))
-                if complete:
-                    tx.on_commit(self.wakeup.set)
+            self.blobs.sync(up.body)  # the costly half of durability, in parallel with other uploads
+            with self._slots:
+                delta = parse_masked(up, secure.layout(schema, hooks).size) if masked else parse(up, schema, limit)
+                with self._write(job) as tx:
+                    row = self._job(tx.s, job, lock=True)
+                    live = self._live_for(tx.s, row, with_acc=True)
+                    answer, complete = accept(tx, row, live, up, delta, self.blobs)
+                    if not answer.duplicate:
+                        tx.on_commit(lambda: self._count_upload(job, up))
+                    if complete:
+                        tx.on_commit(self.wakeup.set)
+                del delta
             return answer
         except EngineError as exc:
             if not isinstance(exc, Unavailable):  # "try again" is not a rejection
@@ -414,7 +442,7 @@ class Engine:
             raise
 
     def _count_upload(self, job: str, up: Incoming) -> None:
-        self.metrics.received_bytes.labels(job).inc(len(up.data))
+        self.metrics.received_bytes.labels(job).inc(up.body.size)
         self.metrics.updates_accepted.labels(job).inc()
         if not self.metrics.per_silo:
             return

@@ -3,10 +3,11 @@
 import logging
 import ssl
 
+import torch
 import uvicorn
 from prometheus_client import start_http_server
 
-from fedsilo.aggregator import logs, peer
+from fedsilo.aggregator import heap, logs, peer
 from fedsilo.aggregator.app import create_app
 from fedsilo.aggregator.settings import AggregatorSettings
 
@@ -18,6 +19,8 @@ def serve(settings: AggregatorSettings) -> None:
     if problem:
         raise SystemExit(f"fedsilo aggregator: {problem}")
     logs.setup(settings.log_level)
+    torch.set_num_threads(settings.torch_threads)
+    heap.return_large_buffers()
     if settings.insecure_http:
         log.warning("INSECURE: serving plain HTTP (FEDSILO_INSECURE_HTTP): tokens and adapters travel unencrypted")
     app = create_app(settings)

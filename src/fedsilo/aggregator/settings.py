@@ -1,5 +1,6 @@
 """The aggregator process's settings: the only place it reads the environment."""
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -58,6 +59,22 @@ class AggregatorSettings(BaseSettings):
     )
     body_timeout_seconds: float = Field(
         default=30.0, gt=0, le=3600, description="A request body that stalls this long is refused with 408."
+    )
+    ingest_slots: int = Field(
+        default_factory=lambda: os.cpu_count() or 2,
+        ge=1,
+        le=1024,
+        description="Uploads parsed, checked and folded at once (default: the CPU count). Bodies stream to disk "
+        "whatever their number; only this many hold their tensors in memory, so the peak memory of a round does "
+        "not grow with the silo count.",
+    )
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Intra-op threads of torch's math in the aggregator. Uploads are checked and folded in parallel "
+        "(ingest_slots), so one thread per operation is fastest, and on a busy machine several are much slower; more "
+        "help only the aggregation of few, large lora-exact layers.",
     )
 
     def tls_problem(self) -> str | None:

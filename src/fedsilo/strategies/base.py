@@ -62,11 +62,11 @@ class WeightedSum:
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         check_weight(weight)
         for name, tensor in delta.items():
-            scaled = tensor.double() * weight
-            if name in self.total:
-                self.total[name].add_(scaled)
-            else:
-                self.total[name] = scaled.clone()
+            if name not in self.total:
+                self.total[name] = torch.zeros(tensor.shape, dtype=torch.float64)
+            # in place, no float64 temporary: the product w * x is exact in float64 (see above),
+            # so computing it inside the add rounds exactly as the separate product did
+            self.total[name].add_(tensor, alpha=weight)
         self.weight += weight
         self.count += 1
 

@@ -57,43 +57,88 @@ def dense_products(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 class LowRankSum:
-    """Exact running sum of w_i * B_i @ A_i for one layer.
+    """Exact running sum of w_i * B_i @ A_i for one layer, in bounded memory.
 
-    Kept factored ([w_1 B_1, ..., w_n B_n] @ [A_1; ...; A_n]) while that is smaller than the
-    dense out x in matrix, then switched to the dense matrix: memory is at most one dense
-    matrix per layer, and the final SVD stays cheap for large layers and few silos.
+    Kept factored (left @ right). New factor pairs are queued, and when the queue would
+    double the held width the whole is re-compressed exactly: QR of both sides and an SVD
+    of the small core keep the numerical rank only (singular values above `RTOL` times the
+    largest, and at least the largest rank added), so silos whose updates share directions
+    (a frozen A as in FFA-LoRA, similar updates) cost their joint rank, not the sum of
+    their ranks. Once the factors would reach the size of the dense out x in matrix, it
+    folds into that matrix instead. Memory: at most about min(2 x joint rank x (out + in),
+    2 x out x in) float64 values per layer, whatever the number of silos; time: amortised
+    O((out + in) x width) per update, with no copy of the held factors per update.
     """
+
+    RTOL = 1e-12  # relative to the largest singular value: float64 round-off, far below float32
 
     def __init__(self, out_features: int, in_features: int) -> None:
         self.shape = (out_features, in_features)
         self.left = torch.zeros(out_features, 0, dtype=torch.float64)
         self.right = torch.zeros(0, in_features, dtype=torch.float64)
         self.dense: torch.Tensor | None = None
+        self._queue: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._queued = 0  # columns waiting in the queue
+        self._floor = 0  # the largest rank added: a re-factorisation to it needs that many directions
+
+    @property
+    def held(self) -> int:
+        """float64 values held (factors, queue, or the dense matrix): the memory bound's subject."""
+        if self.dense is not None:
+            return self.dense.numel()
+        out_features, in_features = self.shape
+        return (self.left.shape[1] + self._queued) * (out_features + in_features)
 
     def add(self, b: torch.Tensor, a: torch.Tensor, weight: float) -> None:
         b, a = b.double() * weight, a.double()
         if self.dense is not None:
             self.dense.addmm_(b, a)
             return
-        self.left = torch.cat([self.left, b], dim=1)
-        self.right = torch.cat([self.right, a], dim=0)
+        self._queue.append((b, a))
+        self._queued += a.shape[0]
+        self._floor = max(self._floor, a.shape[0])
         out_features, in_features = self.shape
-        if self.left.shape[1] * (out_features + in_features) >= out_features * in_features:
+        width = self.left.shape[1] + self._queued
+        doubled = width >= 2 * max(self.left.shape[1], 1)
+        if doubled or width * (out_features + in_features) >= out_features * in_features:
+            self._compress()
+
+    def _flush(self) -> None:
+        """Append the queued factors to the held ones (one copy per compression, not per update)."""
+        if self._queue:
+            self.left = torch.cat([self.left, *(b for b, _ in self._queue)], dim=1)
+            self.right = torch.cat([self.right, *(a for _, a in self._queue)], dim=0)
+            self._queue, self._queued = [], 0
+
+    def _compress(self) -> None:
+        self._flush()
+        out_features, in_features = self.shape
+        u, s, vh = self._factored_svd()
+        keep = int((s > self.RTOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        keep = max(keep, min(self._floor, s.numel()))  # weak directions kept too: see `refactor`'s floor
+        if keep * (out_features + in_features) >= out_features * in_features:
             self.dense = self.left @ self.right
             self.left, self.right = self.left[:, :0], self.right[:0]
+            return
+        self.left, self.right = u[:, :keep] * s[:keep], vh[:keep].contiguous()
 
-    def matrix(self) -> torch.Tensor:
-        """The dense sum (for tests and small layers)."""
-        return self.dense.clone() if self.dense is not None else self.left @ self.right
-
-    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Thin SVD (U, S, Vh) of the sum, via QR of the factors while it is factored."""
-        if self.dense is not None:
-            return torch.linalg.svd(self.dense, full_matrices=False)
+    def _factored_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_left, r_left = torch.linalg.qr(self.left)
         q_right, r_right = torch.linalg.qr(self.right.T)
         u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
         return q_left @ u, s, vh @ q_right.T
+
+    def matrix(self) -> torch.Tensor:
+        """The dense sum (for tests and small layers)."""
+        self._flush()
+        return self.dense.clone() if self.dense is not None else self.left @ self.right
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thin SVD (U, S, Vh) of the sum, via QR of the factors while it is factored."""
+        self._flush()
+        if self.dense is not None:
+            return torch.linalg.svd(self.dense, full_matrices=False)
+        return self._factored_svd()
 
 
 @dataclass

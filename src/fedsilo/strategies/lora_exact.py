@@ -11,7 +11,9 @@ error ||M - B A||_F / ||M||_F over all modules is reported as `lora_truncation_e
 Scale: every silo uses the global scale alpha / r (see `ranks.silo_alpha`), so the new
 factors keep the global scale and scale * B A = scale * M exactly up to the truncation.
 Non-LoRA tensors (classifier head, modules_to_save, biases) are averaged as in FedAvg.
-Memory: at most one dense out x in matrix per LoRA module (O(one adapted model), not O(silos)).
+Memory: per LoRA module the exact sum's factors re-compressed to their joint rank, never more
+than about twice the dense out x in matrix (see `LowRankSum`): bounded whatever the number of
+silos, and one rank's worth of factors when silos share directions (a frozen A).
 """
 
 from __future__ import annotations

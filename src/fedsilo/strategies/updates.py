@@ -1,9 +1,12 @@
 """An accumulator that keeps every update, for statistics a running sum cannot give.
 
-Coordinate-wise median and trimmed mean need all n updates at once, so they cost
-O(silos x adapter) memory. With `spill_dir` each update is written as a safetensors file
-and read back one tensor name at a time, so the peak memory at aggregation is
-O(silos x largest tensor) instead.
+Coordinate-wise median and trimmed mean need all n updates at once. An update that is
+still exactly the bytes of a safetensors file (`Stored`: the aggregator passes each
+accepted update with its content-addressed blob, which stays on disk until the round
+has closed) is kept as that file's path, nothing copied; any other update is kept in
+memory, or written to `spill_dir` when one is set. At aggregation each tensor name is
+read from every update in turn, so the peak memory is O(silos x largest tensor) for
+referenced or spilled updates, instead of O(silos x adapter).
 """
 
 from __future__ import annotations
@@ -14,23 +17,34 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedsilo.adapters import State
 from fedsilo.strategies.base import check_weight
 
 
+class Stored(dict[str, torch.Tensor]):
+    """An update's tensors together with the safetensors file that holds exactly them.
+
+    Whoever passes one promises the file stays unchanged until the round is aggregated.
+    A transform (clipping, noise) returns a plain dict, which drops the reference.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+        super().__init__(tensors)
+        self.path = path
+
+
 class UpdateList:
-    """All updates of a round, in memory or spilled to a private temp folder."""
+    """All updates of a round: referenced files, in memory, or spilled to a private temp folder."""
 
     def __init__(self, spill_dir: Path | None = None) -> None:
         self.weights: list[float] = []
         self._memory: list[State] = []
         self._files: list[Path] = []
-        self._dir = (
-            Path(tempfile.mkdtemp(prefix="fedsilo-updates-", dir=spill_dir)) if spill_dir else None
-        )
+        self._spill_dir = spill_dir
+        self._dir: Path | None = None
 
     @property
     def count(self) -> int:
@@ -42,32 +56,36 @@ class UpdateList:
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         check_weight(weight)
-        tensors = {k: v.detach().float().contiguous().clone() for k, v in delta.items()}
-        if self._dir is None:
-            self._memory.append(tensors)
+        if isinstance(delta, Stored):
+            self._files.append(delta.path)
         else:
-            path = self._dir / f"{self.count:06d}.safetensors"
-            save_file(tensors, str(path))
-            self._files.append(path)
+            tensors = {k: v.detach().float().contiguous().clone() for k, v in delta.items()}
+            if self._spill_dir is None:
+                self._memory.append(tensors)
+            else:
+                if self._dir is None:
+                    self._dir = Path(tempfile.mkdtemp(prefix="fedsilo-updates-", dir=self._spill_dir))
+                path = self._dir / f"{self.count:06d}.safetensors"
+                save_file(tensors, str(path))
+                self._files.append(path)
         self.weights.append(weight)
 
     def stacked(self, name: str) -> torch.Tensor:
-        """Tensor `name` of every update, stacked along a new first dimension."""
+        """Tensor `name` of every update (float32), stacked along a new first dimension."""
         if self.count == 0:
             raise ValueError("no updates to aggregate")
         try:
-            if self._dir is None:
-                return torch.stack([u[name] for u in self._memory])
-            parts = []
+            parts = [u[name] for u in self._memory]
             for path in self._files:
                 with safe_open(str(path), framework="pt") as f:
-                    parts.append(f.get_tensor(name))
+                    parts.append(f.get_tensor(name).float())
             return torch.stack(parts)
-        except KeyError:
+        except (KeyError, SafetensorError):
             raise ValueError(f"an update lacks tensor {name!r}") from None
 
     def close(self) -> None:
-        """Drop the kept updates (and the spill folder)."""
+        """Drop the kept updates (and the spill folder; referenced files belong to their owner)."""
         self._memory.clear()
+        self._files.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,344 @@
+"""How fast the aggregator takes in one round of uploads, and how much memory that costs.
+
+A real aggregator process (`python -m fedsilo aggregator`, plain HTTP, SQLite, in a temp
+folder, configured by the FEDSILO_* variables `fedsilo run` uses) runs one fedavg round of
+N trainer silos. The scripted silos are threads of this (separate) process, each sending
+its own delta over loopback with httpx, all at once: a different payload per silo (the
+same data section rotated by a per-silo offset: identical bytes would dedupe in the
+content-addressed store), streamed from one shared buffer so 100 x 33.6 MB of client
+payloads never sit in memory. Checksums are computed before the clock starts.
+
+Per case: MB/s = all upload bytes / (first request -> the aggregator reports version 1,
+i.e. every update accepted and the round aggregated); p50/p99 of the per-upload request
+latency; the aggregator's peak RSS (VmHWM from /proc/<pid>/status, start-up included).
+Next to them, the per-byte references measured on the same 7B-shape payload on this
+machine: sha256, a write + fsync into the benchmark's folder, a numpy float32 add.
+
+Shapes: MiniLM-L6 with LoRA r=8 on query/value (6 layers, 384 wide) plus the 2-label head
+(~301 KB), and a LLaMA-2-7B shape with LoRA r=16 on q_proj/v_proj (32 layers, 4096 wide,
+~33.6 MB fp32).
+
+    python benchmarks/ingest.py                              # 10 / 50 / 100 silos, both shapes
+    python benchmarks/ingest.py --silos 10,50 --shapes 7b --out /tmp/before.md
+    PYTHONPATH=/work/main/src python benchmarks/ingest.py    # the aggregator runs main's code
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from fedsilo.adapters import to_bytes
+from fedsilo.api import models as m
+from fedsilo.api.client import Client
+from fedsilo.local.runner import free_port
+
+CHUNK = 1024 * 1024
+MB = 1e6
+
+
+def minilm_shape() -> dict[str, tuple[int, ...]]:
+    """MiniLM-L6 + LoRA r=8 on query/value + the sequence-classification head, as peft names them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(6):
+        for module in ("query", "value"):
+            prefix = f"base_model.model.bert.encoder.layer.{layer}.attention.self.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = (8, 384)
+            shapes[f"{prefix}.lora_B.weight"] = (384, 8)
+    shapes["base_model.model.classifier.modules_to_save.default.weight"] = (2, 384)
+    shapes["base_model.model.classifier.modules_to_save.default.bias"] = (2,)
+    return shapes
+
+
+def llama7b_shape() -> dict[str, tuple[int, ...]]:
+    """LLaMA-2-7B + LoRA r=16 on q_proj/v_proj: 32 x 2 x (16x4096 + 4096x16) fp32 parameters."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(32):
+        for module in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = (16, 4096)
+            shapes[f"{prefix}.lora_B.weight"] = (4096, 16)
+    return shapes
+
+
+SHAPES = {"minilm": minilm_shape, "7b": llama7b_shape}
+
+
+@dataclass
+class Payloads:
+    """Every silo's upload: one safetensors header, one data section rotated per silo."""
+
+    header: bytes
+    doubled: memoryview  # the data section twice: silo i's data is doubled[off_i : off_i + n]
+    n: int
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[Payloads, bytes]:
+        """The payloads, and an initial adapter (version 0) of the same layout."""
+        g = torch.Generator().manual_seed(0)
+        state = {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()}
+        data = to_bytes(state)
+        header_len = 8 + int.from_bytes(data[:8], "little")
+        body = data[header_len:]
+        return cls(data[:header_len], memoryview(body + body), len(body)), data
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.n
+
+    def offset(self, silo: int) -> int:
+        return (silo * 4 * 1009) % self.n  # a whole number of float32 values: every payload stays finite
+
+    def chunks(self, silo: int) -> Iterator[bytes | memoryview]:
+        yield self.header
+        start = self.offset(silo)
+        for at in range(start, start + self.n, CHUNK):
+            yield self.doubled[at : min(at + CHUNK, start + self.n)]
+
+    def digest(self, silo: int) -> str:
+        h = hashlib.sha256()
+        for chunk in self.chunks(silo):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def references(payload: bytes, folder: Path) -> dict[str, float]:
+    """MB/s of sha256, write + fsync, and a numpy float32 add, on `payload` (best of 3)."""
+    times: dict[str, list[float]] = {"sha256": [], "write_fsync": [], "numpy_add": []}
+    a = np.frombuffer(payload[: len(payload) // 4 * 4], dtype=np.float32)
+    b, out = a.copy(), np.empty_like(a)
+    for i in range(3):
+        t = time.perf_counter()
+        hashlib.sha256(payload).hexdigest()
+        times["sha256"].append(time.perf_counter() - t)
+        path = folder / f"ref-{i}.bin"
+        t = time.perf_counter()
+        with path.open("wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        times["write_fsync"].append(time.perf_counter() - t)
+        path.unlink()
+        t = time.perf_counter()
+        np.add(a, b, out=out)
+        times["numpy_add"].append(time.perf_counter() - t)
+    return {k: len(payload) / min(v) / MB for k, v in times.items()}
+
+
+@contextmanager
+def aggregator(work: Path, document: dict[str, object], tokens: dict[str, str]) -> Iterator[tuple[str, str, int]]:
+    """`python -m fedsilo aggregator` with the job and tokens from files, as `fedsilo run` starts it."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "job.json").write_text(json.dumps(document))
+    (work / "tokens.json").write_text(json.dumps(tokens))
+    port, admin = free_port(), secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "FEDSILO_ADMIN_TOKEN": admin,
+        "FEDSILO_HOST": "127.0.0.1",
+        "FEDSILO_PORT": str(port),
+        "FEDSILO_DATABASE_URL": f"sqlite:///{work / 'fedsilo.db'}",
+        "FEDSILO_CHECKPOINT_DIR": str(work / "checkpoints"),
+        "FEDSILO_JOB_FILE": str(work / "job.json"),
+        "FEDSILO_SILO_TOKENS_FILE": str(work / "tokens.json"),
+        "FEDSILO_LOG_LEVEL": "warning",
+        "FEDSILO_TICK_SECONDS": "0.2",
+        "FEDSILO_INSECURE_HTTP": "true",  # measures ingest, not TLS
+    }
+    url = f"http://127.0.0.1:{port}"
+    with (work / "aggregator.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fedsilo", "aggregator"], env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("aggregator did not start:\n" + (work / "aggregator.log").read_text()[-3000:])
+            time.sleep(0.2)
+        yield url, admin, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def document(silos: int, max_bytes: int) -> dict[str, object]:
+    return {
+        "apiVersion": "fedsilo.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "baseModel": {"path": "models/none"},
+            "task": {"type": "sequence-classification", "labels": ["neg", "pos"]},
+            "training": {"rounds": 1, "localSteps": 1, "batchSize": 4},
+            "aggregation": {
+                "strategy": "fedavg",
+                "minSilos": silos,
+                "roundTimeoutSeconds": 3600,
+                "maxUpdateBytes": max_bytes,
+            },
+            "silos": [{"name": silo_name(i), "data": {"path": "x.csv"}} for i in range(silos)],
+        },
+    }
+
+
+def silo_name(i: int) -> str:
+    return f"silo-{i:03d}"
+
+
+@dataclass
+class Row:
+    shape: str
+    silos: int
+    payload_bytes: int
+    seconds: float
+    p50: float
+    p99: float
+    rss_mb: float
+    cpu_s: float  # the aggregator's CPU seconds from the first request to the aggregated round
+
+    @property
+    def mb_s(self) -> float:
+        return self.silos * self.payload_bytes / self.seconds / MB
+
+
+def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: Path) -> Row:
+    tokens = {silo_name(i): f"{silo_name(i)}-token-{secrets.token_hex(8)}" for i in range(silos)}
+    digests = [payloads.digest(i) for i in range(silos)]
+    work = Path(tempfile.mkdtemp(prefix=f"{shape}-{silos}-", dir=root))
+    with aggregator(work, document(silos, 2 * payloads.size), tokens) as (url, admin_token, pid):
+        clients = [Client(url, "bench", tokens[silo_name(i)], silo_name(i), retries=0) for i in range(silos)]
+        for c in clients:
+            c.join(m.JoinRequest(n_train_examples=1000, n_eval_examples=10))
+        clients[0].put_initial(initial)
+        admin = Client(url, "bench", admin_token, retries=0)
+        latencies: list[float] = [0.0] * silos
+        errors: list[str] = []
+        barrier = threading.Barrier(silos + 1)
+
+        def upload(i: int) -> None:
+            headers = {
+                "Authorization": f"Bearer {tokens[silo_name(i)]}",
+                "Content-Type": m.SAFETENSORS_MEDIA_TYPE,
+                "Content-Length": str(payloads.size),
+                m.HEADER_EXAMPLES: str(10 + i),
+                m.HEADER_SHA256: digests[i],
+            }
+            with httpx.Client(timeout=600) as http:
+                barrier.wait()
+                t = time.perf_counter()
+                r = http.put(
+                    f"{url}/v1/jobs/bench/rounds/1/updates/{silo_name(i)}", content=payloads.chunks(i), headers=headers
+                )
+                latencies[i] = time.perf_counter() - t
+            if r.status_code != 200:
+                errors.append(f"{silo_name(i)}: {r.status_code} {r.text[:200]}")
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(silos)]
+        for t in threads:
+            t.start()
+        cpu = cpu_seconds(pid)
+        barrier.wait()
+        started = time.perf_counter()
+        for t in threads:
+            t.join()
+        if errors:
+            raise SystemExit("uploads refused:\n" + "\n".join(errors[:5]))
+        while admin.status().version < 1:
+            if time.perf_counter() - started > 900:
+                raise SystemExit("the round did not aggregate")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        rss, cpu = peak_rss_mb(pid), cpu_seconds(pid) - cpu
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Row(shape, silos, payloads.size, seconds, statistics.median(latencies), q[98], rss, cpu)
+
+
+def table(rows: list[Row], refs: dict[str, float]) -> str:
+    lines = [
+        "| shape | silos | payload | MB/s | p50 upload s | p99 upload s | aggregator peak RSS MB "
+        "| aggregator CPU s per GB | % of slowest reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    slowest = min(refs.values())
+    for r in rows:
+        lines.append(
+            f"| {r.shape} | {r.silos} | {r.payload_bytes / MB:.3f} MB | {r.mb_s:.1f} | {r.p50:.2f} | {r.p99:.2f} "
+            f"| {r.rss_mb:.0f} | {r.cpu_s / (r.silos * r.payload_bytes / 1e9):.2f} | {100 * r.mb_s / slowest:.1f} % |"
+        )
+    lines += [
+        "",
+        "Per-byte references on the 7B-shape payload, this machine (best of 3): "
+        + ", ".join(f"{k} {v:.0f} MB/s" for k, v in refs.items())
+        + f"; slowest: {min(refs, key=lambda k: refs[k])}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--silos", default="10,50,100", help="comma-separated silo counts")
+    parser.add_argument("--shapes", default="minilm,7b", help="comma-separated: minilm, 7b")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = parser.parse_args()
+    counts = [int(x) for x in args.silos.split(",")]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fedsilo-ingest-") as tmp:
+        root = Path(tmp)
+        built = {name: Payloads.of(SHAPES[name]()) for name in args.shapes.split(",")}
+        refs = references(Payloads.of(llama7b_shape())[1], root)
+        rows = []
+        for name, (payloads, initial) in built.items():
+            for n in counts:
+                rows.append(run_case(name, n, payloads, initial, root))
+                print(f"{name} x {n}: {rows[-1]}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    code = "main" if "/work/main/" in os.environ.get("PYTHONPATH", "") else "this checkout"
+    text = table(rows, refs) + (
+        f"\n\nAggregator code: {code}. Load average (1/5/15 min) before: "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}, after: {' '.join(f'{x:.2f}' for x in load_after)} "
+        f"({os.cpu_count()} cores, shared)."
+    )
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
