@@ -30,6 +30,9 @@ from fedsilo.aggregator.lifecycle import (
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
 from fedsilo.aggregator.uploads import validate_update
 from fedsilo.api import models as m
+from fedsilo.codecs import PLAIN
+from fedsilo.spec import CodecSpec
+from fedsilo.strategies import ClientConfig
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,14 @@ def refusal(exc: AdapterError) -> Invalid:
     return TooLarge(str(exc), exc.reason) if exc.reason == "too_large" else Invalid(str(exc), exc.reason)
 
 
-def parse(up: Incoming, schema: Schema, max_bytes: int) -> State:
+def parse(
+    up: Incoming, schema: Schema, max_bytes: int, codec: CodecSpec = PLAIN, hooks: ClientConfig | None = None
+) -> State:
     """Every check that needs no job state: size, checksum, safetensors, names/shapes/dtypes, finite."""
     if up.n_examples < 1:
         raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
     try:
-        return validate_update(up.data, up.claimed_sha256, schema, max_bytes)
+        return validate_update(up.data, up.claimed_sha256, schema, max_bytes, codec, hooks)
     except AdapterError as exc:
         raise refusal(exc) from None
 

@@ -384,12 +384,16 @@ class Engine:
                     raise Conflict("the job has no initial adapter yet", "wrong_round")
                 with self._lock:
                     live = self._live_for(s, row)
-                    schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+                    schema, limit, spec = live.schema, live.job.spec.aggregation.max_update_bytes, live.job.spec
                     hooks = live.strategy.client_config()
                 rnd = s.get(RoundRow, (job, row.current_round))
                 masked = rnd is not None and rnd.secagg is not None and rnd.number == up.round
             assert schema is not None
-            delta = parse_masked(up, secure.layout(schema, hooks).size) if masked else parse(up, schema, limit)
+            delta = (
+                parse_masked(up, secure.layout(schema, hooks).size)
+                if masked
+                else parse(up, schema, limit, spec.codec_for(up.silo), hooks)
+            )
             with self._write(job) as tx:
                 row = self._job(tx.s, job, lock=True)
                 live = self._live_for(tx.s, row, with_acc=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fedsilo import codecs
 from fedsilo.adapters import (
     AdapterError,
     Schema,
@@ -19,6 +20,9 @@ from fedsilo.adapters import (
     from_bytes,
     sha256,
 )
+from fedsilo.spec import CodecSpec
+from fedsilo.strategies import ClientConfig
+from fedsilo.strategies.ffa_lora import omitted_names
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Upload:
     claimed_sha256: str
     schema: Schema
     max_bytes: int
+    codec: CodecSpec = codecs.PLAIN
+    omitted: frozenset[str] = frozenset()
     state: State = field(default_factory=dict)
 
 
@@ -37,7 +43,8 @@ def _check_digest(upload: Upload) -> None:
 
 
 def _parse(upload: Upload) -> None:
-    upload.state = from_bytes(upload.data, upload.max_bytes)
+    """Decode the silo's codec into a full fp32 delta (zeros for the tensors that never travel)."""
+    upload.state = codecs.decode(upload.data, upload.codec, upload.schema, upload.max_bytes, upload.omitted)
 
 
 def _check_schema(upload: Upload) -> None:
@@ -51,11 +58,22 @@ def _check_finite(upload: Upload) -> None:
 PIPELINE: tuple[Callable[[Upload], None], ...] = (_check_digest, _parse, _check_schema, _check_finite)
 
 
-def validate_update(data: bytes, claimed_sha256: str, schema: Schema, max_bytes: int) -> State:
-    """Run every check; return the parsed delta or raise AdapterError."""
+def validate_update(
+    data: bytes,
+    claimed_sha256: str,
+    schema: Schema,
+    max_bytes: int,
+    codec: CodecSpec = codecs.PLAIN,
+    hooks: ClientConfig | None = None,
+) -> State:
+    """Run every check; return the parsed delta or raise AdapterError.
+
+    `codec` is the one in force for the sending silo; `hooks` (the strategy's client config)
+    say which tensors do not travel.
+    """
     if len(data) > max_bytes:
         raise AdapterError("too_large", f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
-    upload = Upload(data, claimed_sha256, schema, max_bytes)
+    upload = Upload(data, claimed_sha256, schema, max_bytes, codec, omitted_names(schema, hooks or {}))
     for step in PIPELINE:
         step(upload)
     return upload.state
