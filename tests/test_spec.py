@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from tests.conftest import ROOT
 
-from fedsilo.spec import SpecError, dump_job, load_job, parse_job
+from fedsilo.spec import CodecSpec, SpecError, dump_job, load_job, parse_job
 
 
 def _error(doc: dict[str, Any]) -> str:
@@ -130,7 +130,9 @@ def test_codec_defaults_to_plain_fp32_and_a_silo_may_override_it(job_doc: dict[s
     job_doc["spec"]["aggregation"]["codec"] = {"dtype": "int8", "topK": 0.1, "zstd": True}
     job_doc["spec"]["silos"][1]["codec"] = {"dtype": "fp16"}
     job = parse_job(job_doc)
-    assert job.spec.codec_for("alpha").dtype == "int8" and job.spec.codec_for("alpha").scale == "channel"
+    assert job.spec.codec_for("alpha").dtype == "int8" and job.spec.codec_for("alpha").scale == "tensor"  # topK
+    assert CodecSpec(dtype="int8").scale == "channel"
+    assert CodecSpec(dtype="int8", top_k=0.1, int8_scale="channel").scale == "channel"
     assert job.spec.codec_for("beta").dtype == "fp16" and not job.spec.codec_for("beta").is_plain()
     assert parse_job(dump_job(job)) == job  # the dump round-trips (int8Scale left unset stays unset)
     job_doc["spec"]["aggregation"].update(secure=True, codec={"dtype": "fp32", "errorFeedback": False})

@@ -179,8 +179,9 @@ class CodecSpec(Model):
     int8_scale: Literal["tensor", "channel"] | None = Field(
         default=None,
         alias="int8Scale",
-        description="int8 only: one scale per tensor, or one per output row (channel, the default) of each "
-        "tensor of two or more dimensions.",
+        description="int8 only: one scale per tensor, or one per output row (channel) of each tensor of two or "
+        "more dimensions. Default: channel; tensor with topK (the kept entries are the largest anyway, and a "
+        "scale per row would cost as much as the entries).",
     )
     top_k: float | None = Field(
         default=None,
@@ -204,8 +205,8 @@ class CodecSpec(Model):
 
     @property
     def scale(self) -> Literal["tensor", "channel"]:
-        """int8's scale granularity (channel unless set)."""
-        return self.int8_scale or "channel"
+        """int8's scale granularity: as set, else channel (tensor with topK)."""
+        return self.int8_scale or ("tensor" if self.top_k is not None else "channel")
 
     def is_plain(self) -> bool:
         """True for today's wire format: fp32, every entry, uncompressed."""
