@@ -43,7 +43,7 @@ from fedsilo.aggregator.store import (
     aware,
     utcnow,
 )
-from fedsilo.aggregator.uploads import validate_initial
+from fedsilo.aggregator.uploads import accepted_delta, validate_initial
 from fedsilo.api import models as m
 from fedsilo.privacy import dp as privacy_dp
 from fedsilo.privacy import secagg
@@ -176,9 +176,11 @@ class Engine:
                 masked.add(vector, secure_weight(u.n_examples, live.job))
             return masked
         acc = live.strategy.accumulator(live.global_state)
+        schema, hooks = live.schema or schema_of(live.global_state), live.strategy.client_config()
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
-            fold(live, acc, from_bytes(self.blobs.get(u.sha256)), u.n_examples, staleness)
+            stored = accepted_delta(self.blobs.get(u.sha256), live.job.spec.codec_for(u.silo), schema, hooks)
+            fold(live, acc, stored, u.n_examples, staleness)
         return acc
 
     # ---- jobs -----------------------------------------------------------------------

@@ -79,6 +79,11 @@ def validate_update(
     return upload.state
 
 
+def accepted_delta(data: bytes, codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> State:
+    """An accepted update's stored bytes (kept as uploaded, coded) back to its delta, to rebuild an accumulator."""
+    return codecs.decode(data, codec, schema, len(data), omitted_names(schema, hooks))
+
+
 def validate_initial(data: bytes, max_bytes: int) -> State:
     """The initial adapter defines the schema: it only has to parse and be finite."""
     state = from_bytes(data, max_bytes)
