@@ -13,7 +13,7 @@ import zstandard
 from safetensors.torch import save as st_save
 
 from fedsilo.adapters import AdapterError, State, schema_of, to_bytes
-from fedsilo.codecs import IDX, META, SCALE, VAL, codec_name, decode, encode, is_plain, k_for
+from fedsilo.codecs import IDX, META, SCALE, VAL, codec_name, decode, encode, is_plain, k_for, needs_decode
 from fedsilo.silo_agent.uplink import Uplink
 from fedsilo.spec import CodecSpec
 from fedsilo.strategies.ffa_lora import omitted_names
@@ -118,6 +118,7 @@ def test_frozen_tensors_do_not_travel_and_decode_as_zeros() -> None:
         body = zstandard.ZstdDecompressor().decompress(data) if c.zstd else data
         assert b"lora_A" not in body
     assert omitted_names(delta, {}) == frozenset()
+    assert needs_decode(CodecSpec(), omitted) and not needs_decode(CodecSpec()) and needs_decode(codec(zstd=True))
 
 
 def test_error_feedback_sum_of_decoded_updates_tracks_the_true_sum() -> None:

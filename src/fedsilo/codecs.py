@@ -45,6 +45,11 @@ def is_plain(codec: CodecSpec) -> bool:
     return codec.is_plain()
 
 
+def needs_decode(codec: CodecSpec, omitted: Collection[str] = ()) -> bool:
+    """False only when an upload is the schema's plain safetensors as is (a streaming fast path's test)."""
+    return not is_plain(codec) or bool(omitted)
+
+
 def codec_name(codec: CodecSpec) -> str:
     """The codec's wire name, recorded in the payload (error feedback is the silo's business)."""
     parts = [f"int8-{codec.scale}" if codec.dtype == "int8" else codec.dtype]
