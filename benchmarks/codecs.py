@@ -46,10 +46,12 @@ CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8-tensor": ("fedavg", {"dtype": "int8", "int8Scale": "tensor"}),
     "int8-channel": ("fedavg", {"dtype": "int8", "int8Scale": "channel"}),
     "int8+zstd": ("fedavg", {"dtype": "int8", "zstd": True}),
+    "int8-tensor+zstd": ("fedavg", {"dtype": "int8", "int8Scale": "tensor", "zstd": True}),
     "topK 0.1 + int8 + EF": ("fedavg", {"dtype": "int8", "topK": 0.1, "errorFeedback": True}),
     "topK 0.01 + EF": ("fedavg", {"topK": 0.01, "errorFeedback": True}),
     "ffa-lora B only, fp32": ("ffa-lora", {}),
     "ffa-lora B only, int8": ("ffa-lora", {"dtype": "int8"}),
+    "ffa-lora B only, int8-tensor+zstd": ("ffa-lora", {"dtype": "int8", "int8Scale": "tensor", "zstd": True}),
 }
 
 
@@ -78,7 +80,7 @@ def full_model_bytes(model_path: str, labels: int) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def prepare(folder: Path, args: argparse.Namespace) -> None:
+def prepare(folder: Path, args: argparse.Namespace) -> float:
     """The quickstart's folder layout: data/rotten-tomatoes/*.csv and data/models/all-MiniLM-L6-v2."""
     data = folder / "data" / "rotten-tomatoes"
     cmd = [sys.executable, str(PREPARE), "--out", str(data), "--train-examples", str(args.train_examples),
@@ -86,6 +88,9 @@ def prepare(folder: Path, args: argparse.Namespace) -> None:
     print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout, file=sys.stderr)
     (folder / "data" / "models").mkdir(parents=True)
     (folder / "data" / "models" / "all-MiniLM-L6-v2").symlink_to(minilm_path(), target_is_directory=True)
+    labels = (data / "test.csv").read_text().splitlines()[1:]
+    fresh = sum(line.rstrip().endswith(",fresh") for line in labels) / len(labels)
+    return max(fresh, 1 - fresh)  # the majority-class accuracy: what a collapsed classifier scores
 
 
 def job_document(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -113,7 +118,7 @@ def run(folder: Path, args: argparse.Namespace, name: str) -> Result:
     return Result(name, round(sum(sizes) / len(sizes)), accuracy[-1], max(accuracy), time.monotonic() - started)
 
 
-def table(results: list[Result], full: int, args: argparse.Namespace, load: str) -> str:
+def table(results: list[Result], full: int, args: argparse.Namespace, load: str, majority: float) -> str:
     ref = results[0]
     lines = [
         "# Update codecs on the quickstart (benchmarks/codecs.py)",
@@ -126,7 +131,8 @@ def table(results: list[Result], full: int, args: argparse.Namespace, load: str)
         f"(and for ffa-lora the strategy) changed. Local runner: real processes and HTTP on a shared 2-core machine "
         f"({load}).",
         "",
-        f"Full-model FedAvg: {full // 4:,} MiniLM parameters x 4 bytes = {full:,} bytes per silo per round.",
+        f"Full-model FedAvg: {full // 4:,} MiniLM parameters x 4 bytes = {full:,} bytes per silo per round. "
+        f"Majority-class accuracy of the test set: {majority:.3f} (a classifier that collapsed to one class).",
         "",
         "| codec | bytes / silo / round | vs fp32 LoRA | vs full-model FedAvg | final test acc | best test acc | "
         "final - fp32 (points) | seconds |",
@@ -155,12 +161,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prepare(folder, args)
+        majority = prepare(folder, args)
         for name in args.codecs:
             results.append(run(folder, args, name))
             print(f"# {name}: {results[-1]}", file=sys.stderr)
     load += ", at end " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = table(results, full, args, load)
+    text = table(results, full, args, load, majority)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
