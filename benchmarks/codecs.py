@@ -88,8 +88,8 @@ def prepare(folder: Path, args: argparse.Namespace) -> float:
     print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout, file=sys.stderr)
     (folder / "data" / "models").mkdir(parents=True)
     (folder / "data" / "models" / "all-MiniLM-L6-v2").symlink_to(minilm_path(), target_is_directory=True)
-    labels = (data / "test.csv").read_text().splitlines()[1:]
-    fresh = sum(line.rstrip().endswith(",fresh") for line in labels) / len(labels)
+    labels = [row["label"] for row in csv.DictReader((data / "test.csv").open())]
+    fresh = labels.count("fresh") / len(labels)
     return max(fresh, 1 - fresh)  # the majority-class accuracy: what a collapsed classifier scores
 
 
