@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from tests.conftest import ROOT
 
-from fedsilo.spec import SpecError, dump_job, load_job, parse_job
+from fedsilo.spec import CodecSpec, SpecError, dump_job, load_job, parse_job
 
 
 def _error(doc: dict[str, Any]) -> str:
@@ -96,3 +96,45 @@ def test_load_job_reports_yaml_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate(path: Path) -> None:
     assert load_job(path).metadata.name
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["spec"]["aggregation"].update(codec={"dtype": "int4"}), "spec.aggregation.codec.dtype"),
+        (lambda d: d["spec"]["aggregation"].update(codec={"topK": 0}), "spec.aggregation.codec.topK"),
+        (lambda d: d["spec"]["aggregation"].update(codec={"topK": 1.5}), "spec.aggregation.codec.topK"),
+        (lambda d: d["spec"]["aggregation"].update(codec={"int8Scale": "tensor"}), "applies to dtype int8 only"),
+        (lambda d: d["spec"]["aggregation"].update(codec={"dtype": "int8", "int8Scale": "row"}), "int8Scale"),
+        (lambda d: d["spec"]["silos"][0].update(codec={"zstd": "maybe"}), "spec.silos.0.codec.zstd"),
+        (
+            lambda d: d["spec"]["aggregation"].update(secure=True, codec={"dtype": "fp16"}),
+            "aggregation.codec: aggregation.secure sends masked ring elements",
+        ),
+        (
+            lambda d: d["spec"]["aggregation"].update(secure=True)
+            or d["spec"]["silos"][1].update(codec={"zstd": True}),
+            "silos[beta].codec: aggregation.secure",
+        ),
+    ],
+)
+def test_bad_codecs_name_the_field(job_doc: dict[str, Any], mutate: Any, expected: str) -> None:
+    doc = copy.deepcopy(job_doc)
+    mutate(doc)
+    assert expected in _error(doc)
+
+
+def test_codec_defaults_to_plain_fp32_and_a_silo_may_override_it(job_doc: dict[str, Any]) -> None:
+    job = parse_job(job_doc)
+    assert job.spec.codec_for("alpha").is_plain() and job.spec.aggregation.codec.error_feedback
+    job_doc["spec"]["aggregation"]["codec"] = {"dtype": "int8", "topK": 0.1, "zstd": True}
+    job_doc["spec"]["silos"][1]["codec"] = {"dtype": "fp16"}
+    job = parse_job(job_doc)
+    assert job.spec.codec_for("alpha").dtype == "int8" and job.spec.codec_for("alpha").scale == "tensor"  # topK
+    assert CodecSpec(dtype="int8").scale == "channel"
+    assert CodecSpec(dtype="int8", top_k=0.1, int8_scale="channel").scale == "channel"
+    assert job.spec.codec_for("beta").dtype == "fp16" and not job.spec.codec_for("beta").is_plain()
+    assert parse_job(dump_job(job)) == job  # the dump round-trips (int8Scale left unset stays unset)
+    job_doc["spec"]["aggregation"].update(secure=True, codec={"dtype": "fp32", "errorFeedback": False})
+    job_doc["spec"]["silos"][1].pop("codec")
+    assert parse_job(job_doc).spec.aggregation.secure  # plain fp32 is what masking needs

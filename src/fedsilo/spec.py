@@ -176,6 +176,54 @@ class TrainingSpec(Model):
     )
 
 
+class CodecSpec(Model):
+    """How a silo encodes its update for the wire (the aggregator decodes it back to fp32 before anything else).
+
+    The default is today's plain fp32 safetensors. Lossy choices (fp16, bf16, int8, topK) keep what they drop
+    on the silo (errorFeedback) and add it to the next round's update, so nothing is lost for good.
+    """
+
+    dtype: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        default="fp32",
+        description="Element type on the wire. int8: symmetric 8-bit quantisation with float32 scales.",
+    )
+    int8_scale: Literal["tensor", "channel"] | None = Field(
+        default=None,
+        alias="int8Scale",
+        description="int8 only: one scale per tensor, or one per output row (channel) of each tensor of two or "
+        "more dimensions. Default: channel; tensor with topK (the kept entries are the largest anyway, and a "
+        "scale per row would cost as much as the entries).",
+    )
+    top_k: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Top-k sparsification: send only this fraction of each tensor's entries, those of largest "
+        "magnitude (as indices and values); null sends every entry.",
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="Keep what the codec dropped (the residual) on the silo and add it to the next update; "
+        "reset when the codec changes.",
+    )
+    zstd: bool = Field(default=False, description="Compress the encoded payload with zstd (lossless).")
+
+    @model_validator(mode="after")
+    def _int8_scale_needs_int8(self) -> CodecSpec:
+        if self.int8_scale is not None and self.dtype != "int8":
+            raise ValueError(f"codec.int8Scale applies to dtype int8 only, not {self.dtype}")
+        return self
+
+    @property
+    def scale(self) -> Literal["tensor", "channel"]:
+        """int8's scale granularity: as set, else channel (tensor with topK)."""
+        return self.int8_scale or ("tensor" if self.top_k is not None else "channel")
+
+    def is_plain(self) -> bool:
+        """True for today's wire format: fp32, every entry, uncompressed."""
+        return self.dtype == "fp32" and self.top_k is None and not self.zstd
+
+
 class AggregationSpec(Model):
     """How the aggregator combines silo updates and paces rounds."""
 
@@ -232,6 +280,11 @@ class AggregationSpec(Model):
         le=MAX_TIMEOUT,
         description="secure: how long the key and share exchanges and the unmasking wait for silos that are "
         "slow to answer before going on without them (at least t are needed).",
+    )
+    codec: CodecSpec = Field(
+        default_factory=CodecSpec,
+        description="How silos encode their updates (dtype, int8 scales, top-k, error feedback, zstd); "
+        "a silo may override it. Default: plain fp32.",
     )
 
 
@@ -362,6 +415,9 @@ class SiloSpec(Model):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the silo pod requires.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Taints the silo pod tolerates.")
     resources: Resources = Field(default_factory=Resources, description="Silo pod resources, GPUs included.")
+    codec: CodecSpec | None = Field(
+        default=None, description="This silo's update codec (e.g. int8 on a slow link); default aggregation.codec."
+    )
 
 
 class IssuerRef(Model):
@@ -511,10 +567,28 @@ class FederatedJobSpec(Model):
             raise ValueError(
                 "silos: at least one trainer must train the global rank peft.r (it sends the first adapter)"
             )
+        self._codecs_allowed()
         for silo in self.silos:
             if silo.rank is not None and silo.rank > self.peft.r:
                 raise ValueError(f"silos[{silo.name}].rank={silo.rank} exceeds the global peft.r={self.peft.r}")
         return self
+
+    def _codecs_allowed(self) -> None:
+        if not self.aggregation.secure:
+            return  # DP clips and noises the decoded delta on the aggregator; every strategy sees fp32
+        for where, codec in [("aggregation.codec", self.aggregation.codec)] + [
+            (f"silos[{s.name}].codec", s.codec) for s in self.silos if s.codec is not None
+        ]:
+            if not codec.is_plain():
+                raise ValueError(
+                    f"{where}: aggregation.secure sends masked ring elements, which no codec can shrink; "
+                    "use the plain fp32 codec (dtype fp32, no topK, no zstd)"
+                )
+
+    def codec_for(self, silo: str) -> CodecSpec:
+        """The codec in force for `silo`: its own override, else aggregation.codec."""
+        own = next((s.codec for s in self.silos if s.name == silo), None)
+        return own or self.aggregation.codec
 
     def trainers(self) -> list[SiloSpec]:
         return [s for s in self.silos if s.role == "trainer"]

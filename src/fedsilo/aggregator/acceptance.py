@@ -30,8 +30,11 @@ from fedsilo.aggregator.lifecycle import (
     secure_weight,
 )
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
-from fedsilo.aggregator.uploads import validate_update
+from fedsilo.aggregator.uploads import stored_is_state, validate_update
 from fedsilo.api import models as m
+from fedsilo.codecs import PLAIN
+from fedsilo.spec import CodecSpec
+from fedsilo.strategies import ClientConfig
 from fedsilo.strategies.updates import Stored
 
 
@@ -52,12 +55,14 @@ def refusal(exc: AdapterError) -> Invalid:
     return TooLarge(str(exc), exc.reason) if exc.reason == "too_large" else Invalid(str(exc), exc.reason)
 
 
-def parse(up: Incoming, schema: Schema, max_bytes: int) -> State:
+def parse(
+    up: Incoming, schema: Schema, max_bytes: int, codec: CodecSpec = PLAIN, hooks: ClientConfig | None = None
+) -> State:
     """Every check that needs no job state: size, checksum, safetensors, names/shapes/dtypes, finite."""
     if up.n_examples < 1:
         raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
     try:
-        return validate_update(up.body, up.claimed_sha256, schema, max_bytes)
+        return validate_update(up.body, up.claimed_sha256, schema, max_bytes, codec, hooks)
     except AdapterError as exc:
         raise refusal(exc) from None
 
@@ -166,7 +171,9 @@ def accept(
         if isinstance(delta, np.ndarray):
             live.acc.add(delta, secure_weight(up.n_examples, live.job))
         else:
-            fold(live, live.acc, Stored(delta, blobs.path(digest)), up.n_examples, staleness)
+            # a robust strategy may keep only the blob's path when the blob is exactly the delta
+            plain = stored_is_state(live.job.spec.codec_for(up.silo), live.schema, live.strategy.client_config())
+            fold(live, live.acc, Stored(delta, blobs.path(digest)) if plain else delta, up.n_examples, staleness)
     except AdapterError as exc:
         raise refusal(exc) from None
     except ValueError as exc:

@@ -52,7 +52,7 @@ from fedsilo.aggregator.store import (
     aware,
     utcnow,
 )
-from fedsilo.aggregator.uploads import load, validate_initial
+from fedsilo.aggregator.uploads import accepted_delta, stored_is_state, validate_initial
 from fedsilo.api import models as m
 from fedsilo.privacy import dp as privacy_dp
 from fedsilo.privacy import secagg
@@ -188,10 +188,13 @@ class Engine:
                 masked.add(vector, secure_weight(u.n_examples, live.job))
             return masked
         acc = live.strategy.accumulator(live.global_state)
+        schema, hooks = live.schema or schema_of(live.global_state), live.strategy.client_config()
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
-            path = self.blobs.path(u.sha256)
-            fold(live, acc, Stored(load(path), path), u.n_examples, staleness)
+            path, codec = self.blobs.path(u.sha256), live.job.spec.codec_for(u.silo)
+            delta = accepted_delta(path, codec, schema, hooks)
+            stored = Stored(delta, path) if stored_is_state(codec, schema, hooks) else delta
+            fold(live, acc, stored, u.n_examples, staleness)
         return acc
 
     # ---- jobs -----------------------------------------------------------------------
@@ -418,14 +421,18 @@ class Engine:
                 if live is None or live.schema is None or live.document != row.document:
                     with self._lock:
                         live = self._live_for(s, row)
-                schema, limit = live.schema, live.job.spec.aggregation.max_update_bytes
+                schema, limit, spec = live.schema, live.job.spec.aggregation.max_update_bytes, live.job.spec
                 hooks = live.strategy.client_config()
                 rnd = s.get(RoundRow, (job, row.current_round))
                 masked = rnd is not None and rnd.secagg is not None and rnd.number == up.round
             assert schema is not None
             self.blobs.sync(up.body)  # the costly half of durability, in parallel with other uploads
             with self._slots:
-                delta = parse_masked(up, secure.layout(schema, hooks).size) if masked else parse(up, schema, limit)
+                delta = (
+                    parse_masked(up, secure.layout(schema, hooks).size)
+                    if masked
+                    else parse(up, schema, limit, spec.codec_for(up.silo), hooks)
+                )
                 with self._write(job) as tx:
                     row = self._job(tx.s, job, lock=True)
                     live = self._live_for(tx.s, row, with_acc=True)

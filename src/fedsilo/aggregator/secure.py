@@ -42,7 +42,8 @@ from fedsilo.logfmt import event
 from fedsilo.privacy import secagg, vectors
 from fedsilo.privacy.vectors import Layout
 from fedsilo.spec import AggregationSpec
-from fedsilo.strategies import ClientConfig, is_lora_a
+from fedsilo.strategies import ClientConfig
+from fedsilo.strategies.ffa_lora import zero_by_contract
 
 log = logging.getLogger("fedsilo.aggregator")
 MAX_CIPHERTEXT = 1024  # bytes of one share bundle (two 66-byte shares, nonce, tag, framing)
@@ -50,7 +51,7 @@ MAX_CIPHERTEXT = 1024  # bytes of one share bundle (two 66-byte shares, nonce, t
 
 def layout(schema: Schema, hooks: ClientConfig) -> Layout:
     """The masked vector's layout: the adapter's tensors, less those the strategy keeps at zero."""
-    return vectors.layout(schema, is_lora_a if hooks.get("freeze_lora_a") else None)
+    return vectors.layout(schema, zero_by_contract(hooks))
 
 
 def start(tx: Tx, rnd: RoundRow, aggregation: AggregationSpec) -> None:

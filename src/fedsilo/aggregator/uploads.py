@@ -5,11 +5,14 @@ becomes the `reason` label of `fedsilo_updates_rejected_total`. Transforms that 
 work adds (clipping, noise, unmasking) append to the same tuple.
 
 An upload arrives as a `Staged` file (see `blobs.Receiver`): its sha256 was computed once,
-while it streamed in, and `load` is the one place its tensors are produced from it.
+while it streamed in, and `_parse` is the one place its tensors are produced from it: a
+plain fp32 upload is read through a map of the file, a coded one (or one that leaves
+tensors out by contract) goes through `codecs.decode`.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,14 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fedsilo import codecs
 from fedsilo.adapters import AdapterError, Schema, State, check_finite, check_schema
 from fedsilo.aggregator.blobs import Staged
+from fedsilo.spec import CodecSpec
+from fedsilo.strategies import ClientConfig
+from fedsilo.strategies.ffa_lora import omitted_names
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own ceiling on a header
 
 
 @dataclass
@@ -27,6 +36,8 @@ class Upload:
     claimed_sha256: str
     schema: Schema
     max_bytes: int
+    codec: CodecSpec = codecs.PLAIN
+    omitted: frozenset[str] = frozenset()
     state: State = field(default_factory=dict)
 
 
@@ -36,6 +47,16 @@ def load(path: Path) -> State:
         return dict(load_file(str(path)))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterError("malformed", f"not a safetensors payload: {exc}") from None
+
+
+def _header(path: Path) -> bytes:
+    """The length prefix and JSON header of a safetensors file (what `codecs.metadata` reads)."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return prefix
+        (size,) = struct.unpack("<Q", prefix)
+        return prefix + f.read(min(size, MAX_HEADER))
 
 
 def _check_size(upload: Upload) -> None:
@@ -52,7 +73,13 @@ def _check_digest(upload: Upload) -> None:
 
 
 def _parse(upload: Upload) -> None:
-    # The single place the parsed state is produced from the body (a coded payload decodes here).
+    """The delta, full precision, with zeros for the tensors that never travel."""
+    if codecs.needs_decode(upload.codec, upload.omitted):
+        upload.state = codecs.decode(upload.body.read(), upload.codec, upload.schema, upload.max_bytes, upload.omitted)
+        return
+    coded = codecs.metadata(_header(upload.body.path)).get(codecs.META)
+    if coded is not None:
+        raise AdapterError("bad_codec", f"the payload is coded {coded}, but this silo's codec is plain fp32")
     upload.state = load(upload.body.path)
 
 
@@ -67,19 +94,44 @@ def _check_finite(upload: Upload) -> None:
 PIPELINE: tuple[Callable[[Upload], None], ...] = (_check_size, _check_digest, _parse, _check_schema, _check_finite)
 
 
-def validate_update(body: Staged, claimed_sha256: str, schema: Schema, max_bytes: int) -> State:
-    """Run every check; return the parsed delta or raise AdapterError."""
-    upload = Upload(body, claimed_sha256, schema, max_bytes)
+def validate_update(
+    body: Staged,
+    claimed_sha256: str,
+    schema: Schema,
+    max_bytes: int,
+    codec: CodecSpec = codecs.PLAIN,
+    hooks: ClientConfig | None = None,
+) -> State:
+    """Run every check; return the parsed delta or raise AdapterError.
+
+    `codec` is the one in force for the sending silo; `hooks` (the strategy's client config)
+    say which tensors do not travel.
+    """
+    upload = Upload(body, claimed_sha256, schema, max_bytes, codec, omitted_names(schema, hooks or {}))
     for step in PIPELINE:
         step(upload)
     return upload.state
+
+
+def stored_is_state(codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> bool:
+    """Whether an accepted upload's blob holds exactly its delta's tensors (robust strategies may reference it)."""
+    return not codecs.needs_decode(codec, omitted_names(schema, hooks))
+
+
+def accepted_delta(path: Path, codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> State:
+    """An accepted update's stored blob (kept as uploaded, coded) back to its delta, to rebuild an accumulator."""
+    omitted = omitted_names(schema, hooks)
+    if not codecs.needs_decode(codec, omitted):
+        return load(path)
+    data = path.read_bytes()
+    return codecs.decode(data, codec, schema, len(data), omitted)
 
 
 def validate_initial(body: Staged, max_bytes: int) -> State:
     """The initial adapter defines the schema: it only has to parse and be finite."""
     upload = Upload(body, body.sha256, {}, max_bytes)
     _check_size(upload)
-    _parse(upload)
+    upload.state = load(body.path)
     state = upload.state
     if not state:
         raise AdapterError("malformed", "the initial adapter has no tensors")

@@ -29,7 +29,8 @@ from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.teacher import silo_soft_targets
 from fedsilo.silo_agent.trainer import Trainer, TrainResult
-from fedsilo.spec import FederatedJob, SiloSpec
+from fedsilo.silo_agent.uplink import Uplink
+from fedsilo.spec import CodecSpec, FederatedJob, SiloSpec
 from fedsilo.strategies import is_lora_a, normalise_steps, pad_rank, proximal_term, truncate_rank
 
 log = logging.getLogger("fedsilo.silo")
@@ -97,6 +98,7 @@ class Agent:
         settings: SiloSettings,
         metrics: AgentMetrics,
         global_rank: int,
+        codec: CodecSpec | None = None,
     ) -> None:
         self.client, self.trainer, self.silo, self.settings, self.metrics = client, trainer, silo, settings, metrics
         self.loaded_version: int | None = None
@@ -108,6 +110,8 @@ class Agent:
         self.rank = silo.rank if silo.rank not in (None, global_rank) else None
         self.distiller: Distiller | None = None  # FedKD's private teacher, kept across rounds
         self.resuming = True  # until the first task: a restarted agent may owe an evaluation
+        owner = f"{settings.job}/{silo.name}"
+        self.uplink = Uplink(codec or CodecSpec(), owner, settings.state_dir)  # the codec in force for this silo
 
     def join(self) -> m.JoinResponse:
         """Join the job (again after a restart: the aggregator keeps what this silo already sent)."""
@@ -160,10 +164,12 @@ class Agent:
             self._train_secure(task)
         else:
             local, result = self._train_delta(task)
-            data = to_bytes(local)
+            data = self.uplink.encode(task.round, local, task.client_config)
             upload = self.client.put_update(
                 task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
             )
+            if upload.outcome is not Outcome.LATE:  # an update not counted leaves the residual as it was
+                self.uplink.commit()
             self._report(task, result, len(data), upload)
         # Validate the adapter this round started from when there is nothing else to do: the
         # next round's training comes first, so validation is never on a round's critical path.
@@ -320,7 +326,7 @@ def run_agent(settings: SiloSettings) -> int:
         job = client.spec()
         silo = job.spec.silo(settings.silo)
         trainer = build_trainer(job, silo, settings)
-        agent = Agent(client, trainer, silo, settings, metrics, job.spec.peft.r)
+        agent = Agent(client, trainer, silo, settings, metrics, job.spec.peft.r, job.spec.codec_for(silo.name))
         joined = agent.join()
         log.info(
             "joined job %s as %s: %d train / %d %s examples",

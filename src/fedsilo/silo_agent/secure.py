@@ -17,7 +17,7 @@ from fedsilo.adapters import schema_of
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
 from fedsilo.privacy import dp, secagg, vectors
-from fedsilo.strategies import is_lora_a
+from fedsilo.strategies.ffa_lora import zero_by_contract
 
 log = logging.getLogger("fedsilo.silo")
 POLL_SECONDS = 20.0
@@ -82,7 +82,7 @@ class SecureRound:
             noise = dp.gaussian(delta, task.dp["noise_std"])
             delta = {k: v.double() + noise[k] for k, v in delta.items()}
             weight = 1.0
-        zero = is_lora_a if task.client_config.get("freeze_lora_a") else None
+        zero = zero_by_contract(task.client_config)
         vector = vectors.flatten(delta, vectors.layout(schema_of(delta), zero)) * weight
         peers = {name: self.roster[name] for name in self.shared}
         ring = secagg.mask(secagg.encode(vector), self.keys, self.me, peers, self.context)

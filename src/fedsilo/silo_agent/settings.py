@@ -29,6 +29,11 @@ class SiloSettings(BaseSettings):
     client_key: Path | None = Field(default=None, description="Mutual TLS: the private key of client_cert (PEM).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0: torch's default).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Serve this agent's /metrics here (0: off).")
+    state_dir: Path | None = Field(
+        default=None,
+        description="Folder this silo keeps across restarts (e.g. a volume); a lossy update codec's "
+        "error-feedback residual is saved there (unset: kept in memory only).",
+    )
     cache_dir: Path = Field(default=Path.home() / ".cache" / "fedsilo", description="Converted models and caches.")
     poll_seconds: float = Field(
         default=0.2, gt=0, description="Least pause between two task polls that the aggregator answered `wait`."
