@@ -53,6 +53,7 @@ def adapter(seed: int) -> dict[str, torch.Tensor]:
 @dataclass
 class Tally:
     requests: int = 0
+    retries: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -68,10 +69,20 @@ class Silo:
         self.owed: list[int] = []
 
     async def call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        self.tally.requests += 1
-        response = await self.http.request(method, url, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
-        response.raise_for_status()
-        return response
+        """One API call; transport errors, 408, 429 and 5xx are retried as the agent's `Client` does."""
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        for attempt in range(20):
+            self.tally.requests += 1
+            try:
+                response = await self.http.request(method, url, headers=headers, **kwargs)
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.status_code < 500 and response.status_code not in (408, 429):
+                response.raise_for_status()
+                return response
+            self.tally.retries += 1
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        raise RuntimeError(f"{method} {url}: still failing after 20 tries")
 
     async def load(self, version: int) -> dict[str, torch.Tensor]:
         if self.loaded is None or self.loaded[0] != version:
@@ -143,22 +154,26 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             tally.errors.append(f"not finished after {args.limit:.0f}s")
         wall, cpu = time.monotonic() - t0, cpu_seconds(agg.pid) - cpu0
         admin = {"Authorization": f"Bearer {agg.admin}"}
-        rounds = httpx.get(f"{agg.url}/v1/jobs/{JOB}/rounds", headers=admin, timeout=60).json()
-        phase = httpx.get(f"{agg.url}/v1/jobs/{JOB}", headers=admin, timeout=60).json()["phase"]
+        try:
+            rounds = httpx.get(f"{agg.url}/v1/jobs/{JOB}/rounds", headers=admin, timeout=60).json()
+            phase = httpx.get(f"{agg.url}/v1/jobs/{JOB}", headers=admin, timeout=60).json()["phase"]
+        except httpx.HTTPError as exc:  # still saturated by the silos this run gave up on
+            rounds, phase = [], f"unanswered ({type(exc).__name__})"
     durations = [r["duration_seconds"] for r in rounds if r.get("duration_seconds") is not None]
     mean_round = sum(durations) / len(durations) if durations else float("nan")
     return {
         "label": args.label, "silos": n, "rounds": len(durations), "phase": phase, "round_s": mean_round,
         "round_ms_per_silo": 1000 * mean_round / n, "wall_s": wall, "requests": tally.requests,
         "rps": tally.requests / wall, "cpu_s": cpu, "cpu_ms_per_silo_round": 1000 * cpu / (n * args.rounds),
-        "errors": len(tally.errors), "first_error": tally.errors[0] if tally.errors else "", "load": load0,
+        "retries": tally.retries, "errors": len(tally.errors), "load": load0,
+        "first_error": tally.errors[0] if tally.errors else "",
     }  # fmt: skip
 
 
 HEADER = (
     "| code | silos | rounds done | phase | mean round s | round ms per silo | wall s | requests | requests/s | "
-    "aggregator CPU s | CPU ms per silo-round | errors | load at start 1/5/15 |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "aggregator CPU s | CPU ms per silo-round | retries | errors | load at start 1/5/15 |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -166,7 +181,7 @@ def row(r: dict[str, Any]) -> str:
     return (
         f"| {r['label']} | {r['silos']:,} | {r['rounds']} | {r['phase']} | {r['round_s']:.2f} | "
         f"{r['round_ms_per_silo']:.1f} | {r['wall_s']:.1f} | {r['requests']:,} | {r['rps']:.0f} | {r['cpu_s']:.1f} | "
-        f"{r['cpu_ms_per_silo_round']:.1f} | {r['errors']} | {r['load']} |"
+        f"{r['cpu_ms_per_silo_round']:.1f} | {r['retries']} | {r['errors']} | {r['load']} |"
     )
 
 

@@ -86,7 +86,11 @@ def aggregator(work: Path, document: dict[str, Any], tokens: dict[str, str], **e
         yield Aggregator(url, admin, proc.pid, work)
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 def _ready(url: str) -> bool:
