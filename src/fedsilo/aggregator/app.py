@@ -40,6 +40,7 @@ from fedsilo.aggregator.errors import (
     Unavailable,
 )
 from fedsilo.aggregator.metrics import Metrics
+from fedsilo.aggregator.notify import Changes
 from fedsilo.aggregator.peer import require_silo_cert
 from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.settings import AggregatorSettings
@@ -223,25 +224,48 @@ async def task(
     ] = 0,
 ) -> m.Task:
     """The silo's next task. With `wait`, the answer comes as soon as it is not `wait` (no write per poll)."""
-    answer = await _long_poll(engine, request, wait, lambda: engine.task(job, silo), lambda a: a.action != "wait")
-    return answer
+    changes: Changes = request.app.state.changes
+    return await _long_poll(changes, job, request, wait, lambda: engine.task(job, silo), lambda a: a.action != "wait")
 
 
 async def _long_poll(
-    engine: Engine, request: Request, wait: float, read: Callable[[], T], ready: Callable[[T], bool]
+    changes: Changes, job: str, request: Request, wait: float, read: Callable[[], T], ready: Callable[[T], bool]
 ) -> T:
-    """`read()` until `ready` or `wait` seconds passed, re-reading only after a commit (no write per poll)."""
+    """`read()` until `ready` or `wait` seconds passed, re-reading only after `job` changed (notify.py).
+
+    Between reads the request sleeps on the job's change event and on the client's disconnect,
+    never on a timer: a thousand idle silos cost nothing until something they wait for commits.
+    """
     until = time.monotonic() + wait
-    while True:
-        seen = engine.changed
-        value = await asyncio.to_thread(read)
-        if ready(value) or time.monotonic() >= until:
+    ticket = changes.ticket(job)  # before the read: a commit during it wakes us
+    value = await asyncio.to_thread(read)
+    if ready(value) or wait <= 0:
+        return value
+    with changes.waiter(job):
+        gone = asyncio.ensure_future(_hung_up(request))
+        try:
+            while (left := until - time.monotonic()) > 0:
+                changed = asyncio.ensure_future(ticket.wait())
+                done, _ = await asyncio.wait({changed, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if changed not in done:  # the deadline, or nobody is waiting for the answer any more
+                    return value
+                ticket = changes.ticket(job)
+                value = await asyncio.to_thread(read)
+                if ready(value):
+                    return value
             return value
-        recheck = time.monotonic() + 2.0  # changes made by another process are seen within 2 s
-        while engine.changed == seen and time.monotonic() < min(until, recheck):
-            if await request.is_disconnected():  # nobody is waiting for the answer any more
-                return value
-            await asyncio.sleep(0.05)
+        finally:
+            gone.cancel()
+
+
+async def _hung_up(request: Request) -> None:
+    """Return when the client disconnects: the server's `http.disconnect` message, not a poll.
+
+    A GET's (empty) body comes first; after it, `receive` blocks until the connection closes.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @silos.post("/silos/{silo}/metrics", status_code=204, dependencies=[Silo])
@@ -294,8 +318,9 @@ async def secagg_view(
     wait: Annotated[float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds.")] = 0,
 ) -> m.SecAggView:
     """A secure round's stage, key roster, this silo's share inbox and the survivors (see `secure.py`)."""
-    # a waiting silo re-reads only the stage (one row) after each commit, not its whole view
-    await _long_poll(engine, request, wait, lambda: engine.secagg_stage(job, round), lambda stage: stage != after)
+    # a waiting silo re-reads only the stage (one row) after each change, not its whole view
+    changes: Changes = request.app.state.changes
+    await _long_poll(changes, job, request, wait, lambda: engine.secagg_stage(job, round), lambda stage: stage != after)
     return await asyncio.to_thread(engine.secagg_view, job, silo, round)
 
 
@@ -377,8 +402,10 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         lease_seconds=settings.lease_seconds,
         ingest_slots=settings.ingest_slots,
     )
+    changes = Changes(engine.sessions, on_waiting=lambda job, n: metrics.long_polls_waiting.labels(job).inc(n))
+    engine.on_changed = changes.committed
     startup: dict[str, Any] = {"ready": settings.job_file is None}
-    watch = logs.RoundWatch(engine)
+    watch = logs.RoundWatch(engine, every=0.0)  # called only when a job's fingerprint moved (ticker)
 
     def ensure() -> None:
         """Create or resume the job of FEDSILO_JOB_FILE; waits (not ready) while another aggregator serves it."""
@@ -403,7 +430,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def ticker() -> None:
-            swept = time.monotonic()
+            swept, watched = time.monotonic(), None
             while True:
                 await asyncio.to_thread(engine.wakeup.wait, settings.tick_seconds)
                 engine.wakeup.clear()
@@ -411,16 +438,23 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                     await asyncio.to_thread(ensure)
                     await asyncio.to_thread(engine.renew_leases)
                     await asyncio.to_thread(engine.tick)  # isolates jobs from each other
-                    await asyncio.to_thread(watch)  # round and phase events into the log
+                    # round and phase events into the log; reading a 1,000-silo job's status every
+                    # tick cost more than 1,000 idle silos: only when phase, round or version moved
+                    fingerprints = await asyncio.to_thread(changes.read)
+                    if fingerprints != watched:
+                        await asyncio.to_thread(watch)
+                        watched = fingerprints
                     if time.monotonic() - swept > 300:
                         swept = time.monotonic()
                         await asyncio.to_thread(engine.sweep)
                 except Exception:  # the store is unreachable: keep trying, never stop ticking
                     log.exception("tick failed")
 
-        task = asyncio.create_task(ticker())
+        changes.bind(asyncio.get_running_loop())
+        tasks = [asyncio.create_task(ticker()), asyncio.create_task(changes.watch())]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(Exception):
             engine.release_leases()
 
@@ -431,6 +465,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.state.settings = settings
     app.state.settings_limit = 1024 * 1024 * 1024  # hard ceiling; each job's own limit is checked after
     app.state.engine = engine
+    app.state.changes = changes
     app.state.metrics = metrics
     app.include_router(jobs)
     app.include_router(silos)

@@ -80,6 +80,9 @@ class Metrics:
         self.silos_participating = Gauge(
             "fedsilo_silos_participating", "Silos sampled for the current round", ["job"], registry=r
         )
+        self.long_polls_waiting = Gauge(
+            "fedsilo_long_polls_waiting", "Requests held open waiting for the job to change", ["job"], registry=r
+        )
         self.privacy_epsilon = Gauge(
             "fedsilo_privacy_epsilon",
             "Differential-privacy budget spent so far (epsilon at the job's delta)",

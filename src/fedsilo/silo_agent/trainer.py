@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +96,18 @@ class Trainer:
             return int(local_steps or self.training.local_steps)  # type: ignore[arg-type]
         return max(1, round(per_epoch * (self.training.local_epochs or 1.0)))
 
-    def _train_batches(self, seed: int) -> Any:
-        """An endless stream of shuffled batches, a new permutation per epoch, all drawn from `seed`."""
+    def _train_batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """An endless stream of shuffled batches, a new permutation per epoch, all drawn from `seed`.
+
+        Each batch is padded as it is drawn: a 25-step round on a 10,000-example silo pads 25
+        batches, not the whole epoch's 625 before its first step.
+        """
         gen = torch.Generator().manual_seed(seed)
+        size = self.training.batch_size
         while True:
             order = torch.randperm(len(self.train_data), generator=gen).tolist()
-            for batch in self.batcher(self.train_data, self.training.batch_size, self.tokenizer, order):
+            for start in range(0, len(order), size):
+                (batch,) = self.batcher(self.train_data, size, self.tokenizer, order[start : start + size])
                 yield self._on_device(batch)
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,7 +144,9 @@ class Trainer:
         # fresh every round: moments carried over from an earlier round would differ after a restart
         optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=self.training.weight_decay)
         self.model.train()
-        started, total_loss, seen = time.perf_counter(), 0.0, 0
+        # the loss is summed on the device: reading it every step would make a GPU wait for each step
+        started, seen = time.perf_counter(), 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         stream = self._train_batches(data_seed)
         # fp16 gradients underflow without loss scaling; for fp32/bf16 the scaler is a no-op
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.training.precision == "fp16")
@@ -151,9 +159,10 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            total_loss += float(loss.detach())
+            total_loss += loss.detach().double()
             seen += int(batch["labels"].shape[0])
-        return TrainResult(steps, seen, time.perf_counter() - started, total_loss / steps)
+        mean_loss = float(total_loss) / steps  # waits for the device's last step: before the clock is read
+        return TrainResult(steps, seen, time.perf_counter() - started, mean_loss)
 
     def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own loss, logit-adjusted (`training.logitAdjustment`), plus the teacher's
