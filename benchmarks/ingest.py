@@ -27,28 +27,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+from harness import aggregator, cpu_seconds
 
 from fedsilo.adapters import to_bytes
 from fedsilo.api import models as m
 from fedsilo.api.client import Client
-from fedsilo.local.runner import free_port
 
 CHUNK = 1024 * 1024
 MB = 1e6
@@ -142,55 +139,6 @@ def references(payload: bytes, folder: Path) -> dict[str, float]:
     return {k: len(payload) / min(v) / MB for k, v in times.items()}
 
 
-@contextmanager
-def aggregator(work: Path, document: dict[str, object], tokens: dict[str, str]) -> Iterator[tuple[str, str, int]]:
-    """`python -m fedsilo aggregator` with the job and tokens from files, as `fedsilo run` starts it."""
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "job.json").write_text(json.dumps(document))
-    (work / "tokens.json").write_text(json.dumps(tokens))
-    port, admin = free_port(), secrets.token_urlsafe(24)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "FEDSILO_ADMIN_TOKEN": admin,
-        "FEDSILO_HOST": "127.0.0.1",
-        "FEDSILO_PORT": str(port),
-        "FEDSILO_DATABASE_URL": f"sqlite:///{work / 'fedsilo.db'}",
-        "FEDSILO_CHECKPOINT_DIR": str(work / "checkpoints"),
-        "FEDSILO_JOB_FILE": str(work / "job.json"),
-        "FEDSILO_SILO_TOKENS_FILE": str(work / "tokens.json"),
-        "FEDSILO_LOG_LEVEL": "warning",
-        "FEDSILO_TICK_SECONDS": "0.2",
-        "FEDSILO_INSECURE_HTTP": "true",  # measures ingest, not TLS
-    }
-    url = f"http://127.0.0.1:{port}"
-    with (work / "aggregator.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedsilo", "aggregator"], env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("aggregator did not start:\n" + (work / "aggregator.log").read_text()[-3000:])
-            time.sleep(0.2)
-        yield url, admin, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -242,7 +190,8 @@ def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: P
     tokens = {silo_name(i): f"{silo_name(i)}-token-{secrets.token_hex(8)}" for i in range(silos)}
     digests = [payloads.digest(i) for i in range(silos)]
     work = Path(tempfile.mkdtemp(prefix=f"{shape}-{silos}-", dir=root))
-    with aggregator(work, document(silos, 2 * payloads.size), tokens) as (url, admin_token, pid):
+    with aggregator(work, document(silos, 2 * payloads.size), tokens, FEDSILO_TICK_SECONDS="0.2") as agg:
+        url, admin_token, pid = agg.url, agg.admin, agg.pid
         clients = [Client(url, "bench", tokens[silo_name(i)], silo_name(i), retries=0) for i in range(silos)]
         for c in clients:
             c.join(m.JoinRequest(n_train_examples=1000, n_eval_examples=10))
