@@ -60,3 +60,5 @@ def test_int8_topk_zstd_ffa_lora_rounds_complete_with_coded_bytes(tmp_path: Path
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     b_only = 4 * sum(t.numel() for k, t in adapter.items() if "lora_A" not in k)
     assert max(uploads) < b_only / 5  # 10% of B and the head, 1 byte + 4 index bytes each, compressed
+    residuals = sorted(p.parent.name for p in (run / "state" / "silos").glob("*/residual.safetensors"))
+    assert residuals == ["north", "south"]  # error feedback kept in each silo's state folder (FEDSILO_STATE_DIR)

@@ -241,6 +241,7 @@ def run_local(job: FederatedJob, job_dir: Path, out: Path, port: int = 0, backof
         threads = max(1, (os.cpu_count() or 1) // len(job.spec.silos))
         for silo in job.spec.silos:
             env = _silo_env(url, name, silo.name, tokens[silo.name], job_dir, model_path, threads, certs)
+            env["FEDSILO_STATE_DIR"] = str(run_dir / "state" / "silos" / silo.name)  # e.g. a codec's residual
             procs.start(silo.name, env, run_dir / "logs" / f"{silo.name}.log", "silo-agent")
         outcome, message = _follow(client, procs, job, saved, started)
         if outcome == "succeeded":
