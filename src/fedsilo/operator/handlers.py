@@ -346,7 +346,8 @@ def build_registry(
         set_status(patch, fields, dict(status))
         post(body, events)
         if outcome.applied is None:  # retried forever, with backoff; the condition says Unknown
-            delay = retry_delay(retry, settings.poll_seconds)
+            # capped at 6 polls (a minute by default): a change reaches an aggregator soon after it is back
+            delay = retry_delay(retry, settings.poll_seconds, cap=6 * settings.poll_seconds)
             raise kopf.TemporaryError(outcome.message, delay=delay)
 
     @kopf.timer(**resource, id="status", interval=settings.poll_seconds, initial_delay=min(settings.poll_seconds, 5.0))
