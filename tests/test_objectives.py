@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tests.conftest import ROOT, job_document
+from tests.test_end_to_end import _data, _minilm
 
 from fedsilo.silo_agent.data import Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
 from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, SpecError, load_job, parse_job
-
-DATA = ROOT / "examples" / "data" / "rotten-tomatoes"
 
 
 def test_prior_is_smoothed_and_checked() -> None:
@@ -58,23 +58,22 @@ def mean_fresh_probability(trainer: Trainer, probe: list[dict[str, torch.Tensor]
         return float(torch.cat([trainer.model(**b).logits.softmax(-1)[:, 1] for b in probe]).mean())
 
 
-def test_a_skewed_silo_teaches_much_less_of_its_prior() -> None:
+def test_a_skewed_silo_teaches_much_less_of_its_prior(tmp_path: Path) -> None:
     """A silo with 85 % 'fresh' examples: plain cross-entropy pushes the shared model towards
     'fresh' for everything; the logit-adjusted loss learns the evidence, not the prior.
 
     (A silo with one class only still drifts under AdamW: its adjusted loss is tiny but keeps
     one sign, and Adam's steps do not shrink with the gradient.)"""
-    if not (DATA / "silo-a.csv").exists():
-        pytest.skip("make data prepares the Rotten Tomatoes files")
+    data = _data(tmp_path)
     spec = load_job(ROOT / "examples" / "quickstart.yaml").spec
-    path = str(ROOT / "examples" / spec.base_model.path)
+    path = str(_minilm())
     base, tokenizer = load_base(spec, path)
     model = wrap(base, peft_config(spec, path), seed=0)
-    frame = read_table(DataSpec(path=str(DATA / "silo-a.csv")), DATA)
+    frame = read_table(DataSpec(path=str(data / "silo-a.csv")), data)
     encoded = encode_classification(frame, DataSpec(path="silo-a.csv"), ["rotten", "fresh"], tokenizer, 48)
     fresh = [i for i, y in enumerate(encoded.labels) if y == 1][:136]
     fresh += [i for i, y in enumerate(encoded.labels) if y == 0][:24]
-    test = read_table(DataSpec(path=str(DATA / "test.csv")), DATA)
+    test = read_table(DataSpec(path=str(data / "test.csv")), data)
     probe_set = encode_classification(test.head(64), DataSpec(path="test.csv"), ["rotten", "fresh"], tokenizer, 48)
     empty = Encoded([], [])
     initial = {k: v.clone() for k, v in Trainer(model, tokenizer, spec.training, empty, empty).state().items()}
