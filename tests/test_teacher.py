@@ -140,3 +140,24 @@ def test_validate_checks_the_teacher_folder(workspace: Path) -> None:
     assert any("the teacher predicts ['rotten', 'fresh']" in p for p in report.problems), report.problems
     report = validate(job(LABELS, "elsewhere"))
     assert any("fedsilo teacher" in line for line in report.unchecked), report.unchecked
+
+
+def test_fedsilo_teacher_command_writes_where_the_spec_points(workspace: Path) -> None:
+    import subprocess
+    import sys
+
+    job = job_document(baseModel={"path": str(_minilm())}, task={"labels": LABELS}, training={"maxLength": 32},
+                       distillation={"teacher": {"path": "teachers/cli"}})
+    (workspace / "cli-job.yaml").write_text(yaml.safe_dump(job))
+    pd.read_csv(workspace / "data" / "test.csv").head(40).to_csv(workspace / "public.csv", index=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "teacher", str(workspace / "cli-job.yaml"), "--public",
+         str(workspace / "public.csv"), "--base", str(_minilm()), "--steps", "2", "--batch-size", "8"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "teacher saved to" in done.stdout
+    model, _ = load_teacher(TeacherSpec(path=str(workspace / "teachers" / "cli")), LABELS)
+    assert model.config.num_labels == 2
+    report = (workspace / "teachers" / "cli" / "fedsilo-teacher.json").read_text()
+    assert '"steps": 2' in report
