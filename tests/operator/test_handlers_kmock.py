@@ -697,7 +697,18 @@ def test_added_silo_gets_a_token_and_removed_silo_loses_it() -> None:
 
 @pytest.mark.timeout(300)
 def test_refused_change_is_visible_and_unreachable_aggregator_is_retried() -> None:
-    asyncio.run(refused_then_unreachable())
+    # In its own interpreter: after the whole suite's earlier modules in this process, kopf's
+    # retries of this scenario stalled past 300 s in two CI runs, while it takes ~11 s alone
+    # (also after the operator folder and the real control plane). Not yet explained.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import asyncio; from tests.operator.test_handlers_kmock import refused_then_unreachable; "
+            "asyncio.run(refused_then_unreachable())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 @pytest.mark.timeout(300)
