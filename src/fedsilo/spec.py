@@ -7,6 +7,8 @@ Unknown fields are rejected everywhere so a typo never silently falls back to a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -661,6 +663,12 @@ def load_job(path: Path) -> FederatedJob:
         return parse_job(document)
     except SpecError as exc:
         raise SpecError(f"{path}:\n{exc}") from None
+
+
+def document_digest(document: dict[str, Any]) -> str:
+    """The SHA-256 of a job document's canonical JSON: equal digests, equal documents."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def dump_job(job: FederatedJob) -> dict[str, Any]:

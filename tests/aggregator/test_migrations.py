@@ -28,8 +28,9 @@ from fedsilo.aggregator.store import (
     make_engine,
     make_sessions,
 )
+from fedsilo.spec import document_digest
 
-HEAD = "0004"
+HEAD = "0005"
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
@@ -140,6 +141,7 @@ def test_a_store_from_before_migrations_is_upgraded_in_place(url: str) -> None:
                 T0,
             )
             assert job.pending_document is None
+            assert job.document_sha == document_digest({"rounds": 3})  # 0005 named the old document's revision
             silo = session.get_one(SiloRow, ("j", "s1"))
             assert (silo.state, silo.n_train_examples, silo.revoked_at) == ("joined", 10, None)
             assert session.get_one(RoundRow, ("j", 1)).participants == ["s1"]
@@ -149,9 +151,12 @@ def test_a_store_from_before_migrations_is_upgraded_in_place(url: str) -> None:
             assert session.get_one(EvaluationRow, ("j", 0, "s1", "eval")).extra == {"perplexity": 4.5}
             session.add(LeaseRow(job="not-yet-a-job", holder="engine-a", epoch=1, expires_at=T0, renewed_at=T0))
             job.pending_document = {"rounds": 5}
+            job.document = {"rounds": 4}
             session.commit()
         with sessions() as session:
-            assert session.get_one(JobRow, "j").pending_document == {"rounds": 5}
+            job = session.get_one(JobRow, "j")
+            assert job.pending_document == {"rounds": 5}
+            assert job.document_sha == document_digest({"rounds": 4})  # every assignment names its revision
     finally:
         bind(sessions).dispose()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import select
 
-from fedsilo.adapters import AdapterError, Schema, State, check_schema
+from fedsilo.adapters import AdapterError, Schema, check_schema
 from fedsilo.aggregator import secure
 from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import Conflict, Forbidden, Invalid, TooLarge, Unavailable
@@ -30,12 +30,11 @@ from fedsilo.aggregator.lifecycle import (
     secure_weight,
 )
 from fedsilo.aggregator.store import JobRow, RoundRow, SiloRow, UpdateRow
-from fedsilo.aggregator.uploads import stored_is_state, validate_update
+from fedsilo.aggregator.uploads import Delta, validate_update
 from fedsilo.api import models as m
 from fedsilo.codecs import PLAIN
 from fedsilo.spec import CodecSpec
 from fedsilo.strategies import ClientConfig
-from fedsilo.strategies.updates import Stored
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def refusal(exc: AdapterError) -> Invalid:
 
 def parse(
     up: Incoming, schema: Schema, max_bytes: int, codec: CodecSpec = PLAIN, hooks: ClientConfig | None = None
-) -> State:
+) -> Delta:
     """Every check that needs no job state: size, checksum, safetensors, names/shapes/dtypes, finite."""
     if up.n_examples < 1:
         raise Invalid("X-Fedsilo-Examples must be a positive integer", "bad_examples")
@@ -90,7 +89,7 @@ def _previous(tx: Tx, job: str, up: Incoming) -> UpdateRow | None:
 
 
 def accept(
-    tx: Tx, row: JobRow, live: Live, up: Incoming, delta: State | np.ndarray, blobs: Blobs
+    tx: Tx, row: JobRow, live: Live, up: Incoming, delta: Delta | np.ndarray, blobs: Blobs
 ) -> tuple[m.UpdateAccepted, bool]:
     """Accept `delta` (a masked vector in a secure round) into the job's open round.
 
@@ -137,7 +136,7 @@ def accept(
         raise Conflict(f"round {rnd.number} is not secure: send a plain update", "wrong_stage")
     else:
         try:
-            check_schema(delta, live.schema)  # the schema the parse saw may predate a takeover
+            check_schema(delta.state, live.schema)  # the schema the parse saw may predate a takeover
         except AdapterError as exc:
             raise refusal(exc) from None
     digest = blobs.adopt(up.body)  # fsynced before the lock: here only the rename and the folder's fsync
@@ -171,9 +170,7 @@ def accept(
         if isinstance(delta, np.ndarray):
             live.acc.add(delta, secure_weight(up.n_examples, live.job))
         else:
-            # a robust strategy may keep only the blob's path when the blob is exactly the delta
-            plain = stored_is_state(live.job.spec.codec_for(up.silo), live.schema, live.strategy.client_config())
-            fold(live, live.acc, Stored(delta, blobs.path(digest)) if plain else delta, up.n_examples, staleness)
+            fold(live, live.acc, delta.to_fold(blobs.path(digest)), up.n_examples, staleness)
     except AdapterError as exc:
         raise refusal(exc) from None
     except ValueError as exc:

@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 
 from fedsilo import strategies
-from fedsilo.aggregator import budget, identity, secure
+from fedsilo.aggregator import budget, identity, secure, specs
 from fedsilo.aggregator.errors import Conflict, Invalid
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx, immutable_changes, round_complete, with_aggregation
 from fedsilo.aggregator.metrics import Metrics
@@ -35,7 +35,7 @@ def set_rounds(tx: Tx, row: JobRow, rounds: int, metrics: Metrics) -> None:
     if rounds < row.current_round:
         raise Invalid(f"rounds={rounds} is below the current round {row.current_round}", "invalid")
     reopen = row.phase == Phase.SUCCEEDED and row.version < rounds
-    dp = parse_job(row.document).spec.privacy.dp
+    dp = specs.job_of(row).spec.privacy.dp
     if reopen and dp is not None:
         budget.refuse_more_rounds(tx.s, row, dp)
     row.rounds = rounds
@@ -51,7 +51,7 @@ def resume(tx: Tx, row: JobRow, metrics: Metrics) -> None:
     keeping the updates it had accepted."""
     if row.phase != Phase.FAILED:
         raise Conflict(f"job {row.name!r} is {row.phase}, not Failed: nothing to resume", "not_failed")
-    spec = parse_job(row.document).spec
+    spec = specs.job_of(row).spec
     rnd = tx.s.get(RoundRow, (row.name, row.current_round))
     row.phase, row.finished_at, row.message = Phase.RUNNING, None, ""
     if rnd is None or rnd.state == RoundState.CLOSED:
@@ -101,7 +101,7 @@ def change_spec(tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) 
         silo_row = tx.s.get(SiloRow, (row.name, name))
         if silo_row is not None:
             silo_row.revoked_at = tx.now
-    in_force = parse_job(row.document).spec.aggregation
+    in_force = specs.job_of(row).spec.aggregation
     new_document = dump_job(new)
     row.document = dump_job(with_aggregation(new, in_force))
     row.pending_document = new_document if new_document != row.document else None
@@ -125,7 +125,7 @@ def _drop_from_round(tx: Tx, row: JobRow, removed: set[str]) -> bool:
         return False  # a secure round treats a removed silo as a dropout (its stages time out)
     got = received(tx.s, row.name, rnd.number)
     rnd.participants = [p for p in rnd.participants if p not in removed or p in got]
-    aggregation = parse_job(row.document).spec.aggregation
+    aggregation = specs.job_of(row).spec.aggregation
     if got and round_complete(aggregation, list(rnd.participants), got):
         rnd.state = RoundState.AGGREGATING
         return True

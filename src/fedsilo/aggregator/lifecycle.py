@@ -113,11 +113,11 @@ def with_aggregation(job: FederatedJob, aggregation: AggregationSpec) -> Federat
 class Live:
     """A job's in-memory state, derived only from committed rows and dropped on any doubt.
 
-    `document` is the stored job document it was built from; `version` the global version
+    `revision` is the digest of the job document it was built from; `version` the global version
     `global_state` holds; `acc` folds exactly the committed updates of round `acc_round`.
     """
 
-    document: dict[str, Any]
+    revision: str
     job: FederatedJob
     strategy: strategies.Strategy[Any]
     version: int = -1

@@ -11,10 +11,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedsilo.aggregator import budget
+from fedsilo.aggregator import budget, specs
 from fedsilo.aggregator.store import EvaluationRow, JobRow, RoundRow, SiloRow, UpdateRow, aware
 from fedsilo.api import models as m
-from fedsilo.spec import parse_job
 
 
 def latest_evaluated(s: Session, job: str) -> int:
@@ -79,7 +78,7 @@ def status(s: Session, row: JobRow) -> m.JobStatus:
             )
             for x in silos
         ],
-        privacy=budget.status(s, row, parse_job(row.document).spec),
+        privacy=budget.status(s, row, specs.job_of(row).spec),
         created_at=aware(row.created_at),  # type: ignore[arg-type]
         started_at=aware(row.started_at),
         finished_at=aware(row.finished_at),

@@ -10,7 +10,6 @@ Rounds close in the background (`tick`), never inside an uploader's request.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -23,12 +22,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Text, cast, func, select, update
-from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from fedsilo import strategies
 from fedsilo.adapters import AdapterError, State, from_bytes, schema_of, sha256, to_bytes
-from fedsilo.aggregator import budget, changes, identity, lease, reads, secure, transitions, views
+from fedsilo.aggregator import budget, changes, identity, lease, reads, secure, specs, transitions, views
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
 from fedsilo.aggregator.blobs import Blobs, Staged
 from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Forbidden, Invalid, NotFound, Unavailable
@@ -53,14 +52,13 @@ from fedsilo.aggregator.store import (
     aware,
     utcnow,
 )
-from fedsilo.aggregator.uploads import accepted_delta, stored_is_state, validate_initial
+from fedsilo.aggregator.uploads import accepted_delta, validate_initial
 from fedsilo.api import models as m
 from fedsilo.privacy import dp as privacy_dp
 from fedsilo.privacy import secagg
 from fedsilo.privacy.vectors import unflatten
-from fedsilo.spec import FederatedJob, SpecError, dump_job, parse_job
+from fedsilo.spec import FederatedJob, SpecError, document_digest, dump_job, parse_job
 from fedsilo.strategies import WeightedSum
-from fedsilo.strategies.updates import Stored
 
 __all__ = ["Engine", "Incoming"]
 
@@ -90,10 +88,7 @@ class Engine:
         self._live: dict[str, Live] = {}
         self._epochs: dict[str, int] = {}  # leases this process holds
         self._fenced_logged: set[str] = set()
-        self._parse_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(ingest_slots)  # uploads parsed or being folded at once
-        self._parsed_docs: dict[str, tuple[dict[str, Any], FederatedJob, strategies.ClientConfig]] = {}
-        self._parsed_texts: dict[str, tuple[str | None, FederatedJob, strategies.ClientConfig]] = {}
 
     # ---- the commit boundary ----------------------------------------------------------
 
@@ -163,10 +158,10 @@ class Engine:
 
     def _live_for(self, s: Session, row: JobRow, with_acc: bool = False) -> Live:
         live = self._live.get(row.name)
-        if live is None or live.document != row.document:
-            job = parse_job(row.document)
+        if live is None or live.revision != row.document_sha:
+            job = specs.job_of(row)
             live = Live(
-                dict(row.document), job, strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params)
+                row.document_sha, job, strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params)
             )
             self._live[row.name] = live
         if row.version >= 0 and (live.version != row.version or live.schema is None):
@@ -197,9 +192,7 @@ class Engine:
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
             path, codec = self.blobs.path(u.sha256), live.job.spec.codec_for(u.silo)
-            delta = accepted_delta(path, codec, schema, hooks)
-            stored = Stored(delta, path) if stored_is_state(codec, schema, hooks) else delta
-            fold(live, acc, stored, u.n_examples, staleness)
+            fold(live, acc, accepted_delta(path, codec, schema, hooks).to_fold(path), u.n_examples, staleness)
         return acc
 
     # ---- jobs -----------------------------------------------------------------------
@@ -219,7 +212,7 @@ class Engine:
         with self._write(name) as tx:
             existing = tx.s.get(JobRow, name)
             if existing is not None:
-                if document not in (existing.document, existing.pending_document):
+                if document_digest(document) != existing.document_sha and document != existing.pending_document:
                     raise Conflict(f"job {name!r} exists with a different spec", "conflict")
                 return m.JobCreated(name=name, silo_tokens={}, created=False)
             issued = {n: tokens.get(n) or identity.new_token() for n in sorted(names)}
@@ -256,7 +249,7 @@ class Engine:
             row = self._job(s, name)
             if silo is None:
                 return dict(row.document)
-            return dump_job(views.silo_job(self._parsed(row)[0], silo))
+            return specs.of(row).silo_view(silo)[1]
 
     def job_names(self) -> list[str]:
         with self.sessions() as s:
@@ -267,7 +260,7 @@ class Engine:
     def authenticate(self, job: str, silo: str, token: str) -> identity.Role:
         """The role of the silo `token` belongs to (see `identity.verify`)."""
         with self.sessions() as s:
-            if s.scalar(select(JobRow.name).where(JobRow.name == job)) is None:  # not the (large) document
+            if s.get(JobRow, job) is None:
                 raise NotFound(f"no job named {job!r}")
             return identity.verify(s.get(SiloRow, (job, silo)), token, self.clock())
 
@@ -311,20 +304,18 @@ class Engine:
             transitions.maybe_start(tx, row, self.metrics)
             joined = tx.s.scalar(select(func.count()).where(SiloRow.job == job, SiloRow.joined_at.is_not(None)))
             tx.on_commit(lambda: self.metrics.silos_joined.labels(job).set(joined or 0))
-            live = self._live_for(tx.s, row)
-            return m.JoinResponse(job=views.silo_job(live.job, silo), role=silo_row.role)  # type: ignore[arg-type]
+            return m.JoinResponse(job=specs.of(row).silo_view(silo)[0], role=silo_row.role)  # type: ignore[arg-type]
 
     def task(self, job: str, silo: str) -> m.Task:
         """What `silo` should do now. A read: it writes only when the silo's state changes."""
         with self.sessions() as s:  # no engine lock: polls never wait behind an aggregation
-            row = s.get(JobRow, job, options=[defer(JobRow.document), defer(JobRow.pending_document)])
-            if row is None:
-                raise NotFound(f"no job named {job!r}")
+            row = self._job(s, job)
             silo_row = s.get(SiloRow, (job, silo))
             assert silo_row is not None
             if silo_row.joined_at is None:
                 raise Conflict("join the job first", "not_joined")
-            task = transitions.next_task(s, row, silo_row, *self._parsed_text(s, job))
+            parsed = specs.of(row)
+            task = transitions.next_task(s, row, silo_row, parsed.job, parsed.hooks)
             state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
             now = self.clock()
             stale = silo_row.last_seen is None or now - aware(silo_row.last_seen) > SEEN_EVERY  # type: ignore[operator]
@@ -340,24 +331,6 @@ class Engine:
                 pass  # bookkeeping only; the lease holder answers the silo's next call
         return task
 
-    def _parsed_text(self, s: Session, job: str) -> tuple[FederatedJob, strategies.ClientConfig]:
-        """`_parsed` for the polls' hot path: the stored JSON text is compared, decoded only when it
-        changed (a 1,000-silo document takes longer to decode than the rest of a poll)."""
-        text = s.scalar(select(cast(JobRow.document, Text)).where(JobRow.name == job))
-        with self._parse_lock:
-            cached = self._parsed_texts.get(job)
-            if cached is None or cached[0] != text:
-                cached = self._parsed_texts[job] = (text, *_parse(json.loads(text or "null")))
-            return cached[1], cached[2]
-
-    def _parsed(self, row: JobRow) -> tuple[FederatedJob, strategies.ClientConfig]:
-        """The job's spec and strategy hooks for read paths, cached by document (own small lock)."""
-        with self._parse_lock:
-            cached = self._parsed_docs.get(row.name)
-            if cached is None or cached[0] != row.document:
-                cached = self._parsed_docs[row.name] = (dict(row.document), *_parse(row.document))
-            return cached[1], cached[2]
-
     # ---- adapters -------------------------------------------------------------------
 
     def put_initial(self, job: str, silo: str, body: Staged) -> str:
@@ -371,7 +344,7 @@ class Engine:
 
     def _put_initial(self, job: str, silo: str, body: Staged) -> str:
         with self.sessions() as s:  # a read: the parse cache, not the engine's locked state
-            spec = self._parsed(self._job(s, job))[0].spec
+            spec = specs.job_of(self._job(s, job)).spec
             silo_row = self._silo(s, job, silo)
         rank = spec.silo(silo).rank if silo in {x.name for x in spec.silos} else None
         if silo_row.role != "trainer" or rank not in (None, spec.peft.r):
@@ -400,7 +373,7 @@ class Engine:
         """The largest upload body `job` takes: maxUpdateBytes; a secure job's masked update has
         8 bytes a parameter, so up to 8 times a plain (at least 1 byte a parameter) one."""
         with self.sessions() as s:
-            aggregation = self._parsed(self._job(s, job))[0].spec.aggregation
+            aggregation = specs.job_of(self._job(s, job)).spec.aggregation
         return aggregation.max_update_bytes * (8 if aggregation.secure else 1)
 
     def adapter(self, job: str, version: int) -> tuple[bytes, str]:
@@ -433,7 +406,7 @@ class Engine:
                     raise Conflict("the job has no initial adapter yet", "wrong_round")
                 # the schema and limit, without waiting behind another upload's transaction (`accept` re-checks)
                 live = self._live.get(job)
-                if live is None or live.schema is None or live.document != row.document:
+                if live is None or live.schema is None or live.revision != row.document_sha:
                     with self._lock:
                         live = self._live_for(s, row)
                 schema, limit, spec = live.schema, live.job.spec.aggregation.max_update_bytes, live.job.spec
@@ -653,7 +626,7 @@ class Engine:
             if rnd.state == RoundState.OPEN and rnd.secagg is not None:
                 if not secure.due(rnd, tx.now):
                     return
-                secure.expire(tx, row, rnd, parse_job(row.document).spec.aggregation.min_silos)
+                secure.expire(tx, row, rnd, specs.job_of(row).spec.aggregation.min_silos)
             elif rnd.state == RoundState.OPEN:
                 if tx.now < aware(rnd.deadline):  # type: ignore[operator]
                     return
@@ -730,19 +703,13 @@ class Engine:
         with self.sessions() as s:
             existing = s.get(JobRow, name)
             current = (existing.pending_document or existing.document) if existing is not None else None
-        if existing is None:
+        if current is None:
             self.create_job(job, tokens)
         elif current != dump_job(job):
             self.patch_job(name, m.PatchJob(job=job, silo_tokens=tokens))
         else:
             with self._write(name):  # take the lease now: a second aggregator learns it at once
                 pass
-
-
-def _parse(document: dict[str, Any]) -> tuple[FederatedJob, strategies.ClientConfig]:
-    """A job document's spec and its strategy's client config (the read paths' view of a job)."""
-    job = parse_job(document)
-    return job, strategies.create(job.spec.aggregation.strategy, job.spec.aggregation.params).client_config()
 
 
 def _check_declared(row: SiloRow, req: m.JoinRequest) -> None:

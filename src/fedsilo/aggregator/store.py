@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
 
 from fedsilo.aggregator.migrations import upgrade
+from fedsilo.spec import document_digest
 
 
 def utcnow() -> datetime:
@@ -44,11 +45,17 @@ class Base(DeclarativeBase):
 
 
 class JobRow(Base):
+    """A job. Its document (JSON; a 1,000-silo spec is ~100 KB) loads only when read: hot paths
+    find the parsed spec by `document_sha`, the document's revision (see `specs.py`)."""
+
     __tablename__ = "jobs"
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
-    document: Mapped[dict[str, Any]]
-    pending_document: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # applied at the next round
+    document: Mapped[dict[str, Any]] = mapped_column(deferred=True)
+    document_sha: Mapped[str] = mapped_column(String(64), server_default="")  # set with `document`, always
+    pending_document: Mapped[dict[str, Any] | None] = mapped_column(
+        default=None, deferred=True
+    )  # applied at the next round
     phase: Mapped[str] = mapped_column(String(16), default="Pending")
     message: Mapped[str] = mapped_column(String(1000), default="")
     rounds: Mapped[int]
@@ -58,6 +65,12 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    @validates("document")
+    def _revise(self, _key: str, document: dict[str, Any]) -> dict[str, Any]:
+        """Every assignment of the document names its revision: no path can change one without the other."""
+        self.document_sha = document_digest(document)
+        return document
 
 
 class SiloRow(Base):

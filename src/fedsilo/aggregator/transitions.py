@@ -15,13 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedsilo import strategies
-from fedsilo.aggregator import secure
+from fedsilo.aggregator import secure, specs
 from fedsilo.aggregator.lifecycle import Phase, RoundState, Tx
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.store import EvaluationRow, JobRow, RoundRow, SecAggKeyRow, SiloRow, UpdateRow, aware
 from fedsilo.api import models as m
 from fedsilo.privacy.dp import share_std
-from fedsilo.spec import FederatedJob, parse_job
+from fedsilo.spec import FederatedJob
 
 log = logging.getLogger("fedsilo.aggregator")
 
@@ -33,7 +33,7 @@ def received(s: Session, job: str, number: int) -> list[str]:
 
 def sample(s: Session, row: JobRow, number: int) -> list[str]:
     """Round `number`'s participants: a deterministic sample of joined trainers (all of them in async mode)."""
-    spec = parse_job(row.document).spec
+    spec = specs.job_of(row).spec
     joined = s.scalars(
         select(SiloRow.name).where(
             SiloRow.job == row.name,
@@ -52,12 +52,12 @@ def sample(s: Session, row: JobRow, number: int) -> list[str]:
 def open_round(tx: Tx, row: JobRow, number: int, metrics: Metrics) -> None:
     """Open round `number`; a changed aggregation waiting in `pending_document` takes effect here."""
     if row.pending_document is not None:
-        old_strategy = parse_job(row.document).spec.aggregation.strategy
+        old_strategy = specs.job_of(row).spec.aggregation.strategy
         row.document, row.pending_document = row.pending_document, None
-        if parse_job(row.document).spec.aggregation.strategy != old_strategy:
+        if specs.job_of(row).spec.aggregation.strategy != old_strategy:
             row.server_state_sha = None  # another strategy's optimiser state means nothing
         tx.dirty = True
-    spec = parse_job(row.document).spec
+    spec = specs.job_of(row).spec
     participants = sample(tx.s, row, number)
     plan: dict[str, Any] = {}
     if spec.aggregation.balance_workload and spec.training.local_steps:
@@ -88,7 +88,7 @@ def maybe_start(tx: Tx, row: JobRow, metrics: Metrics) -> None:
     """Pending -> Running once the initial adapter exists and every trainer joined (or quorum + timeout)."""
     if row.phase != Phase.PENDING or row.version < 0:
         return
-    spec = parse_job(row.document).spec
+    spec = specs.job_of(row).spec
     trainers = tx.s.scalars(
         select(SiloRow).where(SiloRow.job == row.name, SiloRow.role == "trainer", SiloRow.revoked_at.is_(None))
     ).all()
@@ -102,7 +102,7 @@ def maybe_start(tx: Tx, row: JobRow, metrics: Metrics) -> None:
 
 def deadline_passed(tx: Tx, row: JobRow, rnd: RoundRow) -> None:
     """At the deadline: aggregate with a quorum, else fail the job (resumable)."""
-    spec = parse_job(row.document).spec
+    spec = specs.job_of(row).spec
     got = received(tx.s, row.name, rnd.number)
     if rnd.secagg is not None:  # a secure round goes on to unmasking, not straight to aggregation
         secure.expire(tx, row, rnd, spec.aggregation.min_silos)

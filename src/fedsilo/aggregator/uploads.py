@@ -5,9 +5,11 @@ becomes the `reason` label of `fedsilo_updates_rejected_total`. Transforms that 
 work adds (clipping, noise, unmasking) append to the same tuple.
 
 An upload arrives as a `Staged` file (see `blobs.Receiver`): its sha256 was computed once,
-while it streamed in, and `_parse` is the one place its tensors are produced from it: a
-plain fp32 upload is read through a map of the file, a coded one (or one that leaves
-tensors out by contract) goes through `codecs.decode`.
+while it streamed in. `read_delta` is the one place tensors are produced from an upload's
+file, at acceptance and again when an accumulator is rebuilt from the stored blobs: a plain
+fp32 upload is read through a map of the file, a coded one (or one that leaves tensors out
+by contract) goes through `codecs.decode`. Which of the two it was travels with the result
+(`Delta.verbatim`), so nothing else has to work it out again.
 """
 
 from __future__ import annotations
@@ -26,8 +28,22 @@ from fedsilo.aggregator.blobs import Staged
 from fedsilo.spec import CodecSpec
 from fedsilo.strategies import ClientConfig
 from fedsilo.strategies.ffa_lora import omitted_names
+from fedsilo.strategies.updates import Stored
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own ceiling on a header
+
+
+@dataclass(frozen=True)
+class Delta:
+    """An update's tensors at full precision, and whether its file holds exactly them."""
+
+    state: State
+    verbatim: bool  # the file is a plain safetensors of exactly `state` (no codec, nothing omitted)
+
+    def to_fold(self, path: Path) -> State:
+        """What an accumulator receives; a verbatim file goes along (`Stored`), so robust
+        strategies keep its path instead of the tensors."""
+        return Stored(self.state, path) if self.verbatim else self.state
 
 
 @dataclass
@@ -38,7 +54,7 @@ class Upload:
     max_bytes: int
     codec: CodecSpec = codecs.PLAIN
     omitted: frozenset[str] = frozenset()
-    state: State = field(default_factory=dict)
+    delta: Delta = field(default_factory=lambda: Delta({}, verbatim=False))
 
 
 def load(path: Path) -> State:
@@ -72,23 +88,29 @@ def _check_digest(upload: Upload) -> None:
         raise AdapterError("bad_checksum", f"sha256 of the body is {actual}, header says {upload.claimed_sha256}")
 
 
-def _parse(upload: Upload) -> None:
-    """The delta, full precision, with zeros for the tensors that never travel."""
-    if codecs.needs_decode(upload.codec, upload.omitted):
-        upload.state = codecs.decode(upload.body.read(), upload.codec, upload.schema, upload.max_bytes, upload.omitted)
-        return
-    coded = codecs.metadata(_header(upload.body.path)).get(codecs.META)
+def read_delta(
+    path: Path, codec: CodecSpec, schema: Schema, omitted: frozenset[str], max_bytes: int | None = None
+) -> Delta:
+    """The delta in the file at `path`, full precision, with zeros for the tensors that never travel."""
+    if codecs.needs_decode(codec, omitted):
+        data = path.read_bytes()
+        return Delta(codecs.decode(data, codec, schema, max_bytes or len(data), omitted), verbatim=False)
+    coded = codecs.metadata(_header(path)).get(codecs.META)
     if coded is not None:
         raise AdapterError("bad_codec", f"the payload is coded {coded}, but this silo's codec is plain fp32")
-    upload.state = load(upload.body.path)
+    return Delta(load(path), verbatim=True)
+
+
+def _parse(upload: Upload) -> None:
+    upload.delta = read_delta(upload.body.path, upload.codec, upload.schema, upload.omitted, upload.max_bytes)
 
 
 def _check_schema(upload: Upload) -> None:
-    check_schema(upload.state, upload.schema)
+    check_schema(upload.delta.state, upload.schema)
 
 
 def _check_finite(upload: Upload) -> None:
-    check_finite(upload.state)
+    check_finite(upload.delta.state)
 
 
 PIPELINE: tuple[Callable[[Upload], None], ...] = (_check_size, _check_digest, _parse, _check_schema, _check_finite)
@@ -101,7 +123,7 @@ def validate_update(
     max_bytes: int,
     codec: CodecSpec = codecs.PLAIN,
     hooks: ClientConfig | None = None,
-) -> State:
+) -> Delta:
     """Run every check; return the parsed delta or raise AdapterError.
 
     `codec` is the one in force for the sending silo; `hooks` (the strategy's client config)
@@ -110,29 +132,18 @@ def validate_update(
     upload = Upload(body, claimed_sha256, schema, max_bytes, codec, omitted_names(schema, hooks or {}))
     for step in PIPELINE:
         step(upload)
-    return upload.state
+    return upload.delta
 
 
-def stored_is_state(codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> bool:
-    """Whether an accepted upload's blob holds exactly its delta's tensors (robust strategies may reference it)."""
-    return not codecs.needs_decode(codec, omitted_names(schema, hooks))
-
-
-def accepted_delta(path: Path, codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> State:
+def accepted_delta(path: Path, codec: CodecSpec, schema: Schema, hooks: ClientConfig) -> Delta:
     """An accepted update's stored blob (kept as uploaded, coded) back to its delta, to rebuild an accumulator."""
-    omitted = omitted_names(schema, hooks)
-    if not codecs.needs_decode(codec, omitted):
-        return load(path)
-    data = path.read_bytes()
-    return codecs.decode(data, codec, schema, len(data), omitted)
+    return read_delta(path, codec, schema, omitted_names(schema, hooks))
 
 
 def validate_initial(body: Staged, max_bytes: int) -> State:
     """The initial adapter defines the schema: it only has to parse and be finite."""
-    upload = Upload(body, body.sha256, {}, max_bytes)
-    _check_size(upload)
-    upload.state = load(body.path)
-    state = upload.state
+    _check_size(Upload(body, body.sha256, {}, max_bytes))
+    state = load(body.path)
     if not state:
         raise AdapterError("malformed", "the initial adapter has no tensors")
     for name, tensor in state.items():
