@@ -151,9 +151,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         print("pollers started", file=sys.stderr, flush=True)
         time.sleep(settle)
-        cpu0, t0 = cpu_seconds(agg.pid), time.time()
+        cpu0, client0, t0 = cpu_seconds(agg.pid), cpu_seconds(child.pid), time.time()
         time.sleep(args.seconds)
-        cpu, t1 = cpu_seconds(agg.pid) - cpu0, time.time()
+        cpu, client, t1 = cpu_seconds(agg.pid) - cpu0, cpu_seconds(child.pid) - client0, time.time()
         upload(agg, straggler, tokens[straggler])
         changed = time.time()
         child.wait()
@@ -169,6 +169,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rest_cpu_pct": 100 * rest,
         "cpu_pct": 100 * cpu / (t1 - t0),
         "rps": len(served) / (t1 - t0),
+        "ms_per_request": 1000 * cpu / max(1, len(served)),
+        "client_cpu_pct": 100 * client / (t1 - t0),
         "reached": len(latencies),
         "p50": percentile(latencies, 50),
         "p99": percentile(latencies, 99),
@@ -181,14 +183,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def row(r: dict[str, Any]) -> str:
     return (
         f"| {r['label']} | {r['silos']:,} | {r['rest_cpu_pct']:.1f} | {r['cpu_pct']:.1f} | {r['rps']:.1f} | "
+        f"{r['ms_per_request']:.2f} | {r['client_cpu_pct']:.0f} | "
         f"{r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | {r['reached']:,} | {r['errors']} | {r['load']} |"
     )
 
 
 HEADER = (
     "| code | idle silos | aggregator CPU at rest, % core | aggregator CPU while polled, % core | requests/s | "
+    "aggregator CPU ms per request | pollers' CPU, % core | "
     "change -> silos p50 s | p99 s | max s | silos reached | errors | load 1/5/15 min |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

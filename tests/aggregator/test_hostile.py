@@ -272,7 +272,9 @@ def test_numbers_past_64_bits_and_garbage_names_are_422_not_500(any_store: Aggre
         response = httpx.get(agg.url + path, headers=_bearer(agg.admin))
         assert response.status_code == 422 and response.json()["reason"] == "invalid", (path, response.text)
     response = httpx.get(f"{agg.url}/v1/jobs/demo", headers={**alpha, "X-Fedsilo-Silo": "Alpha\x7f"})
-    assert response.status_code == 422, response.text
+    # a control character in a header value breaks HTTP itself (RFC 9110 5.5): uvicorn's C parser
+    # (httptools) answers 400 before the app; the pure-Python one let the app's 422 check answer
+    assert response.status_code in (400, 422), response.text
     assert "Traceback" not in agg.log.read_text()
 
 

@@ -29,7 +29,7 @@ from fedsilo.aggregator.acceptance import Incoming
 from fedsilo.aggregator.blobs import INCOMING, Blobs
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.rounds import Engine
-from fedsilo.aggregator.store import UpdateRow, make_sessions
+from fedsilo.aggregator.store import SiloRow, UpdateRow, aware, make_sessions
 from fedsilo.api import models as m
 from fedsilo.local.runner import free_port
 from fedsilo.spec import parse_job
@@ -258,3 +258,25 @@ def test_a_robust_round_references_the_blobs_and_survives_a_restart(tmp_path: Pa
     for key, base in _small(0).items():
         median = torch.stack([_small(i)[key] for i in (1, 2, 3)]).median(dim=0).values
         assert torch.allclose(got[key], base + median), key
+
+
+def test_polls_write_nothing_until_the_batch_writes_every_silos_last_seen(tmp_path: Path) -> None:
+    engine, tokens = _engine(tmp_path), _tokens(3)
+    for name in _names(3):  # round 1 is open: the first poll moves each silo to `training` (a write)
+        assert engine.task("demo", name, tokens[name]).action == "train"
+    with engine.sessions() as s:
+        joined = {r.name: aware(r.last_seen) for r in s.scalars(select(SiloRow))}
+    commits = [0]
+    event.listen(engine.sessions, "after_commit", lambda _: commits.__setitem__(0, commits[0] + 1))
+    for _ in range(5):
+        for name in _names(3):
+            assert engine.task("demo", name, tokens[name]).action == "train"
+    engine.write_seen()  # less than SEEN_EVERY since the engine started: nothing yet
+    assert commits[0] == 0, "a poll that changes nothing must not write"
+    engine.write_seen(force=True)
+    assert commits[0] == 1, "one transaction for all the silos that polled"
+    with engine.sessions() as s:
+        seen = {r.name: aware(r.last_seen) for r in s.scalars(select(SiloRow))}
+    assert all(seen[n] > joined[n] for n in _names(3))  # type: ignore[operator]
+    engine.write_seen(force=True)
+    assert commits[0] == 1, "nothing remembered: nothing written"

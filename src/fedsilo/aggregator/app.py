@@ -1,33 +1,49 @@
 """The aggregator's HTTP surface: `/v1` routes, health probes and `/metrics`.
 
-Routes are thin: authenticate, parse, call the round engine, shape the response.
+Routes are thin: authenticate, parse, call the round engine, shape the response. Who may
+call what is in `deps.py`, adapter uploads (streamed bodies) in `upload_routes.py`, and
+how a long-poll waits in `long_poll.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import yaml
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedsilo.adapters import sha256
-from fedsilo.aggregator import guards, logs, openapi
-from fedsilo.aggregator.acceptance import Incoming
-from fedsilo.aggregator.blobs import Blobs, Staged
+from fedsilo.aggregator import guards, logs, openapi, upload_routes
+from fedsilo.aggregator.blobs import Blobs
+from fedsilo.aggregator.deps import (
+    SAFETENSORS,
+    Admin,
+    ApiError,
+    Caller,
+    EngineDep,
+    Names,
+    Reader,
+    Round,
+    Silo,
+    SiloToken,
+    Version,
+    require_admin,
+    require_metrics_reader,
+    require_reader,
+    require_silo,
+    silo_token,
+)
 from fedsilo.aggregator.errors import (
     Conflict,
     EngineError,
@@ -39,9 +55,9 @@ from fedsilo.aggregator.errors import (
     Unauthorized,
     Unavailable,
 )
+from fedsilo.aggregator.long_poll import long_poll
 from fedsilo.aggregator.metrics import Metrics
 from fedsilo.aggregator.notify import Changes
-from fedsilo.aggregator.peer import require_silo_cert
 from fedsilo.aggregator.rounds import Engine
 from fedsilo.aggregator.settings import AggregatorSettings
 from fedsilo.aggregator.store import make_sessions
@@ -49,11 +65,6 @@ from fedsilo.api import models as m
 from fedsilo.logfmt import event
 
 log = logging.getLogger("fedsilo.aggregator")
-T = TypeVar("T")
-WRITE_BATCH = 256 * 1024  # bytes of an upload gathered in memory before one write + hash off the event loop
-bearer = HTTPBearer(auto_error=False)
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-SAFETENSORS = {"content": {m.SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
 # Domain error -> HTTP status; the most specific class wins (TooLarge before Invalid).
 STATUS: tuple[tuple[type[EngineError], int], ...] = (
     (NotFound, 404),
@@ -66,78 +77,8 @@ STATUS: tuple[tuple[type[EngineError], int], ...] = (
 )
 
 
-class ApiError(Exception):
-    """A refusal raised by the HTTP layer itself (authentication, body size)."""
-
-    def __init__(self, status: int, detail: str, reason: str | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.reason = status, detail, reason
-
-
-def _same_secret(given: str, expected: str) -> bool:
-    """Constant-time comparison that also copes with non-ASCII input (compare digests)."""
-    return hmac.compare_digest(sha256(given.encode("utf-8", "surrogatepass")), sha256(expected.encode()))
-
-
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine  # type: ignore[no-any-return]
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
-
-
-def _is_admin(request: Request, creds: HTTPAuthorizationCredentials | None) -> bool:
-    return creds is not None and _same_secret(creds.credentials, request.app.state.settings.admin_token)
-
-
-def require_admin(request: Request, creds: Credentials) -> None:
-    if not _is_admin(request, creds):
-        raise ApiError(401, "admin token required", "unauthorized")
-
-
-def require_metrics_reader(request: Request, creds: Credentials) -> None:
-    """The admin or the metrics reader (Prometheus): /metrics holds per-silo loss and example counts."""
-    reader: str | None = request.app.state.settings.metrics_token
-    if _is_admin(request, creds) or (creds is not None and reader and _same_secret(creds.credentials, reader)):
-        return
-    raise ApiError(401, "metrics reader or admin token required", "unauthorized")
-
-
-def require_silo(job: str, silo: str, request: Request, engine: EngineDep, creds: Credentials) -> None:
-    if creds is None:
-        raise ApiError(401, "silo token required", "unauthorized")
-    require_silo_cert(request, job, silo)
-    engine.authenticate(job, silo, creds.credentials)
-
-
-def require_reader(
-    job: str,
-    request: Request,
-    engine: EngineDep,
-    creds: Credentials,
-    x_fedsilo_silo: Annotated[str | None, Header()] = None,
-) -> str | None:
-    """The admin (None), or a silo of this job naming itself in X-Fedsilo-Silo (its name: it reads its slice)."""
-    if _is_admin(request, creds):
-        return None
-    if creds is None or x_fedsilo_silo is None:
-        raise ApiError(401, "admin token, or silo token with X-Fedsilo-Silo, required", "unauthorized")
-    require_silo_cert(request, job, x_fedsilo_silo)
-    engine.authenticate(job, x_fedsilo_silo, creds.credentials)
-    return x_fedsilo_silo
-
-
-Admin = Depends(require_admin)
-Silo = Depends(require_silo)
-Reader = Depends(require_reader)
-Caller = Annotated[str | None, Reader]  # None: the admin; else the silo reading
-
-Names = Depends(guards.checked_names)  # before any other dependency: no malformed name reaches the store
 jobs = APIRouter(prefix=f"{m.API_PREFIX}/jobs", tags=["jobs"], dependencies=[Names])
 silos = APIRouter(prefix=f"{m.API_PREFIX}/jobs/{{job}}", tags=["silos"], dependencies=[Names])
-Version = Annotated[int, Path(ge=0, le=m.MAX_INT)]
-Round = Annotated[int, Path(ge=0, le=m.MAX_INT)]
-
 
 @jobs.post("", status_code=201, dependencies=[Admin])
 def create_job(body: m.CreateJob, engine: EngineDep, response: Response) -> m.JobCreated:
@@ -213,59 +154,24 @@ def join(job: str, silo: str, body: m.JoinRequest, engine: EngineDep) -> m.JoinR
     return joined
 
 
-@silos.get("/silos/{silo}/task", dependencies=[Silo])
+@silos.get("/silos/{silo}/task")
 async def task(
     job: str,
     silo: str,
     engine: EngineDep,
     request: Request,
+    token: SiloToken,
     wait: Annotated[
         float, Query(ge=0, le=30, description="Long-poll: hold up to this many seconds while the task is `wait`.")
     ] = 0,
 ) -> m.Task:
     """The silo's next task. With `wait`, the answer comes as soon as it is not `wait` (no write per poll)."""
     changes: Changes = request.app.state.changes
-    return await _long_poll(changes, job, request, wait, lambda: engine.task(job, silo), lambda a: a.action != "wait")
 
+    def read() -> m.Task:  # every read checks the token: a revocation also ends a wait
+        return engine.task(job, silo, token)
 
-async def _long_poll(
-    changes: Changes, job: str, request: Request, wait: float, read: Callable[[], T], ready: Callable[[T], bool]
-) -> T:
-    """`read()` until `ready` or `wait` seconds passed, re-reading only after `job` changed (notify.py).
-
-    Between reads the request sleeps on the job's change event and on the client's disconnect,
-    never on a timer: a thousand idle silos cost nothing until something they wait for commits.
-    """
-    until = time.monotonic() + wait
-    ticket = changes.ticket(job)  # before the read: a commit during it wakes us
-    value = await asyncio.to_thread(read)
-    if ready(value) or wait <= 0:
-        return value
-    with changes.waiter(job):
-        gone = asyncio.ensure_future(_hung_up(request))
-        try:
-            while (left := until - time.monotonic()) > 0:
-                changed = asyncio.ensure_future(ticket.wait())
-                done, _ = await asyncio.wait({changed, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                if changed not in done:  # the deadline, or nobody is waiting for the answer any more
-                    return value
-                ticket = changes.ticket(job)
-                value = await asyncio.to_thread(read)
-                if ready(value):
-                    return value
-            return value
-        finally:
-            gone.cancel()
-
-
-async def _hung_up(request: Request) -> None:
-    """Return when the client disconnects: the server's `http.disconnect` message, not a poll.
-
-    A GET's (empty) body comes first; after it, `receive` blocks until the connection closes.
-    """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    return await long_poll(changes, job, request, wait, read, lambda a: a.action != "wait")
 
 
 @silos.post("/silos/{silo}/metrics", status_code=204, dependencies=[Silo])
@@ -274,37 +180,6 @@ def post_metrics(job: str, silo: str, body: m.MetricsReport, engine: EngineDep) 
     event(log, "metrics", job=job, silo=silo, version=body.version, split=body.split, loss=body.loss,
           accuracy=body.accuracy, examples=body.n_examples)
     return Response(status_code=204)
-
-
-@silos.put("/silos/{silo}/adapters/0", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
-async def put_initial(job: str, silo: str, request: Request, engine: EngineDep) -> dict[str, str]:
-    body = await _receive_body(request, engine, job)
-    digest = await asyncio.to_thread(engine.put_initial, job, silo, body)  # consumes the staged body
-    event(log, "initial_adapter", job=job, silo=silo, bytes=body.size, sha256=digest[:12])
-    return {"sha256": digest}
-
-
-@silos.put("/rounds/{round}/updates/{silo}", dependencies=[Silo], openapi_extra={"requestBody": SAFETENSORS})
-async def put_update(
-    job: str,
-    round: Round,
-    silo: str,
-    request: Request,
-    engine: EngineDep,
-    x_fedsilo_examples: Annotated[int, Header(ge=-m.MAX_INT, le=m.MAX_INT)],  # < 1: the engine's bad_examples
-    x_fedsilo_sha256: Annotated[str, Header()],
-    x_fedsilo_train_seconds: Annotated[float | None, Header(ge=0, le=m.MAX_SECONDS)] = None,
-    x_fedsilo_examples_seen: Annotated[int | None, Header(ge=0, le=m.MAX_INT)] = None,
-) -> m.UpdateAccepted:
-    body = await _receive_body(request, engine, job)
-    update = Incoming(
-        silo, round, body, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
-    )
-    accepted = await asyncio.to_thread(engine.submit_update, job, update)  # consumes the staged body
-    event(log, "upload", job=job, round=accepted.round, silo=silo, bytes=body.size, examples=x_fedsilo_examples,
-          train_seconds=x_fedsilo_train_seconds, sha256=accepted.sha256[:12],
-          outcome="duplicate" if accepted.duplicate else "accepted")
-    return accepted
 
 
 @silos.get("/rounds/{round}/secagg/{silo}", dependencies=[Silo])
@@ -320,7 +195,7 @@ async def secagg_view(
     """A secure round's stage, key roster, this silo's share inbox and the survivors (see `secure.py`)."""
     # a waiting silo re-reads only the stage (one row) after each change, not its whole view
     changes: Changes = request.app.state.changes
-    await _long_poll(changes, job, request, wait, lambda: engine.secagg_stage(job, round), lambda stage: stage != after)
+    await long_poll(changes, job, request, wait, lambda: engine.secagg_stage(job, round), lambda stage: stage != after)
     return await asyncio.to_thread(engine.secagg_view, job, silo, round)
 
 
@@ -343,40 +218,6 @@ def secagg_reveal(job: str, round: Round, silo: str, body: m.SecAggReveal, engin
     engine.secagg_reveal(job, silo, round, body)
     event(log, "secagg_reveal", job=job, round=round, silo=silo)
     return Response(status_code=204)
-
-
-async def _receive_body(request: Request, engine: Engine, job: str) -> Staged:
-    """Stream at most the job's upload limit into a staged file, hashing as it arrives.
-
-    Refuses at the chunk that crosses the limit instead of storing a flood; the file is
-    removed on every way out but success (then the engine owns it). At most `WRITE_BATCH`
-    bytes of a body sit in memory: they are written and hashed off the event loop.
-    `guards.BodyGuard` already holds every body to the process-wide ceiling and a read timeout.
-    """
-    limit = min(request.app.state.settings_limit, await asyncio.to_thread(engine.upload_limit, job))
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        engine.metrics.updates_rejected.labels(job, "too_large").inc()
-        raise ApiError(413, f"payload of {declared} bytes exceeds the limit of {limit}", "too_large")
-    receiver = await asyncio.to_thread(engine.blobs.receive)
-    try:
-        batch: list[bytes] = []
-        pending = 0
-        async for chunk in request.stream():
-            if receiver.size + pending + len(chunk) > limit:
-                engine.metrics.updates_rejected.labels(job, "too_large").inc()
-                raise ApiError(413, f"payload exceeds the limit of {limit} bytes", "too_large")
-            batch.append(chunk)
-            pending += len(chunk)
-            if pending >= WRITE_BATCH:
-                await asyncio.to_thread(receiver.write, b"".join(batch))
-                batch, pending = [], 0
-        if batch:
-            await asyncio.to_thread(receiver.write, b"".join(batch))
-        return receiver.finish()
-    except BaseException:
-        receiver.discard()
-        raise
 
 
 # Refusals that are part of normal operation: a late upload (info), a retry-later answer (debug).
@@ -438,6 +279,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                     await asyncio.to_thread(ensure)
                     await asyncio.to_thread(engine.renew_leases)
                     await asyncio.to_thread(engine.tick)  # isolates jobs from each other
+                    await asyncio.to_thread(engine.write_seen)
                     # round and phase events into the log; reading a 1,000-silo job's status every
                     # tick cost more than 1,000 idle silos: only when phase, round or version moved
                     fingerprints = await asyncio.to_thread(changes.read)
@@ -469,11 +311,12 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(jobs)
     app.include_router(silos)
-    routes = [r for r in (*jobs.routes, *silos.routes) if isinstance(r, APIRoute)]
-    uploads = [r.path for r in routes if "requestBody" in (r.openapi_extra or {})]  # they stream their body
+    app.include_router(upload_routes.uploads)
+    routes = [r for r in (*jobs.routes, *silos.routes, *upload_routes.uploads.routes) if isinstance(r, APIRoute)]
+    streamed = [r.path for r in routes if "requestBody" in (r.openapi_extra or {})]  # they stream their body
     app.add_middleware(
         guards.BodyGuard,
-        uploads=uploads,
+        uploads=streamed,
         upload_limit=app.state.settings_limit,
         timeout=settings.body_timeout_seconds,
         on_refused=refused,
@@ -481,6 +324,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     auth = {
         require_admin: ("admin",),
         require_silo: ("silo",),
+        silo_token: ("silo",),
         require_reader: ("admin", "silo"),
         require_metrics_reader: ("admin", "metrics"),
     }

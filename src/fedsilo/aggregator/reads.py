@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from fedsilo.aggregator import budget, specs
@@ -17,8 +17,26 @@ from fedsilo.api import models as m
 
 
 def latest_evaluated(s: Session, job: str) -> int:
-    versions = s.scalars(select(EvaluationRow.version).where(EvaluationRow.job == job)).all()
-    return max(versions, default=-1)
+    latest = s.scalar(select(func.max(EvaluationRow.version)).where(EvaluationRow.job == job))
+    return -1 if latest is None else int(latest)
+
+
+def headline(s: Session, job: str, version: int) -> tuple[str, float, float | None] | None:
+    """(split, loss, accuracy) of `version` as `version_summary` weighs them, summed by the database:
+    the gauges follow every report, and a 1,000-silo round has 1,000 reports."""
+    n, acc_n = EvaluationRow.n_examples, case((EvaluationRow.accuracy.is_not(None), EvaluationRow.n_examples), else_=0)
+    query = (
+        select(EvaluationRow.split, func.sum(EvaluationRow.loss * n), func.sum(n))
+        .add_columns(func.sum(func.coalesce(EvaluationRow.accuracy, 0.0) * n), func.sum(acc_n))
+        .where(EvaluationRow.job == job, EvaluationRow.version == version)
+        .group_by(EvaluationRow.split)
+    )
+    sums = {split: (loss, total, acc, with_acc) for split, loss, total, acc, with_acc in s.execute(query)}
+    for split in ("test", "validation"):
+        if split in sums and sums[split][1]:
+            loss, total, acc, with_acc = sums[split]
+            return split, float(loss) / float(total), (float(acc) / float(with_acc) if with_acc else None)
+    return None
 
 
 def version_summary(s: Session, job: str, version: int) -> dict[str, Any] | None:

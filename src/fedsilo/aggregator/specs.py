@@ -11,32 +11,33 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from fedsilo import strategies
 from fedsilo.aggregator import views
 from fedsilo.aggregator.store import JobRow
-from fedsilo.spec import FederatedJob, dump_job, parse_job
+from fedsilo.spec import FederatedJob, SiloSpec, parse_job
 
 KEEP = 64  # revisions kept: a few per job (in force, pending, the one before)
 
 
 @dataclass
 class Parsed:
-    """One revision of a job document: the spec, its strategy's client hooks, silo views on demand."""
+    """One revision of a job document: the spec and its strategy's client hooks."""
 
     job: FederatedJob
     hooks: strategies.ClientConfig
-    _views: dict[str, tuple[FederatedJob, dict[str, Any]]] = field(default_factory=dict)
 
-    def silo_view(self, silo: str) -> tuple[FederatedJob, dict[str, Any]]:
-        """What `silo` may read of the job (`views.silo_job`), and that as a document; made once."""
-        view = self._views.get(silo)
-        if view is None:
-            job = views.silo_job(self.job, silo)
-            view = self._views[silo] = (job, dump_job(job))
-        return view
+    @cached_property
+    def _redacted(self) -> list[SiloSpec]:
+        return views.redacted_silos(self.job)
+
+    def silo_view(self, silo: str) -> FederatedJob:
+        """What `silo` may read of the job (`views.silo_job`); the others' entries are made once per revision,
+        so a thousand silos joining cost a thousand list copies, not a million entries."""
+        return views.silo_job(self.job, silo, self._redacted)
 
 
 _lock = threading.Lock()

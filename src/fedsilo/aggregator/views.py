@@ -16,13 +16,17 @@ from fedsilo.spec import AggregatorSpec, DataSpec, FederatedJob, ObjectMeta, Sil
 REDACTED = "redacted"
 
 
-def silo_job(job: FederatedJob, silo: str) -> FederatedJob:
-    """The job as `silo` sees it: what training needs plus its own entry."""
+def redacted_silos(job: FederatedJob) -> list[SiloSpec]:
+    """Every silo entry as another silo may see it: name and role."""
+    return [SiloSpec(name=s.name, role=s.role, data=DataSpec(path=REDACTED)) for s in job.spec.silos]
+
+
+def silo_job(job: FederatedJob, silo: str, redacted: list[SiloSpec] | None = None) -> FederatedJob:
+    """The job as `silo` sees it: what training needs plus its own entry (`redacted`: the others,
+    made once per job document by the caller that serves many silos)."""
     own = job.spec.silo(silo)
-    others = [
-        s if s.name == own.name else SiloSpec(name=s.name, role=s.role, data=DataSpec(path=REDACTED))
-        for s in job.spec.silos
-    ]
+    entries = zip(job.spec.silos, redacted or redacted_silos(job), strict=True)
+    others = [own if s.name == own.name else r for s, r in entries]
     spec = job.spec.model_copy(update={"silos": others, "aggregator": AggregatorSpec()})
     return job.model_copy(update={"metadata": ObjectMeta(name=job.metadata.name), "spec": spec, "status": None})
 
