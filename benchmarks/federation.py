@@ -11,7 +11,9 @@ download the global adapter, upload a delta; when idle, validate the version it 
 
 Printed per federation size: mean round time (open to close, the aggregator's own
 `duration_seconds`), round time per silo, wall time from the first join to the job's success,
-requests and requests/s, and the aggregator's CPU seconds (/proc) per silo-round.
+requests and requests/s, the aggregator's CPU seconds (/proc) per silo-round, and how busy the
+aggregator and the scripted silos (this process) were, in % of a core: where the silos' process
+is near 100 %, the round time measures the scripted silos, not the aggregator.
 
     python benchmarks/federation.py                        # 10, 100, 1,000 silos, 3 rounds each
     PYTHONPATH=/work/main/src python benchmarks/federation.py --label main
@@ -147,12 +149,12 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     doc = job_document(JOB, names, rounds=args.rounds, minSilos=n)
     tally = Tally()
     with tempfile.TemporaryDirectory() as tmp, aggregator(Path(tmp), doc, tokens) as agg:
-        cpu0, t0, load0 = cpu_seconds(agg.pid), time.monotonic(), load()
+        cpu0, t0, load0, own0 = cpu_seconds(agg.pid), time.monotonic(), load(), time.process_time()
         try:
             asyncio.run(federation(agg.url, tokens, args, tally))
         except TimeoutError:
             tally.errors.append(f"not finished after {args.limit:.0f}s")
-        wall, cpu = time.monotonic() - t0, cpu_seconds(agg.pid) - cpu0
+        wall, cpu, own = time.monotonic() - t0, cpu_seconds(agg.pid) - cpu0, time.process_time() - own0
         admin = {"Authorization": f"Bearer {agg.admin}"}
         try:
             rounds = httpx.get(f"{agg.url}/v1/jobs/{JOB}/rounds", headers=admin, timeout=60).json()
@@ -165,6 +167,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label, "silos": n, "rounds": len(durations), "phase": phase, "round_s": mean_round,
         "round_ms_per_silo": 1000 * mean_round / n, "wall_s": wall, "requests": tally.requests,
         "rps": tally.requests / wall, "cpu_s": cpu, "cpu_ms_per_silo_round": 1000 * cpu / (n * args.rounds),
+        "silos_cpu_pct": 100 * own / wall, "aggregator_cpu_pct": 100 * cpu / wall,
         "retries": tally.retries, "errors": len(tally.errors), "load": load0,
         "first_error": tally.errors[0] if tally.errors else "",
     }  # fmt: skip
@@ -172,8 +175,9 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
 
 HEADER = (
     "| code | silos | rounds done | phase | mean round s | round ms per silo | wall s | requests | requests/s | "
-    "aggregator CPU s | CPU ms per silo-round | retries | errors | load at start 1/5/15 |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "aggregator CPU s | CPU ms per silo-round | aggregator busy, % core | scripted silos busy, % core | "
+    "retries | errors | load at start 1/5/15 |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -181,7 +185,8 @@ def row(r: dict[str, Any]) -> str:
     return (
         f"| {r['label']} | {r['silos']:,} | {r['rounds']} | {r['phase']} | {r['round_s']:.2f} | "
         f"{r['round_ms_per_silo']:.1f} | {r['wall_s']:.1f} | {r['requests']:,} | {r['rps']:.0f} | {r['cpu_s']:.1f} | "
-        f"{r['cpu_ms_per_silo_round']:.1f} | {r['retries']} | {r['errors']} | {r['load']} |"
+        f"{r['cpu_ms_per_silo_round']:.1f} | {r['aggregator_cpu_pct']:.0f} | {r['silos_cpu_pct']:.0f} | "
+        f"{r['retries']} | {r['errors']} | {r['load']} |"
     )
 
 
