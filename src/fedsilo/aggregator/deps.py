@@ -36,7 +36,7 @@ def _same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(sha256(given.encode("utf-8", "surrogatepass")), sha256(expected.encode()))
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:  # no I/O: `async`, so no thread-pool hop (see guards.checked_names)
     return request.app.state.engine  # type: ignore[no-any-return]
 
 
@@ -47,12 +47,12 @@ def _is_admin(request: Request, creds: HTTPAuthorizationCredentials | None) -> b
     return creds is not None and _same_secret(creds.credentials, request.app.state.settings.admin_token)
 
 
-def require_admin(request: Request, creds: Credentials) -> None:
+async def require_admin(request: Request, creds: Credentials) -> None:
     if not _is_admin(request, creds):
         raise ApiError(401, "admin token required", "unauthorized")
 
 
-def require_metrics_reader(request: Request, creds: Credentials) -> None:
+async def require_metrics_reader(request: Request, creds: Credentials) -> None:
     """The admin or the metrics reader (Prometheus): /metrics holds per-silo loss and example counts."""
     reader: str | None = request.app.state.settings.metrics_token
     if _is_admin(request, creds) or (creds is not None and reader and _same_secret(creds.credentials, reader)):

@@ -10,6 +10,8 @@ it through the Alembic revisions in `aggregator/migrations`, applied by `make_se
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -198,15 +200,33 @@ class LeaseRow(Base):
     renewed_at: Mapped[datetime]
 
 
+SQLITE_TIMEOUT = 30.0  # seconds a connection waits for another's lock
+
+
+def _write_ahead_log(cursor: sqlite3.Cursor, seconds: float = SQLITE_TIMEOUT) -> None:
+    """Put the file in WAL mode. Connections racing to switch a new file (processes starting
+    together) get "database is locked" at once, not after the busy timeout: retry until it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     """Engine for `url`; SQLite gets WAL and foreign keys so it behaves like a real server."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_TIMEOUT})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _write_ahead_log(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
