@@ -60,20 +60,21 @@ async def require_metrics_reader(request: Request, creds: Credentials) -> None:
     raise ApiError(401, "metrics reader or admin token required", "unauthorized")
 
 
-def require_silo(job: str, silo: str, request: Request, engine: EngineDep, creds: Credentials) -> None:
-    if creds is None:
-        raise ApiError(401, "silo token required", "unauthorized")
-    require_silo_cert(request, job, silo)
-    engine.authenticate(job, silo, creds.credentials)
-
-
 async def silo_token(job: str, silo: str, request: Request, creds: Credentials) -> str:
     """A silo's bearer token, after the checks that need no store (its presence, the client certificate).
-    The route checks the token itself, in the same session as its read: a poll costs one thread hop."""
+    The task route checks the token itself, in the same session as its read: a poll costs one thread hop."""
     if creds is None:
         raise ApiError(401, "silo token required", "unauthorized")
     require_silo_cert(request, job, silo)
     return creds.credentials
+
+
+SiloToken = Annotated[str, Depends(silo_token)]
+
+
+def require_silo(job: str, silo: str, engine: EngineDep, token: SiloToken) -> None:
+    """`silo_token`, then the token checked against the store."""
+    engine.authenticate(job, silo, token)
 
 
 def require_reader(
@@ -97,7 +98,6 @@ Admin = Depends(require_admin)
 Silo = Depends(require_silo)
 Reader = Depends(require_reader)
 Caller = Annotated[str | None, Reader]  # None: the admin; else the silo reading
-SiloToken = Annotated[str, Depends(silo_token)]
 
 Names = Depends(guards.checked_names)  # before any other dependency: no malformed name reaches the store
 Version = Annotated[int, Path(ge=0, le=m.MAX_INT)]
