@@ -70,6 +70,17 @@ def _wait_version(admin: Client, version: int, timeout: float = 20.0) -> m.JobSt
     return status
 
 
+def _started(agg: AggregatorProcess, document: dict[str, object]) -> tuple[Client, Client, Client]:
+    """The job created, alpha and beta joined, and alpha's initial adapter `_v0` in place."""
+    admin = Client(agg.url, "demo", agg.admin, retries=0)
+    assert admin.create_job(parse_job(document), TOKENS).created
+    alpha, beta = (Client(agg.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
+    for silo in (alpha, beta):
+        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
+    alpha.put_initial(to_bytes(_v0()))
+    return admin, alpha, beta
+
+
 def test_coded_ffa_lora_rounds_complete_and_only_coded_bytes_travel(aggregator: AggregatorProcess) -> None:
     """int8 + topK + zstd for alpha, an fp16 override for beta, ffa-lora: no lora_A on the wire."""
     spec = job_document(
@@ -79,12 +90,7 @@ def test_coded_ffa_lora_rounds_complete_and_only_coded_bytes_travel(aggregator: 
             {"name": "beta", "data": {"path": "beta.csv"}, "codec": {"dtype": "fp16"}},
         ],
     )
-    admin = Client(aggregator.url, "demo", aggregator.admin, retries=0)
-    assert admin.create_job(parse_job(spec), TOKENS).created
-    alpha, beta = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
-    for silo in (alpha, beta):
-        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
-    alpha.put_initial(to_bytes(_v0()))
+    admin, alpha, beta = _started(aggregator, spec)
     schema, sent_names = schema_of(_v0()), [B, HEAD]
 
     # what the spec does not say for this silo is refused, and nothing is counted
@@ -137,12 +143,7 @@ def test_a_silo_codec_change_waits_for_the_next_round(aggregator: AggregatorProc
     silos = [{"name": n, "data": {"path": f"{n}.csv"}} for n in ("alpha", "beta")]
     plain = {"strategy": "fedavg", "minSilos": 2, "roundTimeoutSeconds": 60}
     document = job_document(aggregation=plain, silos=[{**silos[0], "codec": COMPACT.model_dump()}, silos[1]])
-    admin = Client(aggregator.url, "demo", aggregator.admin, retries=0)
-    assert admin.create_job(parse_job(document), TOKENS).created
-    alpha, beta = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
-    for silo in (alpha, beta):
-        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
-    alpha.put_initial(to_bytes(_v0()))
+    admin, alpha, beta = _started(aggregator, document)
     names = sorted(_v0())
     a, _ = encode(_delta(1), COMPACT, names)
     assert alpha.put_update(1, a, n_examples=30, train_seconds=1.0).outcome.value == "accepted"
