@@ -52,6 +52,20 @@ def test_spec_rules() -> None:
             parse_job(job_document(**bad))
 
 
+def test_logit_adjustment_is_on_by_default_where_it_applies() -> None:
+    """The label-skew benchmark's verdict (benchmarks/results/label-skew.md) as the default for new jobs;
+    an explicit value, 0 included, always wins."""
+    assert parse_job(job_document()).spec.logit_adjustment() == 1.0
+    assert parse_job(job_document(training={"logitAdjustment": 0})).spec.logit_adjustment() == 0.0
+    assert parse_job(job_document(training={"logitAdjustment": 0.5})).spec.logit_adjustment() == 0.5
+    assert parse_job(job_document(aggregation={"strategy": "fedkd"})).spec.logit_adjustment() == 0.0
+    teacher = job_document(distillation={"teacher": {"path": "models/teacher"}})
+    assert parse_job(teacher).spec.logit_adjustment() == 0.0  # FedKDLoRA as measured: KD + plain cross-entropy
+    causal = job_document(task={"type": "causal-lm"})
+    assert parse_job(causal).spec.logit_adjustment() == 0.0
+    assert parse_job(job_document()).spec.training.logit_adjustment is None  # the stored document stays as written
+
+
 def mean_fresh_probability(trainer: Trainer, probe: list[dict[str, torch.Tensor]]) -> float:
     trainer.model.eval()
     with torch.no_grad():

@@ -149,14 +149,15 @@ class TrainingSpec(Model):
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=10, description="AdamW learning rate on the silo.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    logit_adjustment: float = Field(
-        default=0.0,
+    logit_adjustment: float | None = Field(
+        default=None,
         ge=0,
         le=10,
         description="Label-skew remedy for sequence classification (logit adjustment / balanced softmax, "
         "as in FedLC): each silo trains on logits + tau * log(its own label frequencies), so a silo that sees "
-        "mostly one class stops pulling the shared model towards that class. tau 1 is the usual choice; "
-        "0 is plain cross-entropy.",
+        "mostly one class stops pulling the shared model towards that class. 0 is plain cross-entropy. "
+        "Unset: 1 for sequence classification without distillation (fedkd's or spec.distillation's loss, whose "
+        "combination with it is not measured), else 0 (benchmarks/results/label-skew.md).",
     )
     max_length: int = Field(default=128, ge=8, le=32_768, description="Tokens per example after truncation.")
     seed: int = Field(
@@ -559,9 +560,9 @@ class FederatedJobSpec(Model):
             raise ValueError("distillation (a teacher's class predictions) applies to sequence-classification only")
         if self.distillation is not None and strategy == "fedkd":
             raise ValueError("distillation names a public-data teacher; fedkd trains a private one: choose one")
-        if self.training.logit_adjustment > 0 and self.task.type != "sequence-classification":
+        if (self.training.logit_adjustment or 0) > 0 and self.task.type != "sequence-classification":
             raise ValueError("training.logitAdjustment applies to sequence-classification only")
-        if self.training.logit_adjustment > 0 and strategy == "fedkd":
+        if (self.training.logit_adjustment or 0) > 0 and strategy == "fedkd":
             raise ValueError("training.logitAdjustment is not combined with fedkd's distillation loss yet")
         if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
             raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")
@@ -586,6 +587,15 @@ class FederatedJobSpec(Model):
                     f"{where}: aggregation.secure sends masked ring elements, which no codec can shrink; "
                     "use the plain fp32 codec (dtype fp32, no topK, no zstd)"
                 )
+
+    def logit_adjustment(self) -> float:
+        """training.logitAdjustment in force; unset: 1 for sequence classification without a distillation
+        loss (fedkd's or spec.distillation's: their combination is not measured), else 0."""
+        tau = self.training.logit_adjustment
+        if tau is not None:
+            return tau
+        distils = self.aggregation.strategy == "fedkd" or self.distillation is not None
+        return 1.0 if self.task.type == "sequence-classification" and not distils else 0.0
 
     def codec_for(self, silo: str) -> CodecSpec:
         """The codec in force for `silo`: its own override, else aggregation.codec."""

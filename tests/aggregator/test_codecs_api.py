@@ -70,6 +70,17 @@ def _wait_version(admin: Client, version: int, timeout: float = 20.0) -> m.JobSt
     return status
 
 
+def _started(agg: AggregatorProcess, document: dict[str, object]) -> tuple[Client, Client, Client]:
+    """The job created, alpha and beta joined, and alpha's initial adapter `_v0` in place."""
+    admin = Client(agg.url, "demo", agg.admin, retries=0)
+    assert admin.create_job(parse_job(document), TOKENS).created
+    alpha, beta = (Client(agg.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
+    for silo in (alpha, beta):
+        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
+    alpha.put_initial(to_bytes(_v0()))
+    return admin, alpha, beta
+
+
 def test_coded_ffa_lora_rounds_complete_and_only_coded_bytes_travel(aggregator: AggregatorProcess) -> None:
     """int8 + topK + zstd for alpha, an fp16 override for beta, ffa-lora: no lora_A on the wire."""
     spec = job_document(
@@ -79,12 +90,7 @@ def test_coded_ffa_lora_rounds_complete_and_only_coded_bytes_travel(aggregator: 
             {"name": "beta", "data": {"path": "beta.csv"}, "codec": {"dtype": "fp16"}},
         ],
     )
-    admin = Client(aggregator.url, "demo", aggregator.admin, retries=0)
-    assert admin.create_job(parse_job(spec), TOKENS).created
-    alpha, beta = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
-    for silo in (alpha, beta):
-        silo.join(m.JoinRequest(n_train_examples=100, n_eval_examples=10))
-    alpha.put_initial(to_bytes(_v0()))
+    admin, alpha, beta = _started(aggregator, spec)
     schema, sent_names = schema_of(_v0()), [B, HEAD]
 
     # what the spec does not say for this silo is refused, and nothing is counted
@@ -128,3 +134,35 @@ def test_coded_ffa_lora_rounds_complete_and_only_coded_bytes_travel(aggregator: 
     assert counted is not None and float(counted.group(1)) == since_restart  # coded bytes, not decoded
     history = admin.rounds()
     assert sum(r.bytes_received for r in history) == received
+
+
+def test_a_silo_codec_change_waits_for_the_next_round(aggregator: AggregatorProcess) -> None:
+    """alpha's codec changes after its int8 update was accepted: the round still decodes that update
+    (also when a restarted aggregator rebuilds the round from the stored bytes) and still expects the
+    old codec from alpha's own task; the new codec is in force from round 2."""
+    silos = [{"name": n, "data": {"path": f"{n}.csv"}} for n in ("alpha", "beta")]
+    plain = {"strategy": "fedavg", "minSilos": 2, "roundTimeoutSeconds": 60}
+    document = job_document(aggregation=plain, silos=[{**silos[0], "codec": COMPACT.model_dump()}, silos[1]])
+    admin, alpha, beta = _started(aggregator, document)
+    names = sorted(_v0())
+    a, _ = encode(_delta(1), COMPACT, names)
+    assert alpha.put_update(1, a, n_examples=30, train_seconds=1.0).outcome.value == "accepted"
+
+    changed = job_document(aggregation=plain, silos=[{**silos[0], "codec": HALF.model_dump()}, silos[1]])
+    admin.patch_job(job=parse_job(changed))
+    assert admin.spec().spec.silo("alpha").codec == COMPACT  # in force for the rest of round 1
+    aggregator.stop()
+    aggregator.start()
+    b = to_bytes(_delta(2))
+    assert beta.put_update(1, b, n_examples=10, train_seconds=1.0).outcome.value == "accepted"
+    _wait_version(admin, 1)
+    decoded = decode(a, COMPACT, schema_of(_v0()), len(a), set())
+    expected = {n: _v0()[n] + (30 * decoded[n] + 10 * _delta(2)[n]) / 40 for n in names}
+    got = from_bytes(alpha.adapter(1))
+    for name in names:
+        assert torch.allclose(got[name], expected[name], atol=1e-6), name
+
+    assert admin.spec().spec.silo("alpha").codec == HALF  # round 2: the new codec, and only it
+    assert _put(aggregator, "alpha", 2, encode(_delta(3), COMPACT, names)[0]).json()["reason"] == "bad_codec"
+    half, _ = encode(_delta(3), HALF, names)
+    assert alpha.put_update(2, half, n_examples=30, train_seconds=1.0).outcome.value == "accepted"

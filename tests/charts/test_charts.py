@@ -342,6 +342,12 @@ def test_silo_agent_is_unprivileged_with_read_only_data() -> None:
     }
     assert "emptyDir" in volumes["cache"]
     assert one(objects, "Job")["spec"]["backoffLimit"] == 6
+    # a codec's error-feedback residual outlives a container restart; on a claim, a new pod too
+    assert env_of(container)["FEDSILO_STATE_DIR"] == "/state" and mounts["/state"]["name"] == "state"
+    assert volumes["state"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    claimed_pod = _silo_job("--set", "state.existingClaim=hospital-a-state")["spec"]["template"]["spec"]
+    claimed = {v["name"]: v for v in claimed_pod["volumes"]}["state"]
+    assert claimed == {"name": "state", "persistentVolumeClaim": {"claimName": "hospital-a-state"}}
 
 
 def test_silo_network_policy_allows_only_aggregator_and_dns() -> None:

@@ -169,6 +169,10 @@ def test_silo_jobs() -> None:
         "secretName": "demo-silo-a-token",
         "items": [{"key": "token", "path": "token"}],
     }
+    # a codec's error-feedback residual survives a crashed agent (restartPolicy OnFailure keeps the pod)
+    assert env["FEDSILO_STATE_DIR"] == "/state" and volumes["state"] == {"name": "state", "emptyDir": {}}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["state"] == "/state"
     template = spec["template"]["metadata"]
     assert template["annotations"]["prometheus.io/port"] == "9090"
     b = find(items, "Job", "demo-silo-b")

@@ -115,6 +115,8 @@ spec:
           value: {{ .Values.metrics.port | quote }}
         - name: FEDSILO_CACHE_DIR
           value: /cache
+        - name: FEDSILO_STATE_DIR
+          value: /state
         - name: FEDSILO_TORCH_THREADS
           value: {{ .Values.agent.torchThreads | quote }}
         # Nothing is downloaded inside a silo: the model comes from the model volume or cache.
@@ -173,6 +175,8 @@ spec:
         {{- end }}
         - name: cache
           mountPath: /cache
+        - name: state
+          mountPath: /state
         - name: tmp
           mountPath: /tmp
   volumes:
@@ -228,6 +232,14 @@ spec:
       {{- else }}
       emptyDir:
         sizeLimit: {{ .Values.cache.sizeLimit }}
+      {{- end }}
+    - name: state
+      {{- if .Values.state.existingClaim }}
+      persistentVolumeClaim:
+        claimName: {{ .Values.state.existingClaim }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ .Values.state.sizeLimit }}
       {{- end }}
     - name: tmp
       emptyDir:

@@ -2,7 +2,8 @@
 
 Rounds, a resume of a Failed job, and a whole new job document: added silos are admitted
 with their tokens, removed silos revoked at once, aggregation changes wait for the next
-round (`JobRow.pending_document`), and what running silos loaded at start cannot change.
+round (`JobRow.pending_document`) as silos' codec changes do, and what running silos loaded at
+start cannot change.
 """
 
 from __future__ import annotations
@@ -101,9 +102,8 @@ def change_spec(tx: Tx, row: JobRow, new: FederatedJob, tokens: dict[str, str]) 
         silo_row = tx.s.get(SiloRow, (row.name, name))
         if silo_row is not None:
             silo_row.revoked_at = tx.now
-    in_force = specs.job_of(row).spec.aggregation
     new_document = dump_job(new)
-    row.document = dump_job(with_aggregation(new, in_force))
+    row.document = dump_job(with_aggregation(new, specs.job_of(row).spec))
     row.pending_document = new_document if new_document != row.document else None
     if row.phase != Phase.RUNNING and row.pending_document is not None:  # no round to finish first
         row.document, row.pending_document = row.pending_document, None

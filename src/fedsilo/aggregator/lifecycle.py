@@ -104,9 +104,13 @@ def immutable_changes(old: FederatedJobSpec, new: FederatedJobSpec) -> list[str]
     return problems
 
 
-def with_aggregation(job: FederatedJob, aggregation: AggregationSpec) -> FederatedJob:
-    """`job` with another aggregation section (the one in force until the next round)."""
-    return job.model_copy(update={"spec": job.spec.model_copy(update={"aggregation": aggregation})})
+def with_aggregation(job: FederatedJob, in_force: FederatedJobSpec) -> FederatedJob:
+    """`job` with the aggregation section and the silos' codecs of `in_force` (the ones in force
+    until the next round: this round's tasks named them, and its stored updates are decoded with them)."""
+    codecs = {s.name: s.codec for s in in_force.silos}
+    silos = [s.model_copy(update={"codec": codecs[s.name]}) if s.name in codecs else s for s in job.spec.silos]
+    spec = job.spec.model_copy(update={"aggregation": in_force.aggregation, "silos": silos})
+    return job.model_copy(update={"spec": spec})
 
 
 @dataclass

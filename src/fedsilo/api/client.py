@@ -232,8 +232,10 @@ class Client:
         silo_tokens: dict[str, str] | None = None,
     ) -> m.JobStatus:
         """Change rounds, resume a Failed job, or apply a changed job document (see `PatchJob`)."""
-        patch = m.PatchJob(rounds=rounds, resume=resume, job=job, silo_tokens=silo_tokens or {})
+        patch = m.PatchJob(rounds=rounds, resume=resume, silo_tokens=silo_tokens or {})
         body = patch.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+        if job is not None:  # whole, as create_job sends it: exclude_defaults would strip the document's own fields
+            body["job"] = job.model_dump(mode="json", by_alias=True, exclude_none=True)
         return m.JobStatus.model_validate(self._request("PATCH", f"/v1/jobs/{self.job}", json=body).json())
 
     # readers

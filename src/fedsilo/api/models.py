@@ -56,7 +56,8 @@ class PatchJob(Request):
     `job`: a new FederatedJob document for the same job. Silos it adds are admitted
     with their tokens from `silo_tokens` (required for each added silo), silos it
     removes are revoked at once, and changes to `aggregation`
-    (strategy, params, minSilos, fraction, timeout, mode) apply from the next round.
+    (strategy, params, minSilos, fraction, timeout, mode, codec) and to a silo's own
+    `codec` apply from the next round.
     Changes the running silos could not pick up (model, task, PEFT recipe, local
     training) are refused with 422 `immutable`.
     `resume`: a Failed job runs again from the round it failed in, with a new deadline.

@@ -38,6 +38,7 @@ TLS_ANNOTATION = "fedsilo.io/tls-certificate"  # the served certificate's digest
 JOB_FILE_KEY = "job.yaml"
 DATA_DIR = "/data"
 CACHE_DIR = "/cache"
+SILO_STATE_DIR = "/state"  # FEDSILO_STATE_DIR: a codec's error-feedback residual outlives a crashed agent
 RUN_AS = 10001
 SILO_BACKOFF_LIMIT = 6  # pod retries of a silo agent Job before it is Failed
 
@@ -324,6 +325,7 @@ def silo_job(
         {"name": "FEDSILO_DATA_ROOT", "value": DATA_DIR},
         {"name": "FEDSILO_METRICS_PORT", "value": str(settings.silo_metrics_port)},
         {"name": "FEDSILO_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "FEDSILO_STATE_DIR", "value": SILO_STATE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
@@ -334,12 +336,17 @@ def silo_job(
     mounts: list[dict[str, Any]] = [
         {"name": "token", "mountPath": SILO_TOKEN_DIR, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "state", "mountPath": SILO_STATE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
         *tls_mounts,
     ]
+    # `state` is an emptyDir: with restartPolicy OnFailure a crashed agent restarts in the same pod
+    # and finds its residual; a new pod (node lost) starts the residual from zero, which costs only
+    # the dropped remainder of one update, never a double count.
     volumes: list[dict[str, Any]] = [
         {"name": "token", "secret": {"secretName": naming.silo_token_secret_name(job, silo), "items": token_items}},
         {"name": "cache", "emptyDir": {}},
+        {"name": "state", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         *tls_volumes,
     ]

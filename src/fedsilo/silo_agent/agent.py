@@ -86,7 +86,8 @@ def build_trainer(job: FederatedJob, silo: SiloSpec, settings: SiloSettings) -> 
     if spec.distillation is not None and train_idx:  # FedKDLoRA: the frozen teacher scores our examples once
         soft = silo_soft_targets(spec, frame, silo.data, settings.data_root)
         train = Encoded(train.features, train.labels, [soft[i] for i in train_idx])
-    return Trainer(model, tokenizer, spec.training, train, evaluation, distillation=spec.distillation)
+    training = spec.training.model_copy(update={"logit_adjustment": spec.logit_adjustment()})
+    return Trainer(model, tokenizer, training, train, evaluation, distillation=spec.distillation)
 
 
 class Agent:

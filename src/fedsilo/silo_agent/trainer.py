@@ -169,7 +169,7 @@ class Trainer:
         KD term when the batch carries its logits (`distillation`)."""
         batch = dict(batch)
         teacher = batch.pop("teacher_logits", None)
-        tau = self.training.logit_adjustment
+        tau = self.training.logit_adjustment or 0.0  # unset outside a job document: plain cross-entropy
         if not (self.classification and (tau > 0 or teacher is not None)):
             return self.model(**batch).loss
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
