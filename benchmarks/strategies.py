@@ -51,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from skew_table import rounds_to  # benchmarks/ is on the path when this runs as a script
 
 from fedsilo.adapters import State, delta, to_bytes
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table
@@ -82,9 +83,7 @@ class Row:
     per_round: bool = True  # False: only the final accuracy was measured
 
     def rounds_to(self, target: float) -> str:
-        if not self.per_round:
-            return "n/a"
-        return next((str(i + 1) for i, acc in enumerate(self.curve) if acc >= target), "-")
+        return rounds_to(self.curve, target) if self.per_round else "n/a"
 
 
 def minilm_path() -> str:
