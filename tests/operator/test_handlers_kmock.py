@@ -154,8 +154,9 @@ class VersionedEmulator(kmock.KubernetesEmulator):
 
     kopf waits for the echo of its own patches by resourceVersion; without it, every
     handler sees a stale body (and re-runs) until kopf's consistency timeout. JSON patches
-    carry kopf's resourceVersion test and are refused (422) when the object changed since,
-    so the operator's status writes (conditions merged into the freshest body) are checked.
+    carry kopf's resourceVersion test and are refused (422) when the object changed since, and
+    merge patches naming a resourceVersion are refused (409) likewise, so the operator's status
+    writes (conditions merged into the freshest body) are checked.
     """
 
     _version = 1
@@ -167,8 +168,14 @@ class VersionedEmulator(kmock.KubernetesEmulator):
             self._version += 1
             version = str(self._version)
             if isinstance(request.data, dict):
-                request.data.setdefault("metadata", {})["resourceVersion"] = version
                 key = (request.resource, request.namespace, request.name)
+                # A write that names a resourceVersion is a precondition, as on a real server.
+                expected = (request.data.get("metadata") or {}).get("resourceVersion")
+                stored = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
+                stale = expected is not None and stored is not None and expected != stored
+                if request.action == kmock.action.UPDATE and stale:
+                    raise kmock.KubernetesError(409, "Conflict", "the object has been modified")
+                request.data.setdefault("metadata", {})["resourceVersion"] = version
                 if request.action == kmock.action.UPDATE and "spec" in request.data and key in self.objects:
                     # A change of spec bumps metadata.generation, as a real server does.
                     generation = self.objects[key].get("metadata", {}).get("generation") or 1
@@ -373,8 +380,11 @@ async def scenario(backend: Callable[[], contextlib.AbstractAsyncContextManager[
 
         await eventually(all_children, "all children")
         assert await kube.get("batch/v1", "Job", NS, "demo-silo-c") is None  # external
-        # The silo agent of an older operator version (a Deployment) is pruned.
-        assert await kube.get("apps/v1", "Deployment", NS, "demo-silo-a") is None
+        # The silo agent of an older operator version (a Deployment) is pruned (after the apply).
+        async def stale_pruned() -> bool:
+            return await kube.get("apps/v1", "Deployment", NS, "demo-silo-a") is None
+
+        await eventually(stale_pruned, "the old silo Deployment pruned")
         job = await cluster.job()
         assert job is not None
         for (_, ns, _), state in (await snapshot(kube)).items():
