@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from tests.conftest import ROOT, job_document
 from tests.test_end_to_end import _data, _minilm
 
+from fedsilo.silo_agent.agent import build_trainer
 from fedsilo.silo_agent.data import Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
 from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
+from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, SpecError, load_job, parse_job
 
@@ -101,3 +103,19 @@ def test_a_skewed_silo_teaches_much_less_of_its_prior(tmp_path: Path) -> None:
         moved[tau] = mean_fresh_probability(trainer, trainer._eval_batches) - before
     assert moved[0.0] > 0.25, moved  # plain CE: the model learns "everything is fresh"
     assert abs(moved[1.0]) < moved[0.0] / 4, moved
+
+
+def test_the_silo_agent_trains_with_the_logit_adjustment_in_force(tmp_path: Path) -> None:
+    """What the agent builds from a job document: unset means the default (1 here), 0 stays 0."""
+    data = _data(tmp_path)
+    job = load_job(ROOT / "examples" / "quickstart.yaml")
+    assert job.spec.training.logit_adjustment is None
+    settings = SiloSettings(aggregator_url="http://127.0.0.1:1", job="quickstart", silo=job.spec.silos[0].name,
+                            token="t" * 32, data_root=data, model_path=str(_minilm()))
+    for written, in_force in ((None, 1.0), (0.0, 0.0)):
+        training = job.spec.training.model_copy(update={"logit_adjustment": written})
+        variant = job.model_copy(update={"spec": job.spec.model_copy(update={"training": training})})
+        silo = variant.spec.silos[0]
+        silo = silo.model_copy(update={"data": silo.data.model_copy(update={"path": "silo-a.csv"})})
+        trainer = build_trainer(variant, silo, settings)
+        assert trainer.training.logit_adjustment == in_force
