@@ -194,14 +194,15 @@ def build_registry(
     @kopf.on.create(**resource, id="reconcile")
     @kopf.on.update(**resource, id="reconcile", field="spec")
     async def reconcile_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        async with lock((body.meta.namespace or "", body.meta.name or "")):
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        async with lock(ref):
             try:
                 fields, events, outcome = await reconcile_into(body)
             except SpecError as exc:
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
                 set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
                 return
-        set_status(patch, fields, body.get("status") or {})
+            await write_status(connection.client(), ref, fields, body.get("status") or {})
         post(body, events)
         error = failures_error(outcome)
         if error is not None:
@@ -219,7 +220,7 @@ def build_registry(
                 fields, events, _outcome = await reconcile_into(fresh)
             except SpecError:
                 return
-        set_status(patch, fields)
+        set_status(patch, fields, fresh.get("status") or {})
         post(body, events)
 
     def external_url_changed(body: kopf.Body, **_: Any) -> bool:
@@ -328,7 +329,8 @@ def build_registry(
         register_repair(api_version, kind)
 
     @kopf.on.update(**resource, id="spec", field="spec", retries=None, backoff=settings.poll_seconds)
-    async def spec_changed(body: kopf.Body, patch: kopf.Patch, status: kopf.Status, retry: int, **_: Any) -> None:
+    async def spec_changed(body: kopf.Body, status: kopf.Status, retry: int, **_: Any) -> None:
+        ref = (body.meta.namespace or "", body.meta.name or "")
         generation = int(body.meta.get("generation") or 1)
         try:
             refused = await refusals(job_from_body(body))
@@ -339,11 +341,11 @@ def build_registry(
             fields, _events = spec_applied_patch(
                 SpecOutcome(False, "NotAdmitted", message), dict(status), generation, datetime.now(UTC)
             )
-            set_status(patch, fields, dict(status))
+            await write_status(connection.client(), ref, fields, dict(status))
             raise kopf.TemporaryError(message, delay=settings.resync_seconds)  # sent once admitted
         outcome = await send_spec(connection.client(), body, settings, aggregator_transport)
         fields, events = spec_applied_patch(outcome, dict(status), generation, datetime.now(UTC))
-        set_status(patch, fields, dict(status))
+        await write_status(connection.client(), ref, fields, dict(status))
         post(body, events)
         if outcome.applied is None:  # retried forever, with backoff; the condition says Unknown
             # capped at 6 polls (a minute by default): a change reaches an aggregator soon after it is back
@@ -386,7 +388,7 @@ def build_registry(
         if await refusals(job):
             return  # restarting silo Jobs would create what the policy refuses; acted on once admitted
         fields, events = await resume_job(connection.client(), body, settings, memo, aggregator_transport)
-        set_status(patch, fields)
+        set_status(patch, fields, dict(status))
         post(body, events)
 
     @kopf.timer(

@@ -7,6 +7,7 @@ by type and write `DEFAULTS` only where the status lacks them; `post`/`post_on` 
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -54,18 +55,24 @@ def failures_error(outcome: Outcome) -> kopf.TemporaryError | None:
     return kopf.TemporaryError("; ".join(f"{f.child}: {f.message}" for f in outcome.failures), delay=15)
 
 
-async def write_status(kube: KubeClient, ref: JobRef, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+async def write_status(
+    kube: KubeClient, ref: JobRef, fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Merge `fields` into the job's status (conditions merged by type) with an optimistic lock.
 
-    For handlers that run on another object (a child's watch); returns the job, or None
-    when it is gone.
+    Written now, retried on a conflict: for handlers on another object (a child's watch), and
+    for one-shot handlers whose status must land (kopf defers a refused status patch to the
+    object's next event, which may never come). `seen` as for `set_status`. Returns the job, or
+    None when it is gone.
     """
     namespace, name = ref
+    fields = without_carried(fields, seen)
     for _ in range(5):
         job = await kube.get(*JOB_API, namespace, name)
         if job is None:
             return None
-        status = merged_status(job.get("status") or {}, fields)
+        current = job.get("status") or {}
+        status = merged_status(current, fields if seen is None else not_overtaken(fields, seen, current))
         patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
         try:
             return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
@@ -106,13 +113,19 @@ def set_status(patch: kopf.Patch, fields: Mapping[str, Any], seen: Mapping[str, 
     `conditions` are merged by type into the conditions found there, so the status poll and
     the spec handler never drop each other's; fields that did not change cause no write.
     `seen`: the status `fields` were computed from; conditions merely carried over from it are
-    not written, so a handler that read a stale body never undoes a fresher writer's condition.
+    not written, so a handler that read a stale body never undoes a fresher writer's condition,
+    and nothing another writer changed since is overwritten (`not_overtaken`).
     """
+    patch.fns.append(functools.partial(write_raw_status, without_carried(fields, seen), copy.deepcopy(seen)))
+
+
+def without_carried(fields: Mapping[str, Any], seen: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`fields` less the conditions merely carried over from `seen` (unchanged there)."""
     fields = dict(fields)
     if seen is not None and "conditions" in fields:
-        carried = (seen.get("conditions") or []) if seen else []
+        carried = seen.get("conditions") or []
         fields["conditions"] = [c for c in fields["conditions"] if c not in carried]
-    patch.fns.append(functools.partial(write_raw_status, fields))
+    return fields
 
 
 def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,8 +142,33 @@ def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict
     return status
 
 
-def write_raw_status(fields: dict[str, Any], raw: Any) -> None:
-    raw["status"] = merged_status(raw.get("status") or {}, fields)
+def not_overtaken(fields: Mapping[str, Any], seen: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` (computed from the status `seen`) less what another writer changed in `current` since.
+
+    kopf re-applies a status patch that a newer resourceVersion refused on a later body, maybe
+    many writes later: a value computed from `seen` must not undo a newer one there (a create
+    handler's "no external URL yet" after the URL was published; a generation-1 ConfigApplied
+    after generation 2's). A condition of a newer generation than the one it replaced still wins.
+    """
+    out: dict[str, Any] = {}
+    before = {c.get("type"): c for c in seen.get("conditions") or []}
+    now = {c.get("type"): c for c in current.get("conditions") or []}
+    for name, value in fields.items():
+        if name == "conditions":
+            out[name] = [c for c in value if not _overtaken(c, before.get(c.get("type")), now.get(c.get("type")))]
+        elif name == DEFAULTS or current.get(name) == seen.get(name):
+            out[name] = value
+    return out
+
+
+def _overtaken(ours: Mapping[str, Any], before: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> bool:
+    generation = int(ours.get("observedGeneration") or 0)
+    return now is not None and now != before and int(now.get("observedGeneration") or 0) >= generation
+
+
+def write_raw_status(fields: dict[str, Any], seen: Mapping[str, Any] | None, raw: Any) -> None:
+    current = raw.get("status") or {}
+    raw["status"] = merged_status(current, fields if seen is None else not_overtaken(fields, seen, current))
 
 
 def post(body: kopf.Body, events: list[Event]) -> None:
