@@ -167,11 +167,11 @@ class VersionedEmulator(kmock.KubernetesEmulator):
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and request.data is not None:
             self._version += 1
             version = str(self._version)
+            key = (request.resource, request.namespace, request.name)
+            stored = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
             if isinstance(request.data, dict):
-                key = (request.resource, request.namespace, request.name)
                 # A write that names a resourceVersion is a precondition, as on a real server.
                 expected = (request.data.get("metadata") or {}).get("resourceVersion")
-                stored = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
                 stale = expected is not None and stored is not None and expected != stored
                 if request.action == kmock.action.UPDATE and stale:
                     raise kmock.KubernetesError(409, "Conflict", "the object has been modified")
@@ -181,14 +181,12 @@ class VersionedEmulator(kmock.KubernetesEmulator):
                     generation = self.objects[key].get("metadata", {}).get("generation") or 1
                     request.data["metadata"]["generation"] = generation + 1
             elif isinstance(request.data, list):  # JSON patch: the optimistic lock kopf relies on
-                key = (request.resource, request.namespace, request.name)
-                current = self.objects[key].get("metadata", {}).get("resourceVersion") if key in self.objects else None
                 tests = [
                     op
                     for op in request.data
                     if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
                 ]
-                if any(op.get("value") != current for op in tests):
+                if any(op.get("value") != stored for op in tests):
                     raise kmock.KubernetesError(422, "Invalid", "the object has been modified")
                 request.data[:] = [op for op in request.data if op not in tests]
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})

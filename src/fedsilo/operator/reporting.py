@@ -71,8 +71,7 @@ async def write_status(
         job = await kube.get(*JOB_API, namespace, name)
         if job is None:
             return None
-        current = job.get("status") or {}
-        status = merged_status(current, fields if seen is None else not_overtaken(fields, seen, current))
+        status = merged_status(job.get("status") or {}, fields, seen)
         patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
         try:
             return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
@@ -128,8 +127,13 @@ def without_carried(fields: Mapping[str, Any], seen: Mapping[str, Any] | None) -
     return fields
 
 
-def merged_status(current: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing."""
+def merged_status(
+    current: Mapping[str, Any], fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing;
+    with `seen` (the status `fields` were computed from), only what is `not_overtaken`."""
+    if seen is not None:
+        fields = not_overtaken(fields, seen, current)
     status = dict(current)
     for name, value in fields.items():
         if name == DEFAULTS:
@@ -167,8 +171,7 @@ def _overtaken(ours: Mapping[str, Any], before: Mapping[str, Any] | None, now: M
 
 
 def write_raw_status(fields: dict[str, Any], seen: Mapping[str, Any] | None, raw: Any) -> None:
-    current = raw.get("status") or {}
-    raw["status"] = merged_status(current, fields if seen is None else not_overtaken(fields, seen, current))
+    raw["status"] = merged_status(raw.get("status") or {}, fields, seen)
 
 
 def post(body: kopf.Body, events: list[Event]) -> None:
