@@ -233,8 +233,13 @@ async def operator_scenario(kubeconfig: str) -> dict[str, float]:
 
             found = await eventually(missing, "ChildrenReady=False NamespaceNotFound")
             assert found["status"] == "False" and NS_LATE in found["message"]
-            warnings = [e for e in await events_of(kube, "demo") if e["reason"] == "NamespaceNotFound"]
-            assert warnings and warnings[0]["type"] == "Warning"
+
+            # kopf posts Events from a queue, after the status write: wait for it.
+            async def namespace_warnings() -> list[dict[str, Any]]:
+                return [e for e in await events_of(kube, "demo") if e["reason"] == "NamespaceNotFound"]
+
+            warnings = await eventually(namespace_warnings, "NamespaceNotFound Event")
+            assert warnings[0]["type"] == "Warning"
             await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS_LATE}})
 
             async def healed() -> bool:
