@@ -78,8 +78,12 @@ async def refused_then_fixed() -> None:
             assert words in admitted["message"], admitted["message"]
         status = ((await cluster.job()) or {})["status"]
         assert status["phase"] == "Failed" and status["message"].startswith("refused by the operator's tenancy")
-        warnings = [e for e in posted_events(emulator) if e.get("reason") == "Refused"]
-        assert warnings and warnings[0]["type"] == "Warning"
+
+        async def refusals() -> list[dict[str, Any]]:  # kopf posts Events from a queue, after the status
+            return [e for e in posted_events(emulator) if e.get("reason") == "Refused"]
+
+        warnings = await eventually(refusals, "the Refused Event")
+        assert warnings[0]["type"] == "Warning"
         await asyncio.sleep(1.0)  # the status timer and the resync have had their chance
         assert child_writes(emulator) == []
         assert fake.tokens_seen == set()  # no aggregator is asked about a job that never ran
@@ -146,7 +150,11 @@ async def change_refused_then_opted_in() -> None:
             assert written(emulator) == before  # resyncs re-apply, but nothing new
             assert not [p for p in fake.patches if "job" in p]
             assert ((await cluster.job()) or {})["status"]["phase"] == "Running"
-            assert [e["type"] for e in posted_events(emulator) if e.get("reason") == "ChangeRefused"] == ["Warning"]
+
+            async def change_refusals() -> list[str]:
+                return [e["type"] for e in posted_events(emulator) if e.get("reason") == "ChangeRefused"]
+
+            assert await eventually(change_refusals, "the ChangeRefused Event") == ["Warning"]
 
             # The namespace opts in: admitted, the new silo's children follow, the spec is sent.
             namespace["metadata"]["labels"] = {LABEL: "allowed"}
