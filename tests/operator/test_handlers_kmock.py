@@ -280,8 +280,15 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str, detail: Cal
 
 
 @contextlib.asynccontextmanager
-async def running_operator(cluster: Cluster, fake: FakeAggregator, settings: OperatorSettings) -> AsyncIterator[None]:
-    registry = build_registry(settings, login=cluster.login, aggregator_transport=httpx.MockTransport(fake.handle))
+async def running_operator(
+    cluster: Cluster,
+    fake: FakeAggregator,
+    settings: OperatorSettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[None]:
+    """The operator in this process; the aggregator is `fake` (or `transport`, in front of it)."""
+    transport = transport or httpx.MockTransport(fake.handle)
+    registry = build_registry(settings, login=cluster.login, aggregator_transport=transport)
 
     @kopf.on.startup(registry=registry)
     def quick(settings: kopf.OperatorSettings, **_: Any) -> None:

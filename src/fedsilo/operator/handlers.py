@@ -44,7 +44,7 @@ from fedsilo.operator.reporting import (
     post_on,
     reconcile_fields,
     repair_events,
-    set_status,
+    snapshot,
     write_status,
 )
 from fedsilo.operator.settings import OperatorSettings
@@ -193,14 +193,14 @@ def build_registry(
     @kopf.on.resume(**resource, id="reconcile")
     @kopf.on.create(**resource, id="reconcile")
     @kopf.on.update(**resource, id="reconcile", field="spec")
-    async def reconcile_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def reconcile_job(body: kopf.Body, **_: Any) -> None:
         ref = (body.meta.namespace or "", body.meta.name or "")
         async with lock(ref):
             try:
                 fields, events, outcome = await reconcile_into(body)
             except SpecError as exc:
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
-                set_status(patch, {"phase": "Failed", "message": f"invalid spec: {exc}"})
+                await write_status(connection.client(), ref, {"phase": "Failed", "message": f"invalid spec: {exc}"})
                 return
             await write_status(connection.client(), ref, fields, body.get("status") or {})
         post(body, events)
@@ -209,7 +209,7 @@ def build_registry(
             raise error
 
     @kopf.timer(**resource, id="resync", interval=settings.resync_seconds, initial_delay=settings.resync_seconds)
-    async def resync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def resync(body: kopf.Body, **_: Any) -> None:
         """The safety net: whatever a watch missed is re-applied (and its status refreshed)."""
         ref = (body.meta.namespace or "", body.meta.name or "")
         async with lock(ref):
@@ -220,7 +220,7 @@ def build_registry(
                 fields, events, _outcome = await reconcile_into(fresh)
             except SpecError:
                 return
-        set_status(patch, fields, fresh.get("status") or {})
+            await write_status(connection.client(), ref, fields, fresh.get("status") or {})
         post(body, events)
 
     def external_url_changed(body: kopf.Body, **_: Any) -> bool:
@@ -353,15 +353,17 @@ def build_registry(
             raise kopf.TemporaryError(outcome.message, delay=delay)
 
     @kopf.timer(**resource, id="status", interval=settings.poll_seconds, initial_delay=min(settings.poll_seconds, 5.0))
-    async def poll(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    async def poll(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        job = snapshot(body)
         try:
-            job_from_body(body)
+            job_from_body(job)
         except SpecError:
             return
-        if never_admitted(body.get("status")):
+        if never_admitted(job.get("status")):
             return  # no aggregator to ask
-        fields, events = await poll_status(connection.client(), body, settings, aggregator_transport)
-        set_status(patch, fields, body.get("status") or {})
+        fields, events = await poll_status(connection.client(), job, settings, aggregator_transport)
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        await write_status(connection.client(), ref, fields, job.get("status") or {})
         # The next tick may still see the status before this write: each transition posted once.
         recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
         fresh = [e for e in events if (e.reason, e.message) not in recent]
@@ -375,20 +377,21 @@ def build_registry(
         interval=settings.poll_seconds,
         initial_delay=min(settings.poll_seconds, 5.0),
     )
-    async def resume_requested(
-        body: kopf.Body, patch: kopf.Patch, status: kopf.Status, memo: kopf.Memo, **_: Any
-    ) -> None:
-        value = body.meta.annotations.get(RESUME_ANNOTATION)
+    async def resume_requested(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        current = snapshot(body)
+        status = current.get("status") or {}
+        value = (current["metadata"].get("annotations") or {}).get(RESUME_ANNOTATION)
         if not value or value == (status.get("resumeRequest") or {}).get("value"):
             return  # handled already (also across operator restarts)
         try:
-            job = job_from_body(body)
+            job = job_from_body(current)
         except SpecError:
             return
         if await refusals(job):
             return  # restarting silo Jobs would create what the policy refuses; acted on once admitted
-        fields, events = await resume_job(connection.client(), body, settings, memo, aggregator_transport)
-        set_status(patch, fields, dict(status))
+        fields, events = await resume_job(connection.client(), current, settings, memo, aggregator_transport)
+        ref = (body.meta.namespace or "", body.meta.name or "")
+        await write_status(connection.client(), ref, fields, status)  # a late record would resume twice
         post(body, events)
 
     @kopf.timer(

@@ -1,14 +1,13 @@
 """What the handlers write back: status fields (merged into the freshest status) and Events.
 
-`set_status` (through kopf's patch, for handlers on the FederatedJob itself) and
-`write_status` (through the client, for handlers on a child or a namespace) merge conditions
-by type and write `DEFAULTS` only where the status lacks them; `post`/`post_on` post Events.
+`write_status` is the one status writer: it merges conditions by type, writes `DEFAULTS` only
+where the status lacks them and never undoes what another writer changed since the handler
+read the status; `post`/`post_on` post Events.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -55,15 +54,23 @@ def failures_error(outcome: Outcome) -> kopf.TemporaryError | None:
     return kopf.TemporaryError("; ".join(f"{f.child}: {f.message}" for f in outcome.failures), delay=15)
 
 
+def snapshot(body: kopf.Body) -> dict[str, Any]:
+    """A deep copy of a timer's `body`, which kopf keeps live: it changes under an `await` as new
+    events arrive, and status fields computed from it must be written against what they saw."""
+    return copy.deepcopy(dict(body))
+
+
 async def write_status(
     kube: KubeClient, ref: JobRef, fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """Merge `fields` into the job's status (conditions merged by type) with an optimistic lock.
+    """Merge `fields` into the job's freshest status with an optimistic lock: written now, retried
+    on a conflict, skipped when nothing changes.
 
-    Written now, retried on a conflict: for handlers on another object (a child's watch), and
-    for one-shot handlers whose status must land (kopf defers a refused status patch to the
-    object's next event, which may never come). `seen` as for `set_status`. Returns the job, or
-    None when it is gone.
+    Not kopf's own status patch: kopf defers a patch refused for a stale resourceVersion to the
+    object's next event, which may never come, and then applies it on top of newer writes.
+    `seen`: the status `fields` were computed from; conditions merely carried over from it are
+    not written, and nothing another writer changed since is overwritten (`not_overtaken`).
+    Returns the job, or None when it is gone.
     """
     namespace, name = ref
     fields = without_carried(fields, seen)
@@ -71,7 +78,10 @@ async def write_status(
         job = await kube.get(*JOB_API, namespace, name)
         if job is None:
             return None
-        status = merged_status(job.get("status") or {}, fields, seen)
+        current = job.get("status") or {}
+        status = merged_status(current, fields, seen)
+        if status == current:
+            return job  # nothing new: no write, no watch event
         patch = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
         try:
             return await kube.patch(*JOB_API, namespace, name, patch, subresource="status")
@@ -104,18 +114,6 @@ async def poll_status(
     except AggregatorError as exc:
         return unreachable_patch(str(exc), previous, generation, moment)
     return job_status_patch(status, previous, generation, moment)
-
-
-def set_status(patch: kopf.Patch, fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None) -> None:
-    """Write status `fields` as one JSON patch against the freshest body (resourceVersion-checked).
-
-    `conditions` are merged by type into the conditions found there, so the status poll and
-    the spec handler never drop each other's; fields that did not change cause no write.
-    `seen`: the status `fields` were computed from; conditions merely carried over from it are
-    not written, so a handler that read a stale body never undoes a fresher writer's condition,
-    and nothing another writer changed since is overwritten (`not_overtaken`).
-    """
-    patch.fns.append(functools.partial(write_raw_status, without_carried(fields, seen), copy.deepcopy(seen)))
 
 
 def without_carried(fields: Mapping[str, Any], seen: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -168,10 +166,6 @@ def not_overtaken(fields: Mapping[str, Any], seen: Mapping[str, Any], current: M
 def _overtaken(ours: Mapping[str, Any], before: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> bool:
     generation = int(ours.get("observedGeneration") or 0)
     return now is not None and now != before and int(now.get("observedGeneration") or 0) >= generation
-
-
-def write_raw_status(fields: dict[str, Any], seen: Mapping[str, Any] | None, raw: Any) -> None:
-    raw["status"] = merged_status(raw.get("status") or {}, fields, seen)
 
 
 def post(body: kopf.Body, events: list[Event]) -> None:
