@@ -21,7 +21,7 @@ from fedsilo.operator.aggregator_client import (
     retry_delay,
 )
 from fedsilo.operator.manifests import job_configmap, job_document, silo_jobs_to_restart
-from fedsilo.operator.reporting import merged_status, without_carried
+from fedsilo.operator.reporting import merged_status
 from fedsilo.operator.status import (
     SpecOutcome,
     job_status_patch,
@@ -259,14 +259,14 @@ def test_a_status_write_computed_from_a_stale_status_never_undoes_a_newer_write(
     writes = [{"phase": "Running", "conditions": [missing]}, {"conditions": gen2["conditions"]}]  # from `seen`
     later: dict[str, Any] = {"phase": "Succeeded", "externalSilos": [], "conditions": [*gen1["conditions"], published]}
     for fields in writes:
-        later = merged_status(later, without_carried(fields, seen), seen)
+        later = merged_status(later, fields, seen)
     assert later["phase"] == "Succeeded"  # changed since `seen`: the newer value stays
     assert external_ready(later)["reason"] == "UrlPublished"
     assert spec_applied(later)["observedGeneration"] == 2  # a newer generation still wins
     # Written over the status it was computed from, everything is written.
     fresh: dict[str, Any] = dict(seen)
     for fields in writes:
-        fresh = merged_status(fresh, without_carried(fields, seen), seen)
+        fresh = merged_status(fresh, fields, seen)
     assert fresh["phase"] == "Running"
     assert external_ready(fresh)["reason"] == "ExternalUrlMissing"
 

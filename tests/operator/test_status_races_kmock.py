@@ -17,6 +17,7 @@ import kmock
 from tests.operator.test_handlers_kmock import (
     JOB_API,
     NS,
+    TIMEOUT,
     FakeAggregator,
     condition,
     eventually,
@@ -74,7 +75,7 @@ async def url_published_while_a_poll_waits() -> None:
             await asyncio.sleep(1.0)
 
         transport.during = publish_the_url
-        await eventually(lambda: held(transport), "a poll held while the URL was published")
+        await asyncio.wait_for(transport.held.wait(), TIMEOUT)  # a poll held while the URL was published
         await asyncio.sleep(1.5)  # that poll's write, and a few more polls
         found = await condition(cluster, "ExternalSilosReady")
         assert (found["status"], found["reason"]) == ("True", "UrlPublished"), found
@@ -95,10 +96,6 @@ def external_ready_writes(emulator: kmock.KubernetesEmulator) -> list[str]:
             if found.get("type") == "ExternalSilosReady":
                 reasons.append(found["reason"])
     return reasons
-
-
-async def held(transport: StatusRequestHeld) -> bool:
-    return transport.held.is_set()
 
 
 def test_a_poll_never_writes_back_a_condition_changed_while_it_waited() -> None:

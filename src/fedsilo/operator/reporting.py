@@ -73,7 +73,6 @@ async def write_status(
     Returns the job, or None when it is gone.
     """
     namespace, name = ref
-    fields = without_carried(fields, seen)
     for _ in range(5):
         job = await kube.get(*JOB_API, namespace, name)
         if job is None:
@@ -116,10 +115,10 @@ async def poll_status(
     return job_status_patch(status, previous, generation, moment)
 
 
-def without_carried(fields: Mapping[str, Any], seen: Mapping[str, Any] | None) -> dict[str, Any]:
+def without_carried(fields: Mapping[str, Any], seen: Mapping[str, Any]) -> dict[str, Any]:
     """`fields` less the conditions merely carried over from `seen` (unchanged there)."""
     fields = dict(fields)
-    if seen is not None and "conditions" in fields:
+    if "conditions" in fields:
         carried = seen.get("conditions") or []
         fields["conditions"] = [c for c in fields["conditions"] if c not in carried]
     return fields
@@ -129,9 +128,10 @@ def merged_status(
     current: Mapping[str, Any], fields: Mapping[str, Any], seen: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """`current` with `fields` written: conditions merged by type, `DEFAULTS` only where missing;
-    with `seen` (the status `fields` were computed from), only what is `not_overtaken`."""
+    with `seen` (the status `fields` were computed from), only what changed since `seen` and is
+    `not_overtaken`."""
     if seen is not None:
-        fields = not_overtaken(fields, seen, current)
+        fields = not_overtaken(without_carried(fields, seen), seen, current)
     status = dict(current)
     for name, value in fields.items():
         if name == DEFAULTS:
