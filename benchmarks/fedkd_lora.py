@@ -36,6 +36,8 @@ from fedsilo.spec import DataSpec, DistillationSpec, TeacherSpec
 from strategies import EMPTY, LABELS, PREPARE, ROOT, Bench, Row, job_spec, minilm_path
 
 MPNET = ROOT / "examples" / "data" / "models" / "all-mpnet-base-v2"
+LA_SUFFIX = {"fedlora": "", "fedkdlora": "", "fedlora+la": " + logit adjustment", "fedkdlora+la": " + logit adjustment"}
+METHODS = ("full", *LA_SUFFIX)
 
 
 class FullTrainer(Trainer):
@@ -101,11 +103,12 @@ def main() -> None:
     parser.add_argument("--teacher-lr", type=float, default=3e-5)
     parser.add_argument("--kd-alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--methods", nargs="+", default=["full", "fedlora", "fedkdlora"])
+    parser.add_argument("--methods", nargs="+", default=["full", "fedlora", "fedkdlora"], choices=list(METHODS),
+                        help="NAME+la: the silos' logit-adjusted loss (training.logitAdjustment 1) as well.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fedkd_lora.md")
     args = parser.parse_args()
-    if "fedkdlora" in args.methods and not (args.teacher / "config.json").exists():
+    if {"fedkdlora", "fedkdlora+la"} & set(args.methods) and not (args.teacher / "config.json").exists():
         raise SystemExit(f"no teacher base at {args.teacher}: python examples/prepare_models.py --mpnet")
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -131,10 +134,11 @@ def main() -> None:
                 info.append(f"{path.name}: empty, skipped")
         test = bench.encode(out / "test.csv")
         bench.set_test(test)
-        if "fedlora" in args.methods:
-            rows.append(bench.federated("fedavg", {}, silos, f"{args.alpha:g}"))
-            rows[-1].strategy = "FedLoRA (fedavg of LoRA r8)"
-        if "fedkdlora" in args.methods:
+        for method in ("fedlora", "fedlora+la"):
+            if method in args.methods:
+                rows.append(bench.federated(method.replace("fedlora", "fedavg"), {}, silos, f"{args.alpha:g}"))
+                rows[-1].strategy = "FedLoRA (fedavg of LoRA r8)" + LA_SUFFIX[method]
+        if {"fedkdlora", "fedkdlora+la"} & set(args.methods):
             started = time.perf_counter()
             public = read_table(DataSpec(path=str(out / "public.csv")), out)
             report = fit_teacher(str(args.teacher), public, DataSpec(path="public.csv"), LABELS, out / "teacher",
@@ -153,9 +157,12 @@ def main() -> None:
                         f"silos' {sum(len(d) for d in silos)} examples: {prep - fit_seconds:.0f}s")
             distill = DistillationSpec(teacher=TeacherSpec(path="teacher"), temperature=args.temperature,
                                        alpha=args.kd_alpha)
-            rows.append(bench.federated("fedavg", {}, soft_silos, f"{args.alpha:g}", distillation=distill))
-            rows[-1].strategy = f"FedKDLoRA (teacher {args.teacher.name})"
-            rows[-1].notes.append(f"+{prep:.0f}s teacher fine-tuning and scoring, once")
+            for method in ("fedkdlora", "fedkdlora+la"):
+                if method in args.methods:
+                    name = method.replace("fedkdlora", "fedavg")
+                    rows.append(bench.federated(name, {}, soft_silos, f"{args.alpha:g}", distillation=distill))
+                    rows[-1].strategy = f"FedKDLoRA (teacher {args.teacher.name})" + LA_SUFFIX[method]
+                    rows[-1].notes.append(f"+{prep:.0f}s teacher fine-tuning and scoring, once")
         if "full" in args.methods:
             full_args = argparse.Namespace(**{**vars(args), "lr": args.full_lr})
             bench.training = bench.training.model_copy(update={"learning_rate": args.full_lr})
