@@ -11,7 +11,11 @@ polls spread over one long-poll period as independently started agents' would be
 Measured, after the spread and a settling pause, over `--seconds`:
 - the aggregator's CPU (utime + stime of its process, /proc) as % of one core, and at rest
   (before the pollers start) for comparison;
-- requests/s answered;
+- requests/s answered, and the mean time a poll took (wait plus the trip);
+- the CPU the agents' own cadence would cost: at rest plus, per silo, one request every
+  `wait + poll` seconds at the measured CPU per request. The client process cannot always keep
+  that cadence on a loaded machine (its polls take longer than `wait`); this column does not
+  depend on how fast it managed to poll;
 - then one change: the sampled silo uploads, the round closes and the job succeeds, so every
   waiter's next answer is `done`; latency = from the upload's 200 to each silo holding `done`
   (p50 / p99 / max over the N silos).
@@ -158,7 +162,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         changed = time.time()
         child.wait()
         log = json.loads(out.read_text())
-    served = [end for start, end in log["requests"] if t0 <= end < t1]
+    window = [(start, end) for start, end in log["requests"] if t0 <= end < t1]
+    served = [end for _, end in window]
+    marginal_ms = 1000 * max(0.0, cpu - rest * (t1 - t0)) / max(1, len(served))  # a request, above the rest
     latencies = [done - changed for done in log["done"].values()]
     return {
         "label": args.label,
@@ -170,6 +176,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_pct": 100 * cpu / (t1 - t0),
         "rps": len(served) / (t1 - t0),
         "ms_per_request": 1000 * cpu / max(1, len(served)),
+        "poll_seconds": sum(end - start for start, end in window) / max(1, len(window)),
+        "cadence_cpu_pct": 100 * rest + 100 * marginal_ms / 1000 * args.silos / (args.wait + args.poll),
         "client_cpu_pct": 100 * client / (t1 - t0),
         "reached": len(latencies),
         "p50": percentile(latencies, 50),
@@ -183,16 +191,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def row(r: dict[str, Any]) -> str:
     return (
         f"| {r['label']} | {r['silos']:,} | {r['rest_cpu_pct']:.1f} | {r['cpu_pct']:.1f} | {r['rps']:.1f} | "
-        f"{r['ms_per_request']:.2f} | {r['client_cpu_pct']:.0f} | "
+        f"{r['ms_per_request']:.2f} | {r['poll_seconds']:.1f} | {r['cadence_cpu_pct']:.1f} | "
+        f"{r['client_cpu_pct']:.0f} | "
         f"{r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | {r['reached']:,} | {r['errors']} | {r['load']} |"
     )
 
 
 HEADER = (
     "| code | idle silos | aggregator CPU at rest, % core | aggregator CPU while polled, % core | requests/s | "
-    "aggregator CPU ms per request | pollers' CPU, % core | "
+    "aggregator CPU ms per request | mean poll s | at the agents' cadence, % core | pollers' CPU, % core | "
     "change -> silos p50 s | p99 s | max s | silos reached | errors | load 1/5/15 min |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -39,7 +39,8 @@ class SiloSettings(BaseSettings):
         default=0.2, gt=0, description="Least pause between two task polls that the aggregator answered `wait`."
     )
     long_poll_seconds: float = Field(
-        default=20.0, ge=0, le=30, description="How long the aggregator may hold a `wait` answer (0: plain polling)."
+        # the server's ceiling: an idle silo costs the aggregator one request per this many seconds
+        default=30.0, ge=0, le=30, description="How long the aggregator may hold a `wait` answer (0: plain polling)."
     )
     request_retries: int | None = Field(
         default=None,
