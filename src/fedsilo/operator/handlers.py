@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 __all__ = ["EXTERNAL_URL_ANNOTATION", "build_registry"]
 
 
+def job_ref(body: kopf.Body) -> JobRef:
+    """(namespace, name) of the FederatedJob a handler was called for."""
+    return body.meta.namespace or "", body.meta.name or ""
+
+
 class Connection:
     """kopf's login result, shared with the operator's own Kubernetes client."""
 
@@ -194,7 +199,7 @@ def build_registry(
     @kopf.on.create(**resource, id="reconcile")
     @kopf.on.update(**resource, id="reconcile", field="spec")
     async def reconcile_job(body: kopf.Body, **_: Any) -> None:
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         async with lock(ref):
             try:
                 fields, events, outcome = await reconcile_into(body)
@@ -211,7 +216,7 @@ def build_registry(
     @kopf.timer(**resource, id="resync", interval=settings.resync_seconds, initial_delay=settings.resync_seconds)
     async def resync(body: kopf.Body, **_: Any) -> None:
         """The safety net: whatever a watch missed is re-applied (and its status refreshed)."""
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         async with lock(ref):
             fresh = await connection.client().get(*JOB_API, *ref)
             if fresh is None or fresh["metadata"].get("deletionTimestamp"):
@@ -243,7 +248,7 @@ def build_registry(
     @kopf.on.event(**resource, id="external-url", when=external_url_changed)
     async def external_url(body: kopf.Body, **_: Any) -> None:
         """`fedsilo.io/external-url` set or changed after creation: published now, no restart."""
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         async with lock(ref):
             fresh = await connection.client().get(*JOB_API, *ref)
             if fresh is None or fresh["metadata"].get("deletionTimestamp"):
@@ -330,7 +335,7 @@ def build_registry(
 
     @kopf.on.update(**resource, id="spec", field="spec", retries=None, backoff=settings.poll_seconds)
     async def spec_changed(body: kopf.Body, status: kopf.Status, retry: int, **_: Any) -> None:
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         generation = int(body.meta.get("generation") or 1)
         try:
             refused = await refusals(job_from_body(body))
@@ -362,7 +367,7 @@ def build_registry(
         if never_admitted(job.get("status")):
             return  # no aggregator to ask
         fields, events = await poll_status(connection.client(), job, settings, aggregator_transport)
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         await write_status(connection.client(), ref, fields, job.get("status") or {})
         # The next tick may still see the status before this write: each transition posted once.
         recent: list[tuple[str, str]] = memo.setdefault(POLL_EVENTS_MEMO, [])
@@ -390,7 +395,7 @@ def build_registry(
         if await refusals(job):
             return  # restarting silo Jobs would create what the policy refuses; acted on once admitted
         fields, events = await resume_job(connection.client(), current, settings, memo, aggregator_transport)
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         await write_status(connection.client(), ref, fields, status)  # a late record would resume twice
         post(body, events)
 
@@ -405,7 +410,7 @@ def build_registry(
         """
         if rotation.settled(rotation.requested(body.meta.annotations), status) or never_admitted(dict(status)):
             return  # nothing asked, or handled: no request at all
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         client = connection.client()
         async with lock(ref):
             fresh = await client.get(*JOB_API, *ref)
@@ -444,7 +449,7 @@ def build_registry(
 
     @kopf.on.delete(**resource, id="cleanup", backoff=5)
     async def delete_job(body: kopf.Body, **_: Any) -> None:
-        ref = (body.meta.namespace or "", body.meta.name or "")
+        ref = job_ref(body)
         desired.forget(ref)  # its children's deletions are not drift
         try:
             job = job_from_body(body)
