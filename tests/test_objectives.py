@@ -62,7 +62,7 @@ def test_logit_adjustment_is_on_by_default_where_it_applies() -> None:
     assert parse_job(job_document(training={"logitAdjustment": 0.5})).spec.logit_adjustment() == 0.5
     assert parse_job(job_document(aggregation={"strategy": "fedkd"})).spec.logit_adjustment() == 0.0
     teacher = job_document(distillation={"teacher": {"path": "models/teacher"}})
-    assert parse_job(teacher).spec.logit_adjustment() == 0.0  # FedKDLoRA as measured: KD + plain cross-entropy
+    assert parse_job(teacher).spec.logit_adjustment() == 1.0  # FedKDLoRA: KD + the adjusted loss measured best
     causal = job_document(task={"type": "causal-lm"})
     assert parse_job(causal).spec.logit_adjustment() == 0.0
     assert parse_job(job_document()).spec.training.logit_adjustment is None  # the stored document stays as written
