@@ -14,6 +14,11 @@ latency; the aggregator's peak RSS (VmHWM from /proc/<pid>/status, start-up incl
 Next to them, the per-byte references measured on the same 7B-shape payload on this
 machine: sha256, a write + fsync into the benchmark's folder, a numpy float32 add.
 
+`--floor` adds, per case, a bare receiver fed by the same senders: a plain asyncio HTTP/1.1
+server (no framework, no parsing, no checks, no database) that only hashes each body, writes it
+and fsyncs it, off the event loop as the aggregator does. It is what this machine allows for the
+essential per-byte work with the senders on the same cores: the ceiling for the aggregator.
+
 Shapes: MiniLM-L6 with LoRA r=8 on query/value (6 layers, 384 wide) plus the 2-label head
 (~301 KB), and a LLaMA-2-7B shape with LoRA r=16 on q_proj/v_proj (32 layers, 4096 wide,
 ~33.6 MB fp32).
@@ -26,15 +31,18 @@ Shapes: MiniLM-L6 with LoRA r=8 on query/value (6 layers, 384 wide) plus the 2-l
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
+import multiprocessing
 import os
 import secrets
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +54,7 @@ from harness import aggregator, cpu_seconds
 from fedsilo.adapters import to_bytes
 from fedsilo.api import models as m
 from fedsilo.api.client import Client
+from fedsilo.local.runner import free_port
 
 CHUNK = 1024 * 1024
 MB = 1e6
@@ -186,6 +195,117 @@ class Row:
         return self.silos * self.payload_bytes / self.seconds / MB
 
 
+async def _bare_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, folder: Path) -> None:
+    """Keep-alive HTTP/1.1 with Content-Length bodies: sha256 + write + fsync each, then 200."""
+    try:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+            await _bare_body(reader, length, folder)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    finally:
+        writer.close()
+
+
+async def _bare_body(reader: asyncio.StreamReader, length: int, folder: Path) -> str:
+    """Hash and write `length` bytes of `reader` in 256 KiB batches off the loop, fsync; the digest."""
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False) as f:
+
+        def absorb(data: bytes) -> None:
+            digest.update(data)
+            f.write(data)
+
+        batch: list[bytes] = []
+        pending = 0
+        while length > 0:
+            chunk = await reader.readexactly(min(length, 64 * 1024))
+            batch.append(chunk)
+            pending += len(chunk)
+            length -= len(chunk)
+            if pending >= 256 * 1024 or length == 0:
+                await asyncio.to_thread(absorb, b"".join(batch))
+                batch, pending = [], 0
+        await asyncio.to_thread(lambda: (f.flush(), os.fsync(f.fileno())))
+    return digest.hexdigest()
+
+
+def bare_receiver(port: int, folder: Path) -> None:
+    """The floor server's process body (see the module docstring)."""
+
+    async def serve() -> None:
+        server = await asyncio.start_server(lambda r, w: _bare_connection(r, w, folder), "127.0.0.1", port,
+                                            backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def send_all(url_of: Callable[[int], str], silos: int, payloads: Payloads, headers_of: Callable[[int], dict[str, str]]
+             ) -> tuple[float, list[float]]:
+    """Every silo's upload at once, one thread each after a barrier: (seconds, latencies)."""
+    latencies: list[float] = [0.0] * silos
+    errors: list[str] = []
+    barrier = threading.Barrier(silos + 1)
+
+    def upload(i: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            barrier.wait()
+            t = time.perf_counter()
+            r = http.put(url_of(i), content=payloads.chunks(i), headers=headers_of(i))
+            latencies[i] = time.perf_counter() - t
+        if r.status_code != 200:
+            errors.append(f"{silo_name(i)}: {r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(silos)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("uploads refused:\n" + "\n".join(errors[:5]))
+    return time.perf_counter() - started, latencies
+
+
+def row_of(shape: str, silos: int, size: int, seconds: float, latencies: list[float], rss: float, cpu: float) -> Row:
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Row(shape, silos, size, seconds, statistics.median(latencies), q[98], rss, cpu)
+
+
+def run_floor(shape: str, silos: int, payloads: Payloads, root: Path) -> Row:
+    folder = Path(tempfile.mkdtemp(prefix=f"bare-{shape}-{silos}-", dir=root))
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(target=bare_receiver, args=(port, folder), daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            if time.monotonic() > deadline:
+                raise SystemExit("the bare receiver did not start")
+            time.sleep(0.05)
+        assert server.pid is not None
+        cpu = cpu_seconds(server.pid)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(payloads.size)}
+        seconds, latencies = send_all(lambda i: f"http://127.0.0.1:{port}/upload/{i}", silos, payloads,
+                                      lambda i: headers)
+        rss, cpu = peak_rss_mb(server.pid), cpu_seconds(server.pid) - cpu
+    finally:
+        server.terminate()
+        server.join(10)
+    return row_of(f"{shape}, bare receiver", silos, payloads.size, seconds, latencies, rss, cpu)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: Path) -> Row:
     tokens = {silo_name(i): f"{silo_name(i)}-token-{secrets.token_hex(8)}" for i in range(silos)}
     digests = [payloads.digest(i) for i in range(silos)]
@@ -197,46 +317,27 @@ def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: P
             c.join(m.JoinRequest(n_train_examples=1000, n_eval_examples=10))
         clients[0].put_initial(initial)
         admin = Client(url, "bench", admin_token, retries=0)
-        latencies: list[float] = [0.0] * silos
-        errors: list[str] = []
-        barrier = threading.Barrier(silos + 1)
 
-        def upload(i: int) -> None:
-            headers = {
+        def headers(i: int) -> dict[str, str]:
+            return {
                 "Authorization": f"Bearer {tokens[silo_name(i)]}",
                 "Content-Type": m.SAFETENSORS_MEDIA_TYPE,
                 "Content-Length": str(payloads.size),
                 m.HEADER_EXAMPLES: str(10 + i),
                 m.HEADER_SHA256: digests[i],
             }
-            with httpx.Client(timeout=600) as http:
-                barrier.wait()
-                t = time.perf_counter()
-                r = http.put(
-                    f"{url}/v1/jobs/bench/rounds/1/updates/{silo_name(i)}", content=payloads.chunks(i), headers=headers
-                )
-                latencies[i] = time.perf_counter() - t
-            if r.status_code != 200:
-                errors.append(f"{silo_name(i)}: {r.status_code} {r.text[:200]}")
 
-        threads = [threading.Thread(target=upload, args=(i,)) for i in range(silos)]
-        for t in threads:
-            t.start()
         cpu = cpu_seconds(pid)
-        barrier.wait()
         started = time.perf_counter()
-        for t in threads:
-            t.join()
-        if errors:
-            raise SystemExit("uploads refused:\n" + "\n".join(errors[:5]))
+        _, latencies = send_all(lambda i: f"{url}/v1/jobs/bench/rounds/1/updates/{silo_name(i)}", silos, payloads,
+                                headers)
         while admin.status().version < 1:
             if time.perf_counter() - started > 900:
                 raise SystemExit("the round did not aggregate")
             time.sleep(0.02)
         seconds = time.perf_counter() - started
         rss, cpu = peak_rss_mb(pid), cpu_seconds(pid) - cpu
-    q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return Row(shape, silos, payloads.size, seconds, statistics.median(latencies), q[98], rss, cpu)
+    return row_of(shape, silos, payloads.size, seconds, latencies, rss, cpu)
 
 
 def table(rows: list[Row], refs: dict[str, float]) -> str:
@@ -265,6 +366,7 @@ def main() -> None:
     parser.add_argument("--silos", default="10,50,100", help="comma-separated silo counts")
     parser.add_argument("--shapes", default="minilm,7b", help="comma-separated: minilm, 7b")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--floor", action="store_true", help="also time a bare receiver per case (the ceiling)")
     args = parser.parse_args()
     counts = [int(x) for x in args.silos.split(",")]
     load_before = os.getloadavg()
@@ -277,6 +379,9 @@ def main() -> None:
             for n in counts:
                 rows.append(run_case(name, n, payloads, initial, root))
                 print(f"{name} x {n}: {rows[-1]}", file=sys.stderr, flush=True)
+                if args.floor:
+                    rows.append(run_floor(name, n, payloads, root))
+                    print(f"{name} x {n}, bare: {rows[-1]}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     code = "main" if "/work/main/" in os.environ.get("PYTHONPATH", "") else "this checkout"
     text = table(rows, refs) + (
