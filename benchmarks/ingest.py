@@ -247,7 +247,7 @@ def bare_receiver(port: int, folder: Path) -> None:
 
 def send_all(url_of: Callable[[int], str], silos: int, payloads: Payloads, headers_of: Callable[[int], dict[str, str]]
              ) -> tuple[float, list[float]]:
-    """Every silo's upload at once, one thread each after a barrier: (seconds, latencies)."""
+    """Every silo's upload at once, one thread each after a barrier: (perf_counter at the start, latencies)."""
     latencies: list[float] = [0.0] * silos
     errors: list[str] = []
     barrier = threading.Barrier(silos + 1)
@@ -270,7 +270,7 @@ def send_all(url_of: Callable[[int], str], silos: int, payloads: Payloads, heade
         t.join()
     if errors:
         raise SystemExit("uploads refused:\n" + "\n".join(errors[:5]))
-    return time.perf_counter() - started, latencies
+    return started, latencies
 
 
 def row_of(shape: str, silos: int, size: int, seconds: float, latencies: list[float], rss: float, cpu: float) -> Row:
@@ -292,8 +292,9 @@ def run_floor(shape: str, silos: int, payloads: Payloads, root: Path) -> Row:
         assert server.pid is not None
         cpu = cpu_seconds(server.pid)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(payloads.size)}
-        seconds, latencies = send_all(lambda i: f"http://127.0.0.1:{port}/upload/{i}", silos, payloads,
+        started, latencies = send_all(lambda i: f"http://127.0.0.1:{port}/upload/{i}", silos, payloads,
                                       lambda i: headers)
+        seconds = time.perf_counter() - started
         rss, cpu = peak_rss_mb(server.pid), cpu_seconds(server.pid) - cpu
     finally:
         server.terminate()
@@ -328,8 +329,7 @@ def run_case(shape: str, silos: int, payloads: Payloads, initial: bytes, root: P
             }
 
         cpu = cpu_seconds(pid)
-        started = time.perf_counter()
-        _, latencies = send_all(lambda i: f"{url}/v1/jobs/bench/rounds/1/updates/{silo_name(i)}", silos, payloads,
+        started, latencies = send_all(lambda i: f"{url}/v1/jobs/bench/rounds/1/updates/{silo_name(i)}", silos, payloads,
                                 headers)
         while admin.status().version < 1:
             if time.perf_counter() - started > 900:
