@@ -4,9 +4,10 @@ A real aggregator process (SQLite in a temp dir, plain HTTP on loopback, see `ha
 one job of N + 1 silos, `fraction` set so that round 1 samples a single silo, which never uploads:
 the round stays open and the other N silos have nothing to do. They poll as the silo agent does
 (`Agent.run`: `GET .../task?wait=<long_poll_seconds>`, then at least `poll_seconds` between two
-polls, both the agent's defaults from `silo_agent/settings.py`), from a separate client process
-(asyncio + httpx, one keep-alive connection per silo as N agent processes would hold), their first
-polls spread over one long-poll period as independently started agents' would be.
+polls, both the agent's defaults from `silo_agent/settings.py`), from `--clients` separate client
+processes (asyncio + httpx, one keep-alive connection per silo as N agent processes would hold; a
+single process with 1,000 connections polls about 10 s late each time), their first polls spread
+over one long-poll period as independently started agents' would be.
 
 Measured, after the spread and a settling pause, over `--seconds`:
 - the aggregator's CPU (utime + stime of its process, /proc) as % of one core, and at rest
@@ -23,6 +24,7 @@ Measured, after the spread and a settling pause, over `--seconds`:
     python benchmarks/polling.py                     # 1,000 silos, 60 s window, ~2.5 min
     PYTHONPATH=/work/main/src python benchmarks/polling.py --label main
     python benchmarks/polling.py --silos 100 --seconds 20
+    python benchmarks/polling.py --clients 1           # one client process (lags at 1,000 silos)
 """
 
 from __future__ import annotations
@@ -140,28 +142,37 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     doc = job_document(JOB, names, rounds=1, fraction=fraction)
     with tempfile.TemporaryDirectory() as tmp, aggregator(Path(tmp), doc, tokens) as agg:
         straggler = set_up(agg, tokens)
-        idle = {s: t for s, t in tokens.items() if s != straggler}
-        (Path(tmp) / "idle.json").write_text(json.dumps(idle))
+        idle = sorted((s, t) for s, t in tokens.items() if s != straggler)
+        for k in range(args.clients):  # one token file per client process
+            (Path(tmp) / f"idle-{k}.json").write_text(json.dumps(dict(idle[k :: args.clients])))
         print(f"aggregator pid {agg.pid}: {len(tokens)} silos joined, round 1 open", file=sys.stderr, flush=True)
         cpu0, t0 = cpu_seconds(agg.pid), time.time()
         time.sleep(args.rest)
         rest = (cpu_seconds(agg.pid) - cpu0) / (time.time() - t0)
-        out = Path(tmp) / "polls.json"
         settle = args.wait + 5
-        child = subprocess.Popen(
-            [sys.executable, __file__, "poll", "--url", agg.url, "--tokens", str(Path(tmp) / "idle.json"),
-             "--wait", str(args.wait), "--poll", str(args.poll), "--out", str(out),
-             "--limit", str(settle + args.seconds + 120)]
-        )  # fmt: skip
+        children = [
+            subprocess.Popen(
+                [sys.executable, __file__, "poll", "--url", agg.url, "--tokens", str(Path(tmp) / f"idle-{k}.json"),
+                 "--wait", str(args.wait), "--poll", str(args.poll), "--out", str(Path(tmp) / f"polls-{k}.json"),
+                 "--limit", str(settle + args.seconds + 120)]
+            )
+            for k in range(args.clients)
+        ]
         print("pollers started", file=sys.stderr, flush=True)
         time.sleep(settle)
-        cpu0, client0, t0 = cpu_seconds(agg.pid), cpu_seconds(child.pid), time.time()
+        cpu0, client0, t0 = cpu_seconds(agg.pid), sum(cpu_seconds(c.pid) for c in children), time.time()
         time.sleep(args.seconds)
-        cpu, client, t1 = cpu_seconds(agg.pid) - cpu0, cpu_seconds(child.pid) - client0, time.time()
+        cpu, t1 = cpu_seconds(agg.pid) - cpu0, time.time()
+        client = sum(cpu_seconds(c.pid) for c in children) - client0
         upload(agg, straggler, tokens[straggler])
         changed = time.time()
-        child.wait()
-        log = json.loads(out.read_text())
+        log: dict[str, Any] = {"requests": [], "done": {}, "errors": 0}
+        for k, child in enumerate(children):
+            child.wait()
+            part = json.loads((Path(tmp) / f"polls-{k}.json").read_text())
+            log["requests"] += part["requests"]
+            log["done"].update(part["done"])
+            log["errors"] += part["errors"]
     window = [(start, end) for start, end in log["requests"] if t0 <= end < t1]
     served = [end for _, end in window]
     marginal_ms = 1000 * max(0.0, cpu - rest * (t1 - t0)) / max(1, len(served))  # a request, above the rest
@@ -169,6 +180,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "label": args.label,
         "silos": args.silos,
+        "clients": args.clients,
         "wait": args.wait,
         "poll": args.poll,
         "seconds": t1 - t0,
@@ -220,6 +232,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds measured before the pollers start")
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--clients", type=int, default=4,
+                        help="client processes the silos are spread over (one with 1,000 connections lags)")
     parser.add_argument("--json", type=Path, help="also append the result to this JSON-lines file")
     args = parser.parse_args()
     if args.cmd == "poll":
