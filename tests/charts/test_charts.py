@@ -145,6 +145,7 @@ INVALID_CASES = [
     ),
     (SILO, "silo-two-ca-sources.yaml", ["aggregator.caBundle: set configMap or secret, not both"]),
     (SILO, "silo-plain-http.yaml", ["aggregator.url is plain http://", "insecureAllowPlainHttp=true"]),
+    (SILO, "silo-long-poll-too-long.yaml", ["schema", "longPollSeconds"]),
     (HUB, "hub-typo.yaml", ["schema", "operater"]),
     (HUB, "hub-bad-interval.yaml", ["schema", "interval"]),
     (
@@ -444,6 +445,21 @@ def _silo_job(*extra: str) -> dict[str, Any]:
     result = helm(*args)
     assert result.returncode == 0, result.stderr
     return next(o for o in yaml.safe_load_all(result.stdout) if o and o["kind"] == "Job")
+
+
+def test_silo_long_poll_is_set_only_when_asked() -> None:
+    """Below a proxy's idle timeout when set (0 included: plain polling); unset, the pod template, and
+    so the Job's name, stays what earlier chart versions rendered."""
+    from fedsilo.silo_agent.settings import SiloSettings
+
+    def long_poll(*extra: str) -> Any:
+        return env_of(_silo_job(*extra)["spec"]["template"]["spec"]["containers"][0]).get("FEDSILO_LONG_POLL_SECONDS")
+
+    assert long_poll() is None
+    assert long_poll("--set", "aggregator.longPollSeconds=15") == "15"
+    assert long_poll("--set", "aggregator.longPollSeconds=0") == "0"
+    settings = SiloSettings(aggregator_url="https://hub", job="j", silo="s", token="t" * 16, long_poll_seconds="15")
+    assert settings.long_poll_seconds == 15
 
 
 def test_silo_job_pod_template_is_stable_across_chart_versions() -> None:

@@ -111,6 +111,10 @@ spec:
           value: {{ printf "/etc/fedsilo/client/%s" .keyKey | quote }}
         {{- end }}
         {{- end }}
+        {{- if not (kindIs "invalid" .Values.aggregator.longPollSeconds) }}
+        - name: FEDSILO_LONG_POLL_SECONDS
+          value: {{ .Values.aggregator.longPollSeconds | quote }}
+        {{- end }}
         - name: FEDSILO_METRICS_PORT
           value: {{ .Values.metrics.port | quote }}
         - name: FEDSILO_CACHE_DIR
