@@ -168,7 +168,7 @@ class Engine(Ticking, SecureStages):
             if silo_row.joined_at is None:
                 raise Conflict("join the job first", "not_joined")
             parsed = specs.of(row)
-            task = transitions.next_task(s, row, silo_row, parsed.job, parsed.hooks)
+            task = transitions.next_task(s, row, silo_row, parsed)
             state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
         if state == silo_row.state:
             with self._seen_lock:

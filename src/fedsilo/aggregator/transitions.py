@@ -162,11 +162,12 @@ def _dp_share(job: FederatedJob, rnd: RoundRow) -> dict[str, float]:
     return {"clip_norm": dp.clip_norm, "noise_std": share_std(dp.noise_multiplier, dp.clip_norm, threshold)}
 
 
-def next_task(s: Session, row: JobRow, silo: SiloRow, job: FederatedJob, hooks: strategies.ClientConfig) -> m.Task:
-    """What `silo` should do now, from committed rows only (`hooks`: the strategy's client config)."""
+def next_task(s: Session, row: JobRow, silo: SiloRow, parsed: specs.Parsed) -> m.Task:
+    """What `silo` should do now, from committed rows only and the job document in force."""
     if row.phase == Phase.FAILED:  # agents wait for a resume instead of leaving
         return m.Task(action="wait", round=row.current_round, version=row.version)
-    silo_spec = job.spec.silo(silo.name)
+    job, hooks = parsed.job, parsed.hooks
+    silo_spec = parsed.silo(silo.name)
     if row.version < 0:
         full_rank = silo_spec.rank in (None, job.spec.peft.r)
         return m.Task(action="init" if silo.role == "trainer" and full_rank else "wait")
