@@ -262,8 +262,11 @@ def test_a_robust_round_references_the_blobs_and_survives_a_restart(tmp_path: Pa
 
 def test_polls_write_nothing_until_the_batch_writes_every_silos_last_seen(tmp_path: Path) -> None:
     engine, tokens = _engine(tmp_path), _tokens(3)
-    for name in _names(3):  # round 1 is open: the first poll moves each silo to `training` (a write)
+    for name in _names(3):  # round 1 is open: the first poll moves each silo to `training`
         assert engine.task("demo", name, tokens[name]).action == "train"
+    engine.write_seen()  # the moves are written in the next tick's batch, whatever SEEN_EVERY says
+    with engine.sessions() as s:
+        assert {r.state for r in s.scalars(select(SiloRow))} == {"training"}
     with engine.sessions() as s:
         joined = {r.name: aware(r.last_seen) for r in s.scalars(select(SiloRow))}
     commits = [0]

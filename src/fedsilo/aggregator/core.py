@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Table, bindparam, func, select, update
@@ -51,6 +51,15 @@ from fedsilo.aggregator.store import (
 from fedsilo.aggregator.uploads import accepted_delta
 
 log = logging.getLogger("fedsilo.aggregator")
+
+
+class Move(NamedTuple):
+    """A silo's state change that a poll implies: written from `was` to `to` (see `write_seen`)."""
+
+    was: str
+    to: str
+
+
 SEEN_EVERY = timedelta(seconds=15)  # polls are remembered, and written as `last_seen` in one batch this often
 
 
@@ -80,6 +89,7 @@ class EngineCore:
         self._fenced_logged: set[str] = set()
         self._slots = threading.BoundedSemaphore(ingest_slots)  # uploads parsed or being folded at once
         self._seen: dict[str, dict[str, datetime]] = {}  # job -> silo -> last poll not yet written
+        self._moves: dict[str, dict[str, Move]] = {}  # job -> silo -> state change a poll saw, not yet written
         self._seen_lock = threading.Lock()
         self._seen_written = self.clock()
 
@@ -142,24 +152,44 @@ class EngineCore:
                 lease.release(s, job, self.holder, self.clock())
             self._epochs.clear()
 
-    def write_seen(self, force: bool = False) -> None:
-        """Write the polls remembered since the last batch as `last_seen`: one transaction per job
-        every `SEEN_EVERY`, however many silos poll (a write per poll was most of an idle poll's cost)."""
-        now = self.clock()
-        if not force and now - self._seen_written < SEEN_EVERY:
-            return
+    def remember_poll(self, job: str, silo: str, move: Move | None) -> None:
+        """A poll, for `write_seen`'s batch: when it came, and the silo's state change it implies."""
         with self._seen_lock:
-            seen, self._seen, self._seen_written = self._seen, {}, now
-        table: Table = SiloRow.__table__  # type: ignore[assignment]  # Core: an executemany, no ORM rows
-        statement = (
-            update(table)
-            .where((table.c.job == bindparam("j")) & (table.c.name == bindparam("n")))
-            .values(last_seen=bindparam("at"))
-        )
-        for job, polls in seen.items():
+            self._seen.setdefault(job, {})[silo] = self.clock()
+            if move is not None:
+                self._moves.setdefault(job, {})[silo] = move
+
+    def pending_move(self, job: str, silo: str) -> Move | None:
+        """Forget and return the state change a poll of `silo` left unwritten (a writer of its state
+        supersedes it; the batch would not overwrite that write anyway, see `write_seen`)."""
+        with self._seen_lock:
+            return self._moves.get(job, {}).pop(silo, None)
+
+    def write_seen(self, force: bool = False) -> None:
+        """Write what polls left to write, one transaction per job however many silos polled:
+        the silos' state changes (`training`, `evaluating`, `done`) on every call (each tick),
+        `last_seen` every `SEEN_EVERY`. A silo's answer never waits for either: a write per
+        poll was most of an idle poll's cost, and a fenced transaction per silo when a round
+        opened or the job ended kept the 1,000th silo waiting seconds for its answer."""
+        now = self.clock()
+        with self._seen_lock:
+            moves, self._moves = self._moves, {}
+            seen: dict[str, dict[str, datetime]] = {}
+            if force or now - self._seen_written >= SEEN_EVERY:
+                seen, self._seen, self._seen_written = self._seen, {}, now
+        table: Table = SiloRow.__table__  # type: ignore[assignment]  # Core: executemany, no ORM rows
+        silo = (table.c.job == bindparam("j")) & (table.c.name == bindparam("n"))
+        # only from the state the poll read: an upload or an evaluation written since then wins
+        move = update(table).where(silo & (table.c.state == bindparam("was"))).values(state=bindparam("to"))
+        touch = update(table).where(silo).values(last_seen=bindparam("at"))
+        for job in moves.keys() | seen.keys():
             try:
-                with self._write(job) as tx:  # one statement, executed for every silo that polled
-                    tx.s.execute(statement, [{"j": job, "n": silo, "at": at} for silo, at in polls.items()])
+                with self._write(job) as tx:  # at most two statements, each executed for every silo
+                    if moves.get(job):
+                        rows = [{"j": job, "n": n, "was": m.was, "to": m.to} for n, m in moves[job].items()]
+                        tx.s.execute(move, rows)
+                    if seen.get(job):
+                        tx.s.execute(touch, [{"j": job, "n": n, "at": at} for n, at in seen[job].items()])
             except Fenced:
                 pass  # this process no longer serves the job: its holder sees the silos' next polls
 

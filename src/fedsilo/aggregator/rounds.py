@@ -12,7 +12,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fedsilo import strategies
@@ -20,7 +20,8 @@ from fedsilo.adapters import AdapterError, sha256, to_bytes
 from fedsilo.aggregator import budget, changes, identity, reads, secure, specs, transitions, views
 from fedsilo.aggregator.acceptance import Incoming, accept, parse, parse_masked, refusal
 from fedsilo.aggregator.blobs import Staged
-from fedsilo.aggregator.errors import Conflict, EngineError, Fenced, Forbidden, Invalid, NotFound, Unavailable
+from fedsilo.aggregator.core import Move
+from fedsilo.aggregator.errors import Conflict, EngineError, Forbidden, Invalid, NotFound, Unavailable
 from fedsilo.aggregator.secure_stages import SecureStages
 from fedsilo.aggregator.store import (
     EvaluationRow,
@@ -114,6 +115,23 @@ class Engine(Ticking, SecureStages):
         assert row is not None  # verify refuses an unknown silo
         return row
 
+    def _polled(self, s: Session, job: str, silo: str, token: str) -> tuple[SiloRow, JobRow, RoundRow | None]:
+        """`_authenticated`, `_job` and the job's current round (None before the first) in one
+        statement: a poll's SQL was three reads."""
+        current = (RoundRow.job == JobRow.name) & (RoundRow.number == JobRow.current_round)
+        query = (
+            select(SiloRow, JobRow, RoundRow)
+            .join(JobRow, JobRow.name == SiloRow.job)
+            .outerjoin(RoundRow, current)
+            .where(SiloRow.job == job, SiloRow.name == silo)
+        )
+        found = s.execute(query).first()
+        if found is None:  # no such job or silo: the reads one by one refuse and say which
+            silo_row, row = self._authenticated(s, job, silo, token), self._job(s, job)
+            return silo_row, row, s.get(RoundRow, (job, row.current_round))
+        identity.verify(found[0], token, self.clock())
+        return found[0], found[1], found[2]
+
     def rotate_token(self, job: str, silo: str, req: m.RotateToken) -> m.TokenIssued:
         """A new token for `silo`; the current one stays valid for `req.grace_seconds`."""
         with self._write(job) as tx:
@@ -160,26 +178,16 @@ class Engine(Ticking, SecureStages):
             return m.JoinResponse(job=specs.of(row).silo_view(silo), role=silo_row.role)  # type: ignore[arg-type]
 
     def task(self, job: str, silo: str, token: str) -> m.Task:
-        """What `silo` (if `token` is its token) should do now. A read: it writes only when the silo's
-        state changes; that it asked is remembered, and reaches `last_seen` in `write_seen`'s batch."""
+        """What `silo` (if `token` is its token) should do now. A read: that it asked, and the state
+        change its answer implies, are remembered and written in `write_seen`'s batch."""
         with self.sessions() as s:  # no engine lock: polls never wait behind an aggregation
-            silo_row = self._authenticated(s, job, silo, token)
-            row = self._job(s, job)
+            silo_row, row, current = self._polled(s, job, silo, token)
             if silo_row.joined_at is None:
                 raise Conflict("join the job first", "not_joined")
             parsed = specs.of(row)
-            task = transitions.next_task(s, row, silo_row, parsed)
+            task = transitions.next_task(s, row, current, silo_row, parsed)
             state = {"train": "training", "evaluate": "evaluating", "done": "done"}.get(task.action, silo_row.state)
-        if state == silo_row.state:
-            with self._seen_lock:
-                self._seen.setdefault(job, {})[silo] = self.clock()
-            return task
-        try:
-            with self._write(job) as tx:
-                where = (SiloRow.job == job) & (SiloRow.name == silo)
-                tx.s.execute(update(SiloRow).where(where).values(state=state, last_seen=tx.now))
-        except Fenced:
-            pass  # bookkeeping only; the lease holder answers the silo's next call
+        self.remember_poll(job, silo, Move(silo_row.state, state) if state != silo_row.state else None)
         return task
 
     # ---- adapters -------------------------------------------------------------------
@@ -320,7 +328,8 @@ class Engine(Ticking, SecureStages):
                     )
                 )
             silo_row = s.get(SiloRow, (job, silo))
-            if silo_row is not None and silo_row.state == "evaluating":
+            move = self.pending_move(job, silo)  # the poll that handed out this evaluation, maybe unwritten
+            if silo_row is not None and (move.to if move else silo_row.state) == "evaluating":
                 silo_row.state = "joined"
             s.flush()
             latest = report.version == reads.latest_evaluated(s, job)

@@ -162,8 +162,9 @@ def _dp_share(job: FederatedJob, rnd: RoundRow) -> dict[str, float]:
     return {"clip_norm": dp.clip_norm, "noise_std": share_std(dp.noise_multiplier, dp.clip_norm, threshold)}
 
 
-def next_task(s: Session, row: JobRow, silo: SiloRow, parsed: specs.Parsed) -> m.Task:
-    """What `silo` should do now, from committed rows only and the job document in force."""
+def next_task(s: Session, row: JobRow, rnd: RoundRow | None, silo: SiloRow, parsed: specs.Parsed) -> m.Task:
+    """What `silo` should do now, from committed rows only and the job document in force
+    (`rnd`: the job's current round, read with `row`)."""
     if row.phase == Phase.FAILED:  # agents wait for a resume instead of leaving
         return m.Task(action="wait", round=row.current_round, version=row.version)
     job, hooks = parsed.job, parsed.hooks
@@ -176,26 +177,24 @@ def next_task(s: Session, row: JobRow, silo: SiloRow, parsed: specs.Parsed) -> m
             if not _evaluated(s, row.name, silo.name, version):
                 return m.Task(action="evaluate", version=version)
         return m.Task(action="done" if row.phase == Phase.SUCCEEDED else "wait", version=row.version)
-    if row.phase == Phase.RUNNING:
-        rnd = s.get(RoundRow, (row.name, row.current_round))
-        if (
-            rnd is not None
-            and rnd.state == RoundState.OPEN
-            and silo.name in rnd.participants
-            and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
-            and (rnd.secagg is None or _may_join_secure(s, rnd, silo.name))
-        ):
-            return m.Task(
-                action="train",
-                round=rnd.number,
-                version=rnd.number - 1,
-                deadline=aware(rnd.deadline),
-                client_config=hooks,
-                rank=silo_spec.rank,
-                local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
-                secure=rnd.secagg is not None,
-                dp=_dp_share(job, rnd),
-            )
+    if row.phase == Phase.RUNNING and (
+        rnd is not None
+        and rnd.state == RoundState.OPEN
+        and silo.name in rnd.participants
+        and s.get(UpdateRow, (row.name, rnd.number, silo.name)) is None
+        and (rnd.secagg is None or _may_join_secure(s, rnd, silo.name))
+    ):
+        return m.Task(
+            action="train",
+            round=rnd.number,
+            version=rnd.number - 1,
+            deadline=aware(rnd.deadline),
+            client_config=hooks,
+            rank=silo_spec.rank,
+            local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
+            secure=rnd.secagg is not None,
+            dp=_dp_share(job, rnd),
+        )
     if row.phase == Phase.SUCCEEDED:
         if silo.n_eval_examples > 0 and not _evaluated(s, row.name, silo.name, row.version):
             return m.Task(action="evaluate", version=row.version)
