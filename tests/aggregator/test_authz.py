@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ TOKENS = {
 OTHER_JOB_ALPHA = "other-alpha-token-0123456789"
 METRICS_TOKEN = "metrics-reader-token-0123456789"
 ADMIN = "admin-token-0123456789"
+TICK = 0.1  # the hub's tick (seconds): work a request leaves to the ticker is written soon
+SETTLE = timedelta(seconds=1.5)  # > TICK + two ticks' work (`settle`)
 SILO_ROLES = {"alpha": "trainer", "beta": "trainer", "gamma": "evaluator", "delta": "evaluator"}
 
 
@@ -155,17 +158,50 @@ def expected(endpoint: str, caller: str) -> int | None:
 
 
 def snapshot(database: str, blobs: Path) -> tuple[dict[str, list[tuple[Any, ...]]], list[str]]:
+    """Every row and blob, but the silos' `last_seen`: the ticker writes it every 15 s from polls
+    that were let through (`test_poll_reads` holds that a refused poll is never remembered)."""
     engine = create_engine(database)
     tables = [t for t in inspect(engine).get_table_names() if t not in ("leases", "alembic_version")]
+    rows = {}
     with engine.connect() as conn:
-        rows = {t: sorted(map(tuple, conn.execute(text(f"SELECT * FROM {t}"))), key=repr) for t in tables}
+        for t in tables:
+            columns = [c["name"] for c in inspect(engine).get_columns(t) if (t, c["name"]) != ("silos", "last_seen")]
+            query = text(f"SELECT {', '.join(columns)} FROM {t}")
+            rows[t] = sorted(map(tuple, conn.execute(query)), key=repr)
     engine.dispose()
     return rows, sorted(str(p) for p in blobs.rglob("*"))
 
 
+def settle(database: str, since: datetime) -> None:
+    """Wait until what a request let through at `since` left to the ticker is written: the poll's
+    state change goes out in the next tick's batch, a round may close on an upload in the tick.
+    Every tick renews the job's lease; one renewed `SETTLE` after `since` comes from a tick that
+    started after the tick that wrote them had finished (each tick waits `TICK` first)."""
+    engine = create_engine(database)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                renewed = conn.execute(text("SELECT renewed_at FROM leases WHERE job = 'demo'")).scalar_one()
+            renewed = datetime.fromisoformat(str(renewed))
+            renewed = renewed if renewed.tzinfo else renewed.replace(tzinfo=UTC)
+            if renewed >= since + SETTLE:
+                return
+            time.sleep(TICK)
+    finally:
+        engine.dispose()
+    raise AssertionError("the aggregator's ticker did not renew the job's lease for a minute")
+
+
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[AggregatorProcess]:
-    agg = process(tmp_path, f"sqlite:///{tmp_path / 'fedsilo.db'}", "authz", FEDSILO_METRICS_TOKEN=METRICS_TOKEN)
+    agg = process(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'fedsilo.db'}",
+        "authz",
+        FEDSILO_METRICS_TOKEN=METRICS_TOKEN,
+        FEDSILO_TICK_SECONDS=str(TICK),
+    )
     agg.admin = ADMIN
     agg.start()
     yield agg
@@ -229,17 +265,23 @@ def test_authorization_matrix_and_nothing_changes_on_refusal(hub: AggregatorProc
     start_demo(hub)
     database, blobs = f"sqlite:///{tmp_path / 'fedsilo.db'}", tmp_path / "checkpoints"
     wrong: list[str] = []
+    let_through: datetime | None = datetime.now(UTC)  # when a request that may leave work to the ticker was answered
     for caller_name, caller in CALLERS.items():
         for endpoint, request in requests_for(caller).items():
             headers = request.get("headers") or caller.headers
             if endpoint in READS:
                 headers = {**headers, "X-Fedsilo-Silo": caller.silo}
             request = {**request, "headers": headers}
+            refusal = expected(endpoint, caller_name)
+            if refusal is not None and let_through is not None:
+                settle(database, let_through)
+                let_through = None
             before = snapshot(database, blobs)
             answer = send(hub, request)
-            refusal = expected(endpoint, caller_name)
             if refusal is None:
                 ok = answer.status_code not in (401, 403) and answer.status_code < 500
+                if request["method"] != "GET" or endpoint == "task":  # a poll's state change is the tick's
+                    let_through = datetime.now(UTC)
             else:
                 ok = answer.status_code == refusal and snapshot(database, blobs) == before
                 ok = ok and set(answer.json()) == {"detail", "reason"}

@@ -9,6 +9,7 @@ measures the CPU.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,6 +132,9 @@ def test_a_state_written_since_the_poll_wins_over_the_batch(hub: tuple[TestClien
 
 def test_the_one_select_refuses_as_the_three_reads_did(hub: tuple[TestClient, list[str]]) -> None:
     http, _ = hub
+    engine = http.app.state.engine  # type: ignore[attr-defined]
+    engine.write_seen = lambda force=False: None  # what polls left stays in memory to be compared
+    remembered = copy.deepcopy((engine._seen, engine._moves))
     wrong = task(http, "beta", "not-the-token-of-beta")
     assert (wrong.status_code, wrong.json()["reason"]) == (401, "unauthorized")
     assert task(http, "beta", TOKENS["alpha"]).status_code == 401  # another silo's token
@@ -138,3 +142,4 @@ def test_the_one_select_refuses_as_the_three_reads_did(hub: tuple[TestClient, li
     assert unknown.status_code == 401
     no_job = http.get("/v1/jobs/nope/silos/beta/task", headers=headers("beta"))
     assert (no_job.status_code, no_job.json()["reason"]) == (404, "not_found")
+    assert (engine._seen, engine._moves) == remembered  # a refused poll leaves nothing to write
