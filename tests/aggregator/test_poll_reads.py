@@ -120,8 +120,8 @@ def test_a_state_written_since_the_poll_wins_over_the_batch(hub: tuple[TestClien
     read, does not turn it back."""
     http, _ = hub
     engine = http.app.state.engine  # type: ignore[attr-defined]
-    writes = engine.write_seen
-    engine.write_seen = lambda force=False: None  # the ticker's batch waits until this test runs it
+    writes = engine.write_polls
+    engine.write_polls = lambda force=False: None  # the ticker's batch waits until this test runs it
     participant = until_train(http)
     data = to_bytes({"m.lora_A.weight": torch.ones(4, 6), "classifier.weight": torch.ones(2, 6)})
     up = {**headers(participant), "X-Fedsilo-Examples": "10", "X-Fedsilo-Sha256": sha256(data)}
@@ -133,7 +133,7 @@ def test_a_state_written_since_the_poll_wins_over_the_batch(hub: tuple[TestClien
 def test_the_one_select_refuses_as_the_three_reads_did(hub: tuple[TestClient, list[str]]) -> None:
     http, _ = hub
     engine = http.app.state.engine  # type: ignore[attr-defined]
-    engine.write_seen = lambda force=False: None  # what polls left stays in memory to be compared
+    engine.write_polls = lambda force=False: None  # what polls left stays in memory to be compared
     remembered = copy.deepcopy((engine._seen, engine._moves))
     wrong = task(http, "beta", "not-the-token-of-beta")
     assert (wrong.status_code, wrong.json()["reason"]) == (401, "unauthorized")

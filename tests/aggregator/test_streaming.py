@@ -264,7 +264,7 @@ def test_polls_write_nothing_until_the_batch_writes_every_silos_last_seen(tmp_pa
     engine, tokens = _engine(tmp_path), _tokens(3)
     for name in _names(3):  # round 1 is open: the first poll moves each silo to `training`
         assert engine.task("demo", name, tokens[name]).action == "train"
-    engine.write_seen()  # the moves are written in the next tick's batch, whatever SEEN_EVERY says
+    engine.write_polls()  # the moves are written in the next tick's batch, whatever SEEN_EVERY says
     with engine.sessions() as s:
         assert {r.state for r in s.scalars(select(SiloRow))} == {"training"}
     with engine.sessions() as s:
@@ -274,12 +274,12 @@ def test_polls_write_nothing_until_the_batch_writes_every_silos_last_seen(tmp_pa
     for _ in range(5):
         for name in _names(3):
             assert engine.task("demo", name, tokens[name]).action == "train"
-    engine.write_seen()  # less than SEEN_EVERY since the engine started: nothing yet
+    engine.write_polls()  # less than SEEN_EVERY since the engine started: nothing yet
     assert commits[0] == 0, "a poll that changes nothing must not write"
-    engine.write_seen(force=True)
+    engine.write_polls(force=True)
     assert commits[0] == 1, "one transaction for all the silos that polled"
     with engine.sessions() as s:
         seen = {r.name: aware(r.last_seen) for r in s.scalars(select(SiloRow))}
     assert all(seen[n] > joined[n] for n in _names(3))  # type: ignore[operator]
-    engine.write_seen(force=True)
+    engine.write_polls(force=True)
     assert commits[0] == 1, "nothing remembered: nothing written"

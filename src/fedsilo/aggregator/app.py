@@ -279,7 +279,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                     await asyncio.to_thread(ensure)
                     await asyncio.to_thread(engine.renew_leases)
                     await asyncio.to_thread(engine.tick)  # isolates jobs from each other
-                    await asyncio.to_thread(engine.write_seen)
+                    await asyncio.to_thread(engine.write_polls)
                     # round and phase events into the log; reading a 1,000-silo job's status every
                     # tick cost more than 1,000 idle silos: only when phase, round or version moved
                     fingerprints = await asyncio.to_thread(changes.read)

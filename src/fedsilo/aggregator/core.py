@@ -54,7 +54,7 @@ log = logging.getLogger("fedsilo.aggregator")
 
 
 class Move(NamedTuple):
-    """A silo's state change that a poll implies: written from `was` to `to` (see `write_seen`)."""
+    """A silo's state change that a poll implies: written from `was` to `to` (see `write_polls`)."""
 
     was: str
     to: str
@@ -146,14 +146,14 @@ class EngineCore:
 
     def release_leases(self) -> None:
         """Graceful shutdown: let a successor take over without waiting for expiry."""
-        self.write_seen(force=True)
+        self.write_polls(force=True)
         with self._lock, self.sessions.begin() as s:
             for job in self._epochs:
                 lease.release(s, job, self.holder, self.clock())
             self._epochs.clear()
 
     def remember_poll(self, job: str, silo: str, move: Move | None) -> None:
-        """A poll, for `write_seen`'s batch: when it came, and the silo's state change it implies."""
+        """A poll, for `write_polls`'s batch: when it came, and the silo's state change it implies."""
         with self._seen_lock:
             self._seen.setdefault(job, {})[silo] = self.clock()
             if move is not None:
@@ -161,11 +161,11 @@ class EngineCore:
 
     def pending_move(self, job: str, silo: str) -> Move | None:
         """Forget and return the state change a poll of `silo` left unwritten (a writer of its state
-        supersedes it; the batch would not overwrite that write anyway, see `write_seen`)."""
+        supersedes it; the batch would not overwrite that write anyway, see `write_polls`)."""
         with self._seen_lock:
             return self._moves.get(job, {}).pop(silo, None)
 
-    def write_seen(self, force: bool = False) -> None:
+    def write_polls(self, force: bool = False) -> None:
         """Write what polls left to write, one transaction per job however many silos polled:
         the silos' state changes (`training`, `evaluating`, `done`) on every call (each tick),
         `last_seen` every `SEEN_EVERY`. A silo's answer never waits for either: a write per

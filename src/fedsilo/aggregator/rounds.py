@@ -179,7 +179,7 @@ class Engine(Ticking, SecureStages):
 
     def task(self, job: str, silo: str, token: str) -> m.Task:
         """What `silo` (if `token` is its token) should do now. A read: that it asked, and the state
-        change its answer implies, are remembered and written in `write_seen`'s batch."""
+        change its answer implies, are remembered and written in `write_polls`'s batch."""
         with self.sessions() as s:  # no engine lock: polls never wait behind an aggregation
             silo_row, row, current = self._polled(s, job, silo, token)
             if silo_row.joined_at is None:
