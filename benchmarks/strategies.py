@@ -161,14 +161,16 @@ class Bench:
         training = self.training.model_copy(update={"logit_adjustment": logit_adjustment})
         return Trainer(self.model, self.tokenizer, training, data, EMPTY, distillation=distillation)
 
-    def set_trainable(self, freeze_lora_a: bool) -> None:
-        """The wrapped model's trainable set, minus lora_A for ffa-lora (the model is shared)."""
+    def set_trainable(self, freeze_lora_a: bool, freeze_head: bool = False) -> None:
+        """The wrapped model's trainable set, minus lora_A for ffa-lora and the classification
+        head (peft's `modules_to_save`) for FedBABU's body-only training (the model is shared)."""
         for name, param in self.model.named_parameters():
-            param.requires_grad_(name in self.trainable and not (freeze_lora_a and is_lora_a(name)))
+            frozen = (freeze_lora_a and is_lora_a(name)) or (freeze_head and "modules_to_save" in name)
+            param.requires_grad_(name in self.trainable and not frozen)
 
-    def hooks(self, config: dict[str, float | bool]) -> Callable[[Any], torch.Tensor] | None:
+    def hooks(self, config: dict[str, float | bool], freeze_head: bool = False) -> Callable[[Any], torch.Tensor] | None:
         """Apply a strategy's client config as the silo agent does; returns the extra loss."""
-        self.set_trainable(bool(config.get("freeze_lora_a")))
+        self.set_trainable(bool(config.get("freeze_lora_a")), freeze_head)
         mu = float(config.get("proximal_mu", 0.0))
         if mu <= 0:
             return None
@@ -183,13 +185,15 @@ class Bench:
         self, name: str, params: dict[str, float], silos: list[Encoded], alpha: str,
         distillation: DistillationSpec | None = None,
     ) -> Row:
-        """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1);
-        with `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA)."""
-        base, _, variant = name.partition("+")
+        """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)
+        and `+frozen-head` for FedBABU's federated phase (the head stays at its initialisation and
+        only the body's adapter trains); with `distillation`, silos whose data carries teacher
+        logits distil them (FedKDLoRA)."""
+        base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
         torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
-        trainers = [self.silo_trainer(d, 1.0 if variant == "la" else 0.0, distillation) for d in silos]
+        trainers = [self.silo_trainer(d, 1.0 if "la" in variants else 0.0, distillation) for d in silos]
         global_state, server_state = dict(self.initial), {}
         row = Row(name, alpha, [])
         started = time.perf_counter()
@@ -197,7 +201,7 @@ class Bench:
             acc = strategy.accumulator(global_state)
             for trainer in trainers:
                 trainer.load(global_state)
-                trainer.train(self.args.steps, extra_loss=self.hooks(config))
+                trainer.train(self.args.steps, extra_loss=self.hooks(config, "frozen-head" in variants))
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
                 strategy.add(acc, update, len(trainer.train_data))
@@ -339,7 +343,8 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=None,
                         help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss), "
+                        help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss; "
+                             "NAME+frozen-head: FedBABU's body-only training; both: NAME+la+frozen-head), "
                         "plus 'centralised' and 'local-only'.")
     parser.add_argument("--param", action="append", default=[], help="STRATEGY.PARAM=VALUE, e.g. fedadam.eta=0.03")
     parser.add_argument("--seed", type=int, default=0)
@@ -358,8 +363,10 @@ def main() -> None:
     params = parse_params(args.param)
     for name in args.strategies:
         if name not in REFERENCES:
-            base = name.partition("+")[0]
+            base, *variants = name.split("+")
             create(base, params.get(base))  # unknown names / parameters fail before any training
+            if unknown := set(variants) - {"la", "frozen-head"}:
+                raise SystemExit(f"{name}: unknown variant(s) {sorted(unknown)}; known: +la, +frozen-head")
     torch.set_num_threads(args.threads)
 
     wall = time.perf_counter()
