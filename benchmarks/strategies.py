@@ -67,6 +67,8 @@ REFERENCES = ("centralised", "local-only")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
 EMPTY = Encoded([], [])
+VARIANTS = ("la", "frozen-head", "scaffold")
+SCAFFOLD_BATCHES = 8  # batches per silo and round for its gradient estimate (~13 % more compute at 63 steps)
 
 
 @dataclass
@@ -187,8 +189,10 @@ class Bench:
     ) -> Row:
         """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)
         and `+frozen-head` for FedBABU's federated phase (the head stays at its initialisation and
-        only the body's adapter trains); with `distillation`, silos whose data carries teacher
-        logits distil them (FedKDLoRA)."""
+        only the body's adapter trains) and `+scaffold` for SCAFFOLD's control variates (each
+        local step's gradient gains c - c_i from the round before, c_i being the silo's gradient
+        estimated at the round's global adapter and c their example-weighted mean); with
+        `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA)."""
         base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
@@ -197,14 +201,27 @@ class Bench:
         global_state, server_state = dict(self.initial), {}
         row = Row(name, alpha, [])
         started = time.perf_counter()
-        for _ in range(self.args.rounds):
+        control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c; {} in round 1 (no correction)
+        controls: list[dict[str, torch.Tensor]] = [{} for _ in trainers]  # each silo's c_i
+        for r in range(self.args.rounds):
             acc = strategy.accumulator(global_state)
-            for trainer in trainers:
+            fresh = []
+            for i, trainer in enumerate(trainers):
                 trainer.load(global_state)
-                trainer.train(self.args.steps, extra_loss=self.hooks(config, "frozen-head" in variants))
+                extra = self.hooks(config, "frozen-head" in variants)
+                if "scaffold" in variants:
+                    fresh.append(local_gradient(trainer, SCAFFOLD_BATCHES, seed=1_000 * r + i))
+                    if control:
+                        extra = corrected(extra, {n: c - controls[i][n] for n, c in control.items()})
+                trainer.train(self.args.steps, extra_loss=extra)
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
                 strategy.add(acc, update, len(trainer.train_data))
+            if fresh:
+                weights = [len(t.train_data) for t in trainers]
+                controls = fresh
+                control = {n: sum(w * g[n] for w, g in zip(weights, fresh, strict=True)) / sum(weights)
+                           for n in fresh[0]}
             result = strategy.aggregate(global_state, acc, server_state)
             global_state, server_state = result.state, result.server_state
             accuracy, loss = self.scores(global_state)
@@ -256,6 +273,33 @@ class Bench:
         row.seconds = time.perf_counter() - started
         row.notes.append("per silo: " + ", ".join(f"{a:.3f}" for a in finals))
         return row
+
+
+def local_gradient(trainer: Trainer, batches: int, seed: int) -> dict[str, torch.Tensor]:
+    """The silo's mean task-loss gradient at the adapter as loaded, over `batches` batches:
+    SCAFFOLD's control variate c_i (Karimireddy et al. 2020, option I, estimated)."""
+    model = trainer.model
+    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model.train()
+    stream = trainer._train_batches(seed)
+    for _ in range(batches):
+        (trainer._task_loss(next(stream)) / batches).backward()
+    grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in live.items()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def corrected(
+    extra: Callable[[Any], torch.Tensor] | None, shift: dict[str, torch.Tensor]
+) -> Callable[[Any], torch.Tensor]:
+    """`extra` plus <shift, params>: each step's gradient gains `shift` (SCAFFOLD: c - c_i)."""
+
+    def loss(model: Any) -> torch.Tensor:
+        total = sum(((p * shift[n]).sum() for n, p in model.named_parameters() if n in shift), torch.zeros(()))
+        return total if extra is None else total + extra(model)
+
+    return loss
 
 
 def parse_params(items: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -344,7 +388,8 @@ def main() -> None:
                         help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss; "
-                             "NAME+frozen-head: FedBABU's body-only training; both: NAME+la+frozen-head), "
+                             "NAME+frozen-head: FedBABU's body-only training; NAME+scaffold: SCAFFOLD's control "
+                             "variates; combined: NAME+la+scaffold), "
                         "plus 'centralised' and 'local-only'.")
     parser.add_argument("--param", action="append", default=[], help="STRATEGY.PARAM=VALUE, e.g. fedadam.eta=0.03")
     parser.add_argument("--seed", type=int, default=0)
@@ -365,8 +410,8 @@ def main() -> None:
         if name not in REFERENCES:
             base, *variants = name.split("+")
             create(base, params.get(base))  # unknown names / parameters fail before any training
-            if unknown := set(variants) - {"la", "frozen-head"}:
-                raise SystemExit(f"{name}: unknown variant(s) {sorted(unknown)}; known: +la, +frozen-head")
+            if unknown := set(variants) - set(VARIANTS):
+                raise SystemExit(f"{name}: unknown variant(s) {sorted(unknown)}; known: " + ", ".join(VARIANTS))
     torch.set_num_threads(args.threads)
 
     wall = time.perf_counter()
