@@ -18,12 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
 from tests.aggregator.conftest import AggregatorProcess
 from tests.aggregator.test_reliability import process, v0
 from tests.conftest import job_document
 
 from fedsilo.adapters import sha256, to_bytes
+from fedsilo.aggregator.store import LeaseRow, aware
 from fedsilo.local.runner import free_port
 
 TOKENS = {
@@ -161,11 +162,12 @@ def snapshot(database: str, blobs: Path) -> tuple[dict[str, list[tuple[Any, ...]
     """Every row and blob, but the silos' `last_seen`: the ticker writes it every 15 s from polls
     that were let through (`test_poll_reads` holds that a refused poll is never remembered)."""
     engine = create_engine(database)
-    tables = [t for t in inspect(engine).get_table_names() if t not in ("leases", "alembic_version")]
+    schema = inspect(engine)
+    tables = [t for t in schema.get_table_names() if t not in ("leases", "alembic_version")]
     rows = {}
     with engine.connect() as conn:
         for t in tables:
-            columns = [c["name"] for c in inspect(engine).get_columns(t) if (t, c["name"]) != ("silos", "last_seen")]
+            columns = [c["name"] for c in schema.get_columns(t) if (t, c["name"]) != ("silos", "last_seen")]
             query = text(f"SELECT {', '.join(columns)} FROM {t}")
             rows[t] = sorted(map(tuple, conn.execute(query)), key=repr)
     engine.dispose()
@@ -182,10 +184,8 @@ def settle(database: str, since: datetime) -> None:
     try:
         while time.monotonic() < deadline:
             with engine.connect() as conn:
-                renewed = conn.execute(text("SELECT renewed_at FROM leases WHERE job = 'demo'")).scalar_one()
-            renewed = datetime.fromisoformat(str(renewed))
-            renewed = renewed if renewed.tzinfo else renewed.replace(tzinfo=UTC)
-            if renewed >= since + SETTLE:
+                renewed = conn.execute(select(LeaseRow.renewed_at).where(LeaseRow.job == "demo")).scalar_one()
+            if aware(renewed) >= since + SETTLE:  # type: ignore[operator]
                 return
             time.sleep(TICK)
     finally:
