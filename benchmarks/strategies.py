@@ -56,7 +56,6 @@ from skew_table import rounds_to  # benchmarks/ is on the path when this runs as
 from fedsilo.adapters import State, delta, to_bytes
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
-from fedsilo.silo_agent.objectives import label_counts
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, DistillationSpec, FederatedJobSpec
 from fedsilo.strategies import create, is_lora_a, proximal_term
@@ -68,7 +67,7 @@ REFERENCES = ("centralised", "local-only")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
 EMPTY = Encoded([], [])
-VARIANTS = ("la", "fla", "frozen-head", "scaffold")
+VARIANTS = ("la", "frozen-head", "scaffold")
 SCAFFOLD_BATCHES = 8  # batches per silo and round for its gradient estimate (~13 % more compute at 63 steps)
 
 
@@ -198,12 +197,7 @@ class Bench:
         strategy = create(base, params)
         config = strategy.client_config()
         torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
-        adjusted = "la" in variants or "fla" in variants
-        trainers = [self.silo_trainer(d, 1.0 if adjusted else 0.0, distillation) for d in silos]
-        if "fla" in variants:  # the federation's summed label counts, known when round 1 opens
-            summed = label_counts([y for t in trainers for y in t.train_data.labels], len(self.labels))
-            for t in trainers:
-                t.set_reference_counts(summed)
+        trainers = [self.silo_trainer(d, 1.0 if "la" in variants else 0.0, distillation) for d in silos]
         global_state, server_state = dict(self.initial), {}
         row = Row(name, alpha, [])
         started = time.perf_counter()

@@ -191,8 +191,6 @@ def test_logs_are_structured_and_free_of_library_noise(federation: Federation) -
         assert "Loading weights" not in text and "LOAD REPORT" not in text and "FutureWarning" not in text, text[:2000]
         assert all(line.startswith("20") and f" silo {silo} " in line for line in text.splitlines()), text[:2000]
         assert "new classification head (classifier.bias, classifier.weight)" in text
-        # trainers declared their label counts; every round adjusts towards the federation's prior
-        assert ("round 1: logit adjustment towards the federation's label prior" in text) == (silo != "audit"), text
 
 
 def test_export_of_the_runs_folder_merges_the_latest_run_with_the_job_labels(federation: Federation) -> None:

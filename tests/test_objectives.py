@@ -14,7 +14,7 @@ from tests.test_end_to_end import _data, _minilm
 from fedsilo.silo_agent.agent import build_trainer
 from fedsilo.silo_agent.data import Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
-from fedsilo.silo_agent.objectives import adjusted_cross_entropy, adjustment, label_counts, log_prior
+from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
 from fedsilo.silo_agent.settings import SiloSettings
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, SpecError, load_job, parse_job
@@ -27,33 +27,6 @@ def test_prior_is_smoothed_and_checked() -> None:
         log_prior([0, 3], 3)
     with pytest.raises(ValueError, match="n_classes"):
         log_prior([], 0)
-
-
-def test_the_reference_is_the_federations_prior_when_known() -> None:
-    """Adjusting by log(own) - log(federation) makes a silo whose mix is the federation's train
-    plain cross-entropy (IID silos: FedAvg, up to the add-one smoothing); without the federation's
-    counts the reference is uniform, a balanced classifier."""
-    assert label_counts([2, 0, 2, 2], 3) == [1, 0, 3]
-    with pytest.raises(ValueError, match="outside"):
-        label_counts([3], 3)
-    torch.testing.assert_close(adjustment([250, 750], [1000, 3000]), torch.zeros(2), atol=2e-3, rtol=0)
-    torch.testing.assert_close(adjustment([1, 3], None), log_prior([0, 1, 1, 1], 2))
-    # a silo of mostly class 1 in a federation of mostly class 0: its class-1 logits get the boost
-    shift = adjustment([10, 90], [90, 10])
-    assert shift[1] - shift[0] == pytest.approx(2 * math.log(91 / 11), rel=1e-5)
-    with pytest.raises(ValueError, match="over 3 classes"):
-        adjustment([1, 2], [1, 2, 3])
-
-
-def test_label_counts_are_shared_only_where_the_hub_may_learn_them() -> None:
-    assert parse_job(job_document()).spec.shares_label_counts()
-    for never in (
-        job_document(training={"logitAdjustment": 0}),
-        job_document(aggregation={"strategy": "fedavg", "secure": True, "minSilos": 2}),
-        job_document(privacy={"dp": {"noiseMultiplier": 1.0, "clipNorm": 1.0}}),
-        job_document(task={"type": "causal-lm"}),
-    ):
-        assert not parse_job(never).spec.shares_label_counts()
 
 
 def test_adjusted_cross_entropy() -> None:

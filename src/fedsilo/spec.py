@@ -154,10 +154,8 @@ class TrainingSpec(Model):
         ge=0,
         le=10,
         description="Label-skew remedy for sequence classification (logit adjustment / balanced softmax, "
-        "as in FedLC): each silo trains on logits + tau * (log(its own label frequencies) - log(the federation's)), "
-        "so a silo that sees mostly one class stops pulling the shared model towards that class. The federation's "
-        "frequencies come from the label counts the silos declare when they join; under aggregation.secure or "
-        "privacy.dp no counts are collected and the reference is uniform. 0 is plain cross-entropy. "
+        "as in FedLC): each silo trains on logits + tau * log(its own label frequencies), so a silo that sees "
+        "mostly one class stops pulling the shared model towards that class. 0 is plain cross-entropy. "
         "Unset: 1 for sequence classification (with a spec.distillation teacher too: measured better than KD "
         "alone), except under fedkd, whose private-teacher loss it is not combined with; else 0 "
         "(benchmarks/results/label-skew.md, benchmarks/results/fedkd_lora.md).",
@@ -598,17 +596,6 @@ class FederatedJobSpec(Model):
         if tau is not None:
             return tau
         return 1.0 if self.task.type == "sequence-classification" and self.aggregation.strategy != "fedkd" else 0.0
-
-    def shares_label_counts(self) -> bool:
-        """Silos declare their label counts at join, and each train task carries the federation's sum
-        (the logit adjustment's reference). Never under secure aggregation or DP: the hub would learn
-        each silo's counts, which both promise it does not."""
-        return (
-            self.logit_adjustment() > 0
-            and self.task.type == "sequence-classification"
-            and not self.aggregation.secure
-            and self.privacy.dp is None
-        )
 
     def codec_for(self, silo: str) -> CodecSpec:
         """The codec in force for `silo`: its own override, else aggregation.codec."""

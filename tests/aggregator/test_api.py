@@ -112,47 +112,6 @@ def test_full_round_trip_with_fedavg_by_hand(aggregator: AggregatorProcess) -> N
     assert "fedsilo_round_duration_seconds_count" in metrics
 
 
-def test_label_counts_set_every_silos_reference_prior(aggregator: AggregatorProcess) -> None:
-    """Trainers declare their label counts at join; each train task carries the federation's sum
-    (the logit adjustment's reference). Counts that cannot be right are refused, and kept out."""
-    admin = Client(aggregator.url, "demo", aggregator.admin, retries=0)
-    admin.create_job(parse_job(job_document()), TOKENS)
-    a, b = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
-    a.join(m.JoinRequest(n_train_examples=100, n_eval_examples=0, label_counts=[30, 70]))
-    for counts, reason in (([100], "label_counts_shape"), ([40, 40, 20], "label_counts_shape"),
-                           ([50, 50], "label_counts_sum")):
-        with pytest.raises(ClientError) as refused:
-            b.join(m.JoinRequest(n_train_examples=99, n_eval_examples=0, label_counts=counts))
-        assert (refused.value.status, refused.value.reason) == (422, reason)
-    with pytest.raises(ClientError) as negative:  # the wire model's own bounds
-        b.join(m.JoinRequest.model_construct(n_train_examples=1, n_eval_examples=0, label_counts=[-1, 2]))
-    assert negative.value.status == 422
-    assert admin.status().phase == "Pending"  # no refused join counted
-    b.join(m.JoinRequest(n_train_examples=99, n_eval_examples=0, label_counts=[90, 9]))
-    assert a.task().action == "init"
-    a.put_initial(to_bytes(_v0()))
-    for silo in (a, b):
-        task = silo.task()
-        assert (task.action, task.label_counts) == ("train", [120, 79])
-    assert admin.rounds()[0].metrics["label_counts"] == [120, 79]
-
-
-def test_label_counts_are_refused_where_the_job_does_not_share_them(aggregator: AggregatorProcess) -> None:
-    """Without logit adjustment (or under secure aggregation or DP) the hub collects no label counts."""
-    admin = Client(aggregator.url, "demo", aggregator.admin, retries=0)
-    admin.create_job(parse_job(job_document(training={"rounds": 1, "localSteps": 2, "logitAdjustment": 0})), TOKENS)
-    a, b = (Client(aggregator.url, "demo", TOKENS[n], n, retries=0) for n in ("alpha", "beta"))
-    with pytest.raises(ClientError) as refused:
-        a.join(m.JoinRequest(n_train_examples=10, n_eval_examples=0, label_counts=[5, 5]))
-    assert (refused.value.status, refused.value.reason) == (422, "label_counts_not_shared")
-    for silo in (a, b):
-        silo.join(m.JoinRequest(n_train_examples=10, n_eval_examples=0))
-    a.task()
-    a.put_initial(to_bytes(_v0()))
-    task = b.task()
-    assert (task.action, task.label_counts) == ("train", None)
-
-
 def test_bad_uploads_are_refused_and_nothing_is_stored(aggregator: AggregatorProcess) -> None:
     admin, a, _ = _setup(aggregator)
     a.put_initial(to_bytes(_v0()))

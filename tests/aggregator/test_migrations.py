@@ -30,7 +30,7 @@ from fedsilo.aggregator.store import (
 )
 from fedsilo.spec import document_digest
 
-HEAD = "0006"
+HEAD = "0005"
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 

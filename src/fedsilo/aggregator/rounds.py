@@ -166,13 +166,11 @@ class Engine(Ticking, SecureStages):
             silo_row = self._silo(tx.s, job, silo)
             if silo_row.joined_at is not None:  # a re-join (restart): the first declaration is the cap
                 _check_declared(silo_row, req)
-            _check_label_counts(specs.job_of(row), silo_row, req)
             silo_row.joined_at = silo_row.joined_at or tx.now
             silo_row.last_seen = tx.now
             silo_row.state = "joined"
             silo_row.n_train_examples, silo_row.n_eval_examples = req.n_train_examples, req.n_eval_examples
             silo_row.throughput = req.throughput_examples_per_second
-            silo_row.label_counts = req.label_counts
             tx.s.flush()
             transitions.maybe_start(tx, row, self.metrics)
             joined = tx.s.scalar(select(func.count()).where(SiloRow.job == job, SiloRow.joined_at.is_not(None)))
@@ -396,33 +394,6 @@ def _check_declared(row: SiloRow, req: m.JoinRequest) -> None:
             f"examples when it first joined and cannot declare more ({req.n_train_examples} / "
             f"{req.n_eval_examples}); the job's admin can remove and re-add it",
             "declared_examples",
-        )
-
-
-def _check_label_counts(job: FederatedJob, row: SiloRow, req: m.JoinRequest) -> None:
-    """Label counts come only where the job shares them, from a trainer, one per class, summing to
-    the declared training examples: they set every silo's reference prior."""
-    if req.label_counts is None:
-        return
-    if not job.spec.shares_label_counts():
-        raise Invalid(
-            "this job does not collect label counts (they are shared only for sequence classification with "
-            "logit adjustment, without aggregation.secure or privacy.dp); join without label_counts",
-            "label_counts_not_shared",
-        )
-    if row.role != "trainer":
-        raise Invalid(f"silo {row.name!r} is an evaluator: only trainers declare label counts", "label_counts_role")
-    labels = job.spec.task.labels
-    if len(req.label_counts) != len(labels):
-        raise Invalid(
-            f"label_counts has {len(req.label_counts)} entries; task.labels has {len(labels)} classes",
-            "label_counts_shape",
-        )
-    if sum(req.label_counts) != req.n_train_examples:
-        raise Invalid(
-            f"label_counts sum to {sum(req.label_counts)}, not the {req.n_train_examples} training examples "
-            "this join declares",
-            "label_counts_sum",
         )
 
 

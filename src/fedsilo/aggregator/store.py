@@ -89,7 +89,6 @@ class SiloRow(Base):
     n_train_examples: Mapped[int] = mapped_column(default=0)
     n_eval_examples: Mapped[int] = mapped_column(default=0)
     throughput: Mapped[float | None] = mapped_column(Float, default=None)
-    label_counts: Mapped[list[int] | None] = mapped_column(JSON, default=None)  # declared at join, where shared
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # removed from the job
     # identity lifecycle (see `identity.py`): the token before the last rotation stays valid
     # until `previous_valid_until`; a token may expire; a revoked token is refused at once

@@ -49,22 +49,6 @@ def sample(s: Session, row: JobRow, number: int) -> list[str]:
     )
 
 
-def federation_counts(s: Session, job: str) -> list[int] | None:
-    """The joined trainers' declared label counts, summed; None unless every one of them declared
-    (a partial sum would skew every silo's reference prior)."""
-    declared = s.scalars(
-        select(SiloRow.label_counts).where(
-            SiloRow.job == job,
-            SiloRow.role == "trainer",
-            SiloRow.joined_at.is_not(None),
-            SiloRow.revoked_at.is_(None),
-        )
-    ).all()
-    if not declared or any(c is None for c in declared) or len({len(c) for c in declared if c is not None}) != 1:
-        return None
-    return [sum(column) for column in zip(*declared, strict=True)]
-
-
 def open_round(tx: Tx, row: JobRow, number: int, metrics: Metrics) -> None:
     """Open round `number`; a changed aggregation waiting in `pending_document` takes effect here."""
     if row.pending_document is not None:
@@ -81,8 +65,6 @@ def open_round(tx: Tx, row: JobRow, number: int, metrics: Metrics) -> None:
         plan["steps"] = strategies.assign_steps(
             {r.name: r.throughput for r in rows}, spec.training.local_steps, spec.training.batch_size
         )
-    if spec.shares_label_counts() and (counts := federation_counts(tx.s, row.name)) is not None:
-        plan["label_counts"] = counts
     deadline = tx.now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
     rnd = RoundRow(
         job=row.name,
@@ -212,7 +194,6 @@ def next_task(s: Session, row: JobRow, rnd: RoundRow | None, silo: SiloRow, pars
             local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
             secure=rnd.secagg is not None,
             dp=_dp_share(job, rnd),
-            label_counts=(rnd.metrics or {}).get("label_counts"),
         )
     if row.phase == Phase.SUCCEEDED:
         if silo.n_eval_examples > 0 and not _evaluated(s, row.name, silo.name, row.version):

@@ -24,7 +24,6 @@ SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
 MAX_INT = 2**31 - 1
 MAX_SECONDS = 10**8  # about three years: longer than any round, finite as a float
 MAX_RATE = 1e12  # examples per second
-MAX_LABELS = 100_000  # classes in a declared label-count list
 Finite = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no NaN/Infinity: they could never be answered
 
 
@@ -99,12 +98,6 @@ class JoinRequest(Request):
     n_eval_examples: int = Field(ge=0, le=MAX_INT)
     device: str = Field(default="cpu", max_length=200)
     throughput_examples_per_second: float | None = Field(default=None, ge=0, le=MAX_RATE)
-    label_counts: list[Annotated[int, Field(ge=0, le=MAX_INT)]] | None = Field(
-        default=None,
-        max_length=MAX_LABELS,
-        description="Training examples per task.labels class, summing to n_train_examples: only where the job "
-        "shares label counts (sequence classification with logit adjustment, no secure aggregation, no DP).",
-    )
 
 
 class JoinResponse(Wire):
@@ -132,11 +125,6 @@ class Task(Wire):
     dp: dict[str, float] = Field(
         default_factory=dict,
         description="Secure aggregation with DP: clip_norm and noise_std, the silo's share of the noise.",
-    )
-    label_counts: list[int] | None = Field(
-        default=None,
-        description="The federation's training examples per class (the joined trainers' declared counts, summed "
-        "when the round opened): the reference prior of the silo's logit adjustment. None: uniform.",
     )
 
 

@@ -24,7 +24,6 @@ from fedsilo.silo_agent.causal_lm import CausalLMTrainer, encode_causal_lm, gene
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table, split_indices
 from fedsilo.silo_agent.distill import DistillConfig, Distiller
 from fedsilo.silo_agent.model import ModelError, load_base, peft_config, wrap
-from fedsilo.silo_agent.objectives import label_counts
 from fedsilo.silo_agent.quiet import setup_logging
 from fedsilo.silo_agent.secure import SecureRound, SitOut
 from fedsilo.silo_agent.settings import SiloSettings
@@ -101,7 +100,6 @@ class Agent:
         metrics: AgentMetrics,
         global_rank: int,
         codec: CodecSpec | None = None,
-        label_counts: list[int] | None = None,
     ) -> None:
         self.client, self.trainer, self.silo, self.settings, self.metrics = client, trainer, silo, settings, metrics
         self.loaded_version: int | None = None
@@ -115,17 +113,11 @@ class Agent:
         self.resuming = True  # until the first task: a restarted agent may owe an evaluation
         owner = f"{settings.job}/{silo.name}"
         self.uplink = Uplink(codec or CodecSpec(), owner, settings.state_dir)  # the codec in force for this silo
-        self.label_counts = label_counts  # declared at join where the job shares them (logit adjustment)
-        self.reference: list[int] | None = None  # the federation's counts of the last train task
 
     def join(self) -> m.JoinResponse:
         """Join the job (again after a restart: the aggregator keeps what this silo already sent)."""
         return self.client.join(
-            m.JoinRequest(
-                n_train_examples=len(self.trainer.train_data),
-                n_eval_examples=len(self.trainer.eval_data),
-                label_counts=self.label_counts,
-            )
+            m.JoinRequest(n_train_examples=len(self.trainer.train_data), n_eval_examples=len(self.trainer.eval_data))
         )
 
     def _load_version(self, version: int) -> None:
@@ -191,15 +183,6 @@ class Agent:
             self.distiller = Distiller(self.trainer.model, config, self.trainer.training)
             log.info("fedkd: private teacher adapter of rank %d created (never uploaded)", config.teacher_rank)
         step_fn = self.distiller.step if self.distiller is not None else None
-        if task.label_counts is not None and task.label_counts != self.reference:
-            log.info(
-                "round %d: logit adjustment towards the federation's label prior (%s of %d examples)",
-                task.round,
-                "/".join(map(str, task.label_counts)),
-                sum(task.label_counts),
-            )
-        self.reference = task.label_counts
-        self.trainer.set_reference_counts(task.label_counts)
         result = self.trainer.train(
             task.local_steps,
             extra_loss=self._strategy_hooks(task),
@@ -344,14 +327,7 @@ def run_agent(settings: SiloSettings) -> int:
         job = client.spec()
         silo = job.spec.silo(settings.silo)
         trainer = build_trainer(job, silo, settings)
-        counts = (
-            label_counts(trainer.train_data.labels, len(job.spec.task.labels))
-            if job.spec.shares_label_counts() and silo.role == "trainer"
-            else None
-        )
-        agent = Agent(
-            client, trainer, silo, settings, metrics, job.spec.peft.r, job.spec.codec_for(silo.name), counts
-        )
+        agent = Agent(client, trainer, silo, settings, metrics, job.spec.peft.r, job.spec.codec_for(silo.name))
         joined = agent.join()
         log.info(
             "joined job %s as %s: %d train / %d %s examples",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from fedsilo.adapters import State, sha256, to_bytes
 from fedsilo.silo_agent.data import Encoded, batches
 from fedsilo.silo_agent.distill import kd_divergence
 from fedsilo.silo_agent.model import adapter_state, load_adapter_state
-from fedsilo.silo_agent.objectives import adjusted_cross_entropy, adjustment, label_counts
+from fedsilo.silo_agent.objectives import adjusted_cross_entropy, log_prior
 from fedsilo.spec import DistillationSpec, TrainingSpec
 
 
@@ -78,7 +78,6 @@ class Trainer:
         self.batcher = batcher  # (data, batch_size, tokenizer, order) -> padded batches
         self.device = next(model.parameters()).device
         self._log_prior: torch.Tensor | None = None  # logit adjustment: made at the first step (needs K)
-        self._reference: list[int] | None = None  # the federation's label counts (Task.label_counts)
         self._eval_batches = (
             [self._on_device(b) for b in batcher(evaluation, training.eval_batch_size, tokenizer)]
             if len(evaluation)
@@ -90,12 +89,6 @@ class Trainer:
 
     def load(self, state: State) -> None:
         load_adapter_state(self.model, state)
-
-    def set_reference_counts(self, counts: Sequence[int] | None) -> None:
-        """The logit adjustment's reference: the federation's summed label counts, None for uniform."""
-        reference = [int(c) for c in counts] if counts is not None else None
-        if reference != self._reference:
-            self._reference, self._log_prior = reference, None
 
     def steps_per_round(self, local_steps: int | None = None) -> int:
         per_epoch = math.ceil(len(self.train_data) / self.training.batch_size)
@@ -182,8 +175,7 @@ class Trainer:
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         if tau > 0:
             if self._log_prior is None:
-                own = label_counts(self.train_data.labels, logits.shape[-1])
-                self._log_prior = adjustment(own, self._reference)
+                self._log_prior = log_prior(self.train_data.labels, logits.shape[-1])
             loss = adjusted_cross_entropy(logits, batch["labels"], self._log_prior, tau)
         else:
             loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
