@@ -56,6 +56,7 @@ from skew_table import rounds_to  # benchmarks/ is on the path when this runs as
 from fedsilo.adapters import State, delta, to_bytes
 from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
+from fedsilo.silo_agent.objectives import log_prior
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, DistillationSpec, FederatedJobSpec
 from fedsilo.strategies import create, is_lora_a, proximal_term
@@ -67,7 +68,7 @@ REFERENCES = ("centralised", "local-only")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
 EMPTY = Encoded([], [])
-VARIANTS = ("la", "frozen-head", "scaffold")
+VARIANTS = ("la", "fla", "cb", "frozen-head", "scaffold")
 SCAFFOLD_BATCHES = 8  # batches per silo and round for its gradient estimate (~13 % more compute at 63 steps)
 
 
@@ -188,17 +189,32 @@ class Bench:
         distillation: DistillationSpec | None = None,
     ) -> Row:
         """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)
+        towards the uniform prior (secure aggregation, DP), `+fla` for it towards the federation's
+        label prior (the silos' summed label counts, known when round 1 opens: the default elsewhere),
         and `+frozen-head` for FedBABU's federated phase (the head stays at its initialisation and
         only the body's adapter trains) and `+scaffold` for SCAFFOLD's control variates (each
         local step's gradient gains c - c_i from the round before, c_i being the silo's gradient
         estimated at the round's global adapter and c their example-weighted mean); with
-        `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA)."""
+        `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA); `+cb` weighs
+        each silo by sum_c n_ic / N_c (every class's examples weigh the same in total: the balanced
+        risk that the adjustment targets) instead of by its example count."""
         base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
         torch.manual_seed(self.training.seed)  # same dropout stream for every strategy
-        trainers = [self.silo_trainer(d, 1.0 if "la" in variants else 0.0, distillation) for d in silos]
+        adjusted = "la" in variants or "fla" in variants
+        trainers = [self.silo_trainer(d, 1.0 if adjusted else 0.0, distillation) for d in silos]
+        k = len(self.labels)
+        if "fla" in variants:  # towards the federation's prior: its summed label counts, known from round 1 on
+            federation = log_prior([y for t in trainers for y in t.train_data.labels], k)
+            for t in trainers:
+                t._log_prior = log_prior(t.train_data.labels, k) - federation  # the trainer's cached adjustment
         global_state, server_state = dict(self.initial), {}
+        weights = [float(len(t.train_data)) for t in trainers]
+        if "cb" in variants:  # class-balanced weights: each class's examples weigh the same in total
+            counts = [[list(t.train_data.labels).count(j) for j in range(k)] for t in trainers]
+            totals = [sum(c[j] for c in counts) for j in range(k)]
+            weights = [sum(c[j] / totals[j] for j in range(k) if totals[j]) * sum(totals) / k for c in counts]
         row = Row(name, alpha, [])
         started = time.perf_counter()
         control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c; {} in round 1 (no correction)
@@ -216,7 +232,7 @@ class Bench:
                 trainer.train(self.args.steps, extra_loss=extra)
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
-                strategy.add(acc, update, len(trainer.train_data))
+                strategy.add(acc, update, weights[i])
             if fresh:
                 weights = [len(t.train_data) for t in trainers]
                 controls = fresh
@@ -387,7 +403,9 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=None,
                         help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
-                        help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss; "
+                        help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss towards "
+                             "the uniform prior; NAME+fla: towards the federation's label prior, the default where "
+                             "silos share label counts; "
                              "NAME+frozen-head: FedBABU's body-only training; NAME+scaffold: SCAFFOLD's control "
                              "variates; combined: NAME+la+scaffold), "
                         "plus 'centralised' and 'local-only'.")
