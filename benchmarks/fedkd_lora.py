@@ -33,7 +33,7 @@ from fedsilo.silo_agent.model import load_base
 from fedsilo.silo_agent.teacher import fit_teacher, load_teacher, teacher_logits
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, DistillationSpec, TeacherSpec
-from strategies import EMPTY, LABELS, PREPARE, ROOT, Bench, Row, job_spec, minilm_path
+from strategies import EMPTY, PREPARE, ROOT, Bench, Row, job_spec, labels_of, minilm_path, shares
 
 MPNET = ROOT / "examples" / "data" / "models" / "all-mpnet-base-v2"
 LA_SUFFIX = {"fedlora": "", "fedkdlora": "", "fedlora+la": " + logit adjustment", "fedkdlora+la": " + logit adjustment"}
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=63)
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--classes", nargs="+", default=None, choices=["fresh", "rotten", "plot"],
+                        help="The task's classes (default rotten fresh); fresh rotten plot is the three-class task.")
     parser.add_argument("--silos", type=int, default=4)
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--public-examples", type=int, default=1000)
@@ -121,7 +123,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, str(PREPARE), "--out", str(out), "--silos", str(args.silos),
                                "--alpha", str(args.alpha), "--train-examples", str(args.train_examples),
                                "--public-examples", str(args.public_examples), "--test-examples",
-                               str(args.test_examples), "--seed", str(args.seed)],
+                               str(args.test_examples), "--seed", str(args.seed), "--classes", *labels_of(args)],
                               check=True, capture_output=True, text=True)
         info.append("data: " + "; ".join(done.stdout.strip().splitlines()))
         frames, silos = [], []
@@ -141,10 +143,10 @@ def main() -> None:
         if {"fedkdlora", "fedkdlora+la"} & set(args.methods):
             started = time.perf_counter()
             public = read_table(DataSpec(path=str(out / "public.csv")), out)
-            report = fit_teacher(str(args.teacher), public, DataSpec(path="public.csv"), LABELS, out / "teacher",
-                                 steps=args.teacher_steps, batch_size=args.batch_size,
+            report = fit_teacher(str(args.teacher), public, DataSpec(path="public.csv"), labels_of(args),
+                                 out / "teacher", steps=args.teacher_steps, batch_size=args.batch_size,
                                  learning_rate=args.teacher_lr, max_length=args.max_length, seed=args.seed)
-            teacher = load_teacher(TeacherSpec(path=str(out / "teacher")), LABELS)
+            teacher = load_teacher(TeacherSpec(path=str(out / "teacher")), labels_of(args))
             test_frame = read_table(DataSpec(path=str(out / "test.csv")), out)
             texts, _, _ = classification_texts(test_frame, DataSpec(path="test.csv"))
             logits = torch.tensor(teacher_logits(*teacher, texts, None, args.max_length))
@@ -167,8 +169,7 @@ def main() -> None:
             full_args = argparse.Namespace(**{**vars(args), "lr": args.full_lr})
             bench.training = bench.training.model_copy(update={"learning_rate": args.full_lr})
             rows.append(full_fedavg(full_args, bench, silos, test))
-        shares = ", ".join(f"{len(d)} ({sum(d.labels) / len(d):.0%} fresh)" for d in silos)
-        info.append(f"silos: {shares}")
+        info.append("silos: " + ", ".join(shares(d, labels_of(args)) for d in silos))
     lines = ["| method | final test acc | best acc | test loss per round | bytes up / silo / round | runtime s "
              "| notes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
