@@ -68,7 +68,7 @@ REFERENCES = ("centralised", "local-only")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
 EMPTY = Encoded([], [])
-VARIANTS = ("la", "fla", "cb", "frozen-head", "scaffold")
+VARIANTS = ("la", "fla", "cb", "lw", "frozen-head", "scaffold")
 SCAFFOLD_BATCHES = 8  # batches per silo and round for its gradient estimate (~13 % more compute at 63 steps)
 
 
@@ -189,15 +189,17 @@ class Bench:
         distillation: DistillationSpec | None = None,
     ) -> Row:
         """`name` is a strategy, with `+la` for the silos' logit-adjusted loss (training.logitAdjustment 1)
-        towards the uniform prior (secure aggregation, DP), `+fla` for it towards the federation's
-        label prior (the silos' summed label counts, known when round 1 opens: the default elsewhere),
+        towards the uniform prior (the product's default), `+fla` for it towards the federation's
+        label prior (the silos' summed label counts, known when round 1 opens; measured, not adopted),
         and `+frozen-head` for FedBABU's federated phase (the head stays at its initialisation and
         only the body's adapter trains) and `+scaffold` for SCAFFOLD's control variates (each
         local step's gradient gains c - c_i from the round before, c_i being the silo's gradient
         estimated at the round's global adapter and c their example-weighted mean); with
         `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA); `+cb` weighs
         each silo by sum_c n_ic / N_c (every class's examples weigh the same in total: the balanced
-        risk that the adjustment targets) instead of by its example count."""
+        risk that the adjustment targets) instead of by its example count; `+lw` multiplies a silo's
+        weight by its mean training loss of the round, so a silo whose (adjusted) loss is already
+        near zero, a one-class silo under the adjustment, sends an update that barely counts."""
         base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
@@ -229,10 +231,10 @@ class Bench:
                     fresh.append(local_gradient(trainer, SCAFFOLD_BATCHES, seed=1_000 * r + i))
                     if control:
                         extra = corrected(extra, {n: c - controls[i][n] for n, c in control.items()})
-                trainer.train(self.args.steps, extra_loss=extra)
+                result = trainer.train(self.args.steps, extra_loss=extra)
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
-                strategy.add(acc, update, weights[i])
+                strategy.add(acc, update, weights[i] * (max(result.loss, 1e-6) if "lw" in variants else 1.0))
             if fresh:
                 weights = [len(t.train_data) for t in trainers]
                 controls = fresh
@@ -404,8 +406,8 @@ def main() -> None:
                         help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss towards "
-                             "the uniform prior; NAME+fla: towards the federation's label prior, the default where "
-                             "silos share label counts; "
+                             "the uniform prior; NAME+fla: towards the federation's label prior; NAME+cb: "
+                             "class-balanced silo weights; NAME+lw: weights times the silo's training loss; "
                              "NAME+frozen-head: FedBABU's body-only training; NAME+scaffold: SCAFFOLD's control "
                              "variates; combined: NAME+la+scaffold), "
                         "plus 'centralised' and 'local-only'.")
