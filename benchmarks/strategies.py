@@ -212,9 +212,10 @@ class Bench:
             for t in trainers:
                 t._log_prior = log_prior(t.train_data.labels, k) - federation  # the trainer's cached adjustment
         global_state, server_state = dict(self.initial), {}
-        weights = [float(len(t.train_data)) for t in trainers]
+        examples = [float(len(t.train_data)) for t in trainers]
+        weights = examples  # each update's weight in the strategy's sum
         if "cb" in variants:  # class-balanced weights: each class's examples weigh the same in total
-            counts = [[list(t.train_data.labels).count(j) for j in range(k)] for t in trainers]
+            counts = [[t.train_data.labels.count(j) for j in range(k)] for t in trainers]
             totals = [sum(c[j] for c in counts) for j in range(k)]
             weights = [sum(c[j] / totals[j] for j in range(k) if totals[j]) * sum(totals) / k for c in counts]
         row = Row(name, alpha, [])
@@ -231,14 +232,13 @@ class Bench:
                     fresh.append(local_gradient(trainer, SCAFFOLD_BATCHES, seed=1_000 * r + i))
                     if control:
                         extra = corrected(extra, {n: c - controls[i][n] for n, c in control.items()})
-                result = trainer.train(self.args.steps, extra_loss=extra)
+                trained = trainer.train(self.args.steps, extra_loss=extra)
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
-                strategy.add(acc, update, weights[i] * (max(result.loss, 1e-6) if "lw" in variants else 1.0))
-            if fresh:
-                weights = [len(t.train_data) for t in trainers]
+                strategy.add(acc, update, weights[i] * (max(trained.loss, 1e-6) if "lw" in variants else 1.0))
+            if fresh:  # SCAFFOLD's c: the example-weighted mean (not `weights`, which +cb may change)
                 controls = fresh
-                control = {n: sum(w * g[n] for w, g in zip(weights, fresh, strict=True)) / sum(weights)
+                control = {n: sum(w * g[n] for w, g in zip(examples, fresh, strict=True)) / sum(examples)
                            for n in fresh[0]}
             result = strategy.aggregate(global_state, acc, server_state)
             global_state, server_state = result.state, result.server_state
