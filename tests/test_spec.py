@@ -153,7 +153,15 @@ def test_codec_defaults_to_plain_fp32_and_a_silo_may_override_it(job_doc: dict[s
 
 
 def test_loss_weighting_measures_against_chance_level(job_doc: dict[str, Any]) -> None:
-    assert parse_job(job_doc).spec.chance_loss() is None  # off unless asked for
     job_doc["spec"]["task"]["labels"] = ["a", "b", "c"]
+    assert parse_job(job_doc).spec.chance_loss() == pytest.approx(math.log(3))  # on with the adjustment
+    job_doc["spec"]["training"]["logitAdjustment"] = 0
+    assert parse_job(job_doc).spec.chance_loss() is None
     job_doc["spec"]["aggregation"]["lossWeighting"] = True
     assert parse_job(job_doc).spec.chance_loss() == pytest.approx(math.log(3))
+    job_doc["spec"]["aggregation"]["lossWeighting"] = False
+    job_doc["spec"]["training"]["logitAdjustment"] = 1
+    assert parse_job(job_doc).spec.chance_loss() is None
+    job_doc["spec"]["aggregation"]["lossWeighting"] = None
+    job_doc["spec"]["privacy"] = {"dp": {"clipNorm": 1, "noiseMultiplier": 1}}
+    assert parse_job(job_doc).spec.chance_loss() is None  # every DP update weighs 1

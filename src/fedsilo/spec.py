@@ -252,7 +252,8 @@ class AggregationSpec(Model):
         "loss of the round, as a share of chance level (log of the label count), capped at 1 and floored at "
         "0.001. A silo whose loss is near zero (under logit adjustment: one that holds a single class) learns "
         "nothing about the other classes, yet AdamW makes its step as large as anyone's; this keeps that step "
-        "from steering the average. Off under privacy.dp (every update weighs 1 there). Unset: off "
+        "from steering the average. Off under privacy.dp (every update weighs 1 there). Unset: on wherever the "
+        "logit adjustment is (sequence classification, not fedkd) unless a distillation teacher is set "
         "(benchmarks/results/label-skew.md).",
     )
     mode: Literal["sync", "async"] = Field(
@@ -613,7 +614,10 @@ class FederatedJobSpec(Model):
 
     def chance_loss(self) -> float | None:
         """The loss an update's weight is measured against under aggregation.lossWeighting (log K), else None."""
-        if not self.aggregation.loss_weighting or self.privacy.dp is not None:
+        weighted = self.aggregation.loss_weighting
+        if weighted is None:  # measured with the adjustment, whose one-class silos it reins in; not with a teacher
+            weighted = self.logit_adjustment() > 0 and self.distillation is None
+        if not weighted or self.privacy.dp is not None:
             return None
         return math.log(len(self.task.labels))
 

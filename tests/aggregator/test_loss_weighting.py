@@ -70,7 +70,7 @@ def test_without_loss_weighting_a_reported_loss_changes_nothing(tmp_path: Path) 
     agg.start()
     try:
         hub = Hub(agg.url, agg.admin, tokens_for("alpha", "beta"))
-        started(hub, document(["alpha", "beta"], minSilos=2))
+        started(hub, document(["alpha", "beta"], minSilos=2, lossWeighting=False))
         assert hub.task("alpha").json()["chance_loss"] is None
         assert upload(hub, "alpha", 1, delta(1), 10, "0.001").status_code == 200
         assert upload(hub, "beta", 1, delta(2), 30, "0.6").status_code == 200

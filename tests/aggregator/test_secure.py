@@ -77,7 +77,7 @@ def secure_hub(tmp_path: Path, url: str, silos: list[str], **aggregation: Any) -
     agg = process(tmp_path, url, "aggregator", FEDSILO_LEASE_SECONDS="2")  # a killed holder's lease expires fast
     agg.start()
     hub = Hub(agg.url, agg.admin, tokens_for(*silos))
-    doc = document(silos, secure=True, minSilos=2, **aggregation)
+    doc = document(silos, secure=True, minSilos=2, **{"lossWeighting": False, **aggregation})  # n-weighted
     doc["spec"]["training"]["rounds"] = 2
     assert hub.create(doc).status_code == 201, hub.create(doc).text
     for silo in silos:
