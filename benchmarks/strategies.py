@@ -59,7 +59,7 @@ from fedsilo.silo_agent.model import load_base, peft_config, wrap
 from fedsilo.silo_agent.objectives import log_prior
 from fedsilo.silo_agent.trainer import Trainer
 from fedsilo.spec import DataSpec, DistillationSpec, FederatedJobSpec
-from fedsilo.strategies import create, is_lora_a, loss_share, proximal_term
+from fedsilo.strategies import create, is_lora_a, proximal_term
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPARE = ROOT / "examples" / "prepare_rotten_tomatoes.py"
@@ -198,9 +198,9 @@ class Bench:
         `distillation`, silos whose data carries teacher logits distil them (FedKDLoRA); `+cb` weighs
         each silo by sum_c n_ic / N_c (every class's examples weigh the same in total: the balanced
         risk that the adjustment targets) instead of by its example count; `+lw` multiplies a silo's
-        weight by its mean training loss of the round as a share of log K (the product's
-        `aggregation.lossWeighting`), so a silo whose (adjusted) loss is already near zero, a
-        one-class silo under the adjustment, sends an update that barely counts."""
+        weight by its mean training loss of the round as a share of log K (`loss_share`), so a silo
+        whose (adjusted) loss is already near zero, a one-class silo under the adjustment, sends an
+        update that barely counts."""
         base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
@@ -236,7 +236,7 @@ class Bench:
                 trained = trainer.train(self.args.steps, extra_loss=extra)
                 update = delta(trainer.state(), global_state)
                 row.bytes_up = len(to_bytes(update))
-                share = loss_share(trained.loss, math.log(k)) if "lw" in variants else 1.0  # aggregation.lossWeighting
+                share = loss_share(trained.loss, math.log(k)) if "lw" in variants else 1.0
                 strategy.add(acc, update, weights[i] * share)
             if fresh:  # SCAFFOLD's c: the example-weighted mean (not `weights`, which +cb may change)
                 controls = fresh
@@ -361,6 +361,12 @@ def alpha_arg(text: str) -> float:
 
 def alpha_label(alpha: float) -> str:
     return "IID" if math.isinf(alpha) else f"{alpha:g}"
+
+
+def loss_share(loss: float, chance: float) -> float:
+    """`+lw`'s weight factor: the loss as a share of chance level in 1/1024 steps, within [1/1024, 1]
+    (the cap bounds what an inflated report could gain; the floor keeps a round's weight above 0)."""
+    return min(max(round(loss / chance * 1024), 1), 1024) / 1024
 
 
 def task_name(args: argparse.Namespace) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +63,6 @@ def test_valid_document_round_trips(job_doc: dict[str, Any]) -> None:
         (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 1, "delta": 1}}), "delta"),
         (lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1}}), "noiseMultiplier: Field required"),
         (lambda d: d["spec"].update(aggregator={"externalUrl": "http://fl.example.org"}), "aggregator.externalUrl"),
-        (
-            lambda d: d["spec"].update(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 1}})
-            or d["spec"]["aggregation"].update(lossWeighting=True),
-            "lossWeighting is not combined with privacy.dp",
-        ),
-        (
-            lambda d: d["spec"].update(task={"type": "causal-lm"})
-            or d["spec"]["aggregation"].update(lossWeighting=True),
-            "lossWeighting applies to sequence-classification only",
-        ),
-        (lambda d: d["spec"]["aggregation"].update(lossWeighting="sometimes"), "spec.aggregation.lossWeighting"),
     ],
 )
 def test_bad_documents_name_the_field(job_doc: dict[str, Any], mutate: Any, expected: str) -> None:
@@ -150,18 +138,3 @@ def test_codec_defaults_to_plain_fp32_and_a_silo_may_override_it(job_doc: dict[s
     job_doc["spec"]["aggregation"].update(secure=True, codec={"dtype": "fp32", "errorFeedback": False})
     job_doc["spec"]["silos"][1].pop("codec")
     assert parse_job(job_doc).spec.aggregation.secure  # plain fp32 is what masking needs
-
-
-def test_loss_weighting_measures_against_chance_level(job_doc: dict[str, Any]) -> None:
-    job_doc["spec"]["task"]["labels"] = ["a", "b", "c"]
-    assert parse_job(job_doc).spec.chance_loss() == pytest.approx(math.log(3))  # on with the adjustment
-    job_doc["spec"]["training"]["logitAdjustment"] = 0
-    assert parse_job(job_doc).spec.chance_loss() is None
-    job_doc["spec"]["aggregation"]["lossWeighting"] = True
-    assert parse_job(job_doc).spec.chance_loss() == pytest.approx(math.log(3))
-    job_doc["spec"]["aggregation"]["lossWeighting"] = False
-    job_doc["spec"]["training"]["logitAdjustment"] = 1
-    assert parse_job(job_doc).spec.chance_loss() is None
-    job_doc["spec"]["aggregation"]["lossWeighting"] = None
-    job_doc["spec"]["privacy"] = {"dp": {"clipNorm": 1, "noiseMultiplier": 1}}
-    assert parse_job(job_doc).spec.chance_loss() is None  # every DP update weighs 1

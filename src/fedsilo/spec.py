@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -245,16 +244,6 @@ class AggregationSpec(Model):
     balance_workload: bool = Field(
         default=False,
         description="After round 1, give each silo the local steps that fit a common round time (needs localSteps).",
-    )
-    loss_weighting: bool | None = Field(
-        default=None,
-        description="Sequence classification: weigh each update by its examples times the silo's mean training "
-        "loss of the round, as a share of chance level (log of the label count), capped at 1 and floored at "
-        "0.001. A silo whose loss is near zero (under logit adjustment: one that holds a single class) learns "
-        "nothing about the other classes, yet AdamW makes its step as large as anyone's; this keeps that step "
-        "from steering the average. Off under privacy.dp (every update weighs 1 there). Unset: on wherever the "
-        "logit adjustment is (sequence classification, not fedkd) unless a distillation teacher is set "
-        "(benchmarks/results/label-skew.md).",
     )
     mode: Literal["sync", "async"] = Field(
         default="sync",
@@ -576,10 +565,6 @@ class FederatedJobSpec(Model):
             raise ValueError("training.logitAdjustment applies to sequence-classification only")
         if (self.training.logit_adjustment or 0) > 0 and strategy == "fedkd":
             raise ValueError("training.logitAdjustment is not combined with fedkd's distillation loss yet")
-        if self.aggregation.loss_weighting and self.task.type != "sequence-classification":
-            raise ValueError("aggregation.lossWeighting applies to sequence-classification only (chance level: log K)")
-        if self.aggregation.loss_weighting and self.privacy.dp is not None:
-            raise ValueError("aggregation.lossWeighting is not combined with privacy.dp: every DP update weighs 1")
         if strategy in ("fedkd", "ffa-lora", "lora-exact") and method not in ("lora", "dora"):
             raise ValueError(f"aggregation.strategy {strategy} needs peft.method lora or dora, not {method}")
         if all(t.rank not in (None, self.peft.r) for t in trainers):
@@ -611,15 +596,6 @@ class FederatedJobSpec(Model):
         if tau is not None:
             return tau
         return 1.0 if self.task.type == "sequence-classification" and self.aggregation.strategy != "fedkd" else 0.0
-
-    def chance_loss(self) -> float | None:
-        """The loss an update's weight is measured against under aggregation.lossWeighting (log K), else None."""
-        weighted = self.aggregation.loss_weighting
-        if weighted is None:  # measured with the adjustment, whose one-class silos it reins in; not with a teacher
-            weighted = self.logit_adjustment() > 0 and self.distillation is None
-        if not weighted or self.privacy.dp is not None:
-            return None
-        return math.log(len(self.task.labels))
 
     def codec_for(self, silo: str) -> CodecSpec:
         """The codec in force for `silo`: its own override, else aggregation.codec."""

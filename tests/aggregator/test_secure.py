@@ -39,11 +39,6 @@ def examples(silo: str) -> int:
     return 10 * (SILOS.index(silo) + 1)
 
 
-def loss(silo: str) -> float:
-    """The training loss a scripted silo reports: weighs its update only under lossWeighting."""
-    return 0.07 * (SILOS.index(silo) + 1)
-
-
 def run_silo(agg: AggregatorProcess, token: str, silo: str, rounds: int, drop_in: int | None = None) -> None:
     """A scripted secure silo: `drop_in` = the round in which it stops after sharing its keys."""
     client = Client(agg.url, "demo", token, silo, retries=None)
@@ -62,8 +57,8 @@ def run_silo(agg: AggregatorProcess, token: str, silo: str, rounds: int, drop_in
                 secure.exchange_keys()
                 if task.round == drop_in:
                     return  # crashed while training: its keys and shares are out, its update never comes
-                data = secure.masked(plain(silo, task.round), task, examples(silo), loss(silo))
-                upload = client.put_update(task.round, data, examples(silo), 0.1, train_loss=loss(silo))
+                data = secure.masked(plain(silo, task.round), task, examples(silo))
+                upload = client.put_update(task.round, data, examples(silo), 0.1)
                 assert upload.outcome is Outcome.ACCEPTED, upload
                 secure.reveal()
                 done += 1
@@ -77,7 +72,7 @@ def secure_hub(tmp_path: Path, url: str, silos: list[str], **aggregation: Any) -
     agg = process(tmp_path, url, "aggregator", FEDSILO_LEASE_SECONDS="2")  # a killed holder's lease expires fast
     agg.start()
     hub = Hub(agg.url, agg.admin, tokens_for(*silos))
-    doc = document(silos, secure=True, minSilos=2, **{"lossWeighting": False, **aggregation})  # n-weighted
+    doc = document(silos, secure=True, minSilos=2, **aggregation)
     doc["spec"]["training"]["rounds"] = 2
     assert hub.create(doc).status_code == 201, hub.create(doc).text
     for silo in silos:
@@ -117,23 +112,6 @@ def test_masked_sum_equals_the_plain_weighted_mean(tmp_path: Path, backend: str)
         v2 = combine(v1, [(plain(s, 2), examples(s)) for s in silos])
         assert_close(hub.adapter(2), v2, len(silos))
         assert hub.status()["privacy"]["secure_aggregation"] is True
-    finally:
-        agg.stop()
-
-
-def test_loss_weighting_holds_under_masking(tmp_path: Path) -> None:
-    """Each silo weighs its own masked update by n x its loss share; the aggregator divides the sum by
-    the same weights, computed from the loss each silo reported with its upload."""
-    silos = SILOS[:3]
-    hub, agg = secure_hub(tmp_path, f"sqlite:///{tmp_path / 'f.db'}", silos, lossWeighting=True)
-    try:
-        run_all(hub, agg, silos, 2, {})
-        hub.wait_for("the end", lambda s: s["phase"] == "Succeeded")
-        weights = {s: examples(s) * min(max(round(loss(s) / math.log(2) * 1024), 1), 1024) / 1024 for s in silos}
-        v1 = combine(v0(), [(plain(s, 1), weights[s]) for s in silos])
-        assert_close(hub.adapter(1), v1, len(silos))
-        by_examples = combine(v0(), [(plain(s, 1), examples(s)) for s in silos])
-        assert not torch.allclose(hub.adapter(1)["classifier.weight"], by_examples["classifier.weight"], atol=1e-4)
     finally:
         agg.stop()
 

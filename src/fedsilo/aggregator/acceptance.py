@@ -48,7 +48,6 @@ class Incoming:
     n_examples: int
     train_seconds: float | None = None
     examples_seen: int | None = None
-    train_loss: float | None = None  # the round's mean training loss: the weight's share under lossWeighting
 
 
 def refusal(exc: AdapterError) -> Invalid:
@@ -150,7 +149,6 @@ def accept(
             n_examples=up.n_examples,
             n_bytes=up.body.size,
             train_seconds=up.train_seconds,
-            train_loss=up.train_loss,
             received_at=tx.now,
             base_version=up.round - 1,
         )
@@ -170,9 +168,9 @@ def accept(
     tx.dirty = True  # from here on the accumulator holds an uncommitted fold
     try:
         if isinstance(delta, np.ndarray):
-            live.acc.add(delta, secure_weight(up.n_examples, up.train_loss, live.job))
+            live.acc.add(delta, secure_weight(up.n_examples, live.job))
         else:
-            fold(live, live.acc, delta.to_fold(blobs.path(digest)), up.n_examples, up.train_loss, staleness)
+            fold(live, live.acc, delta.to_fold(blobs.path(digest)), up.n_examples, staleness)
     except AdapterError as exc:
         raise refusal(exc) from None
     except ValueError as exc:

@@ -234,13 +234,12 @@ class EngineCore:
             masked = MaskedSum()
             for u in s.scalars(query.order_by(UpdateRow.silo)):
                 vector = np.frombuffer(self.blobs.get(u.sha256), dtype="<u8").astype(np.uint64)
-                masked.add(vector, secure_weight(u.n_examples, u.train_loss, live.job))
+                masked.add(vector, secure_weight(u.n_examples, live.job))
             return masked
         acc = live.strategy.accumulator(live.global_state)
         schema, hooks = live.schema or schema_of(live.global_state), live.strategy.client_config()
         for u in s.scalars(query.order_by(UpdateRow.silo)):
             staleness = row.current_round - 1 - (u.base_version if u.base_version is not None else row.version)
             path, codec = self.blobs.path(u.sha256), live.job.spec.codec_for(u.silo)
-            delta = accepted_delta(path, codec, schema, hooks).to_fold(path)
-            fold(live, acc, delta, u.n_examples, u.train_loss, staleness)
+            fold(live, acc, accepted_delta(path, codec, schema, hooks).to_fold(path), u.n_examples, staleness)
         return acc

@@ -43,27 +43,25 @@ def buffer_size(aggregation: AggregationSpec) -> int:
     return aggregation.buffer_size or aggregation.min_silos
 
 
-def update_weight(n_examples: int, train_loss: float | None, staleness: int, spec: FederatedJobSpec) -> float:
-    """An update's weight: its example count, times its loss share under lossWeighting, discounted by
-    staleness in async mode (FedBuff)."""
-    weight = n_examples * strategies.loss_share(train_loss, spec.chance_loss())
+def update_weight(n_examples: int, staleness: int, aggregation: AggregationSpec) -> float:
+    """An update's weight: its example count, discounted by staleness in async mode (FedBuff)."""
     if staleness <= 0:
-        return weight
-    return weight / float(1 + staleness) ** spec.aggregation.staleness_exponent
+        return float(n_examples)
+    return float(n_examples) / float(1 + staleness) ** aggregation.staleness_exponent
 
 
-def secure_weight(n_examples: int, train_loss: float | None, job: FederatedJob) -> float:
-    """The weight a silo multiplies its secure update by: as `update_weight`, or 1 under DP (sensitivity C)."""
-    return 1.0 if job.spec.privacy.dp is not None else update_weight(n_examples, train_loss, 0, job.spec)
+def secure_weight(n_examples: int, job: FederatedJob) -> float:
+    """The weight a silo multiplies its secure update by: its examples, or 1 under DP (sensitivity C)."""
+    return 1.0 if job.spec.privacy.dp is not None else float(n_examples)
 
 
-def fold(live: Live, acc: Any, delta: State, n_examples: int, train_loss: float | None, staleness: int) -> None:
+def fold(live: Live, acc: Any, delta: State, n_examples: int, staleness: int) -> None:
     """Fold one plain update; under central DP it is clipped to C and weighted 1 (the sum's sensitivity is C)."""
     dp = live.job.spec.privacy.dp
     if dp is not None:
         live.strategy.add(acc, clip(delta, dp.clip_norm), 1.0)
     else:
-        live.strategy.add(acc, delta, update_weight(n_examples, train_loss, staleness, live.job.spec))
+        live.strategy.add(acc, delta, update_weight(n_examples, staleness, live.job.spec.aggregation))
 
 
 @dataclass

@@ -52,12 +52,6 @@ class Metrics:
             ["job", "silo"],
             registry=r,
         )
-        self.silo_train_loss = Gauge(
-            "fedsilo_silo_train_loss",
-            "A silo's reported mean training loss in its latest round (weighs its update under lossWeighting)",
-            ["job", "silo"],
-            registry=r,
-        )
         self.round_duration = Histogram(
             "fedsilo_round_duration_seconds",
             "Wall time from round open to new global adapter",

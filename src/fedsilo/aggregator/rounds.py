@@ -303,8 +303,6 @@ class Engine(Ticking, SecureStages):
         self.metrics.silo_examples.labels(job, up.silo).set(up.n_examples)
         if up.train_seconds is not None:
             self.metrics.silo_train_seconds.labels(job, up.silo).set(up.train_seconds)
-        if up.train_loss is not None:
-            self.metrics.silo_train_loss.labels(job, up.silo).set(up.train_loss)
 
     # ---- evaluations ----------------------------------------------------------------
 

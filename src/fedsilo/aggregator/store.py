@@ -123,7 +123,6 @@ class UpdateRow(Base):
     n_examples: Mapped[int]
     n_bytes: Mapped[int]
     train_seconds: Mapped[float | None] = mapped_column(Float, default=None)
-    train_loss: Mapped[float | None] = mapped_column(Float, default=None)  # weighs the update under lossWeighting
     base_version: Mapped[int | None] = mapped_column(default=None)  # global version trained from (async mode)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 

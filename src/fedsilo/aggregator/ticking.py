@@ -114,10 +114,10 @@ class Ticking(EngineCore):
         out = []
         for u in s.scalars(select(UpdateRow).where(UpdateRow.job == row.name, UpdateRow.round == rnd.number)):
             if rnd.secagg is not None:
-                weight = secure_weight(u.n_examples, u.train_loss, live.job)
+                weight = secure_weight(u.n_examples, live.job)
             else:
                 staleness = rnd.number - 1 - (u.base_version if u.base_version is not None else rnd.number - 1)
-                weight = update_weight(u.n_examples, u.train_loss, staleness, spec)
+                weight = update_weight(u.n_examples, staleness, spec.aggregation)
             out.append((ranks.get(u.silo, spec.peft.r), weight))
         return out
 

@@ -194,7 +194,6 @@ def next_task(s: Session, row: JobRow, rnd: RoundRow | None, silo: SiloRow, pars
             local_steps=(rnd.metrics or {}).get("steps", {}).get(silo.name),
             secure=rnd.secagg is not None,
             dp=_dp_share(job, rnd),
-            chance_loss=job.spec.chance_loss(),
         )
     if row.phase == Phase.SUCCEEDED:
         if silo.n_eval_examples > 0 and not _evaluated(s, row.name, silo.name, row.version):

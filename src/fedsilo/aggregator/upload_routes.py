@@ -44,22 +44,14 @@ async def put_update(
     x_fedsilo_sha256: Annotated[str, Header()],
     x_fedsilo_train_seconds: Annotated[float | None, Header(ge=0, le=m.MAX_SECONDS)] = None,
     x_fedsilo_examples_seen: Annotated[int | None, Header(ge=0, le=m.MAX_INT)] = None,
-    x_fedsilo_train_loss: Annotated[float | None, Header(ge=0, le=m.MAX_LOSS)] = None,
 ) -> m.UpdateAccepted:
     body = await receive_body(request, engine, job)
     update = Incoming(
-        silo,
-        round,
-        body,
-        x_fedsilo_sha256,
-        x_fedsilo_examples,
-        x_fedsilo_train_seconds,
-        x_fedsilo_examples_seen,
-        x_fedsilo_train_loss,
+        silo, round, body, x_fedsilo_sha256, x_fedsilo_examples, x_fedsilo_train_seconds, x_fedsilo_examples_seen
     )
     accepted = await asyncio.to_thread(engine.submit_update, job, update)  # consumes the staged body
     event(log, "upload", job=job, round=accepted.round, silo=silo, bytes=body.size, examples=x_fedsilo_examples,
-          train_seconds=x_fedsilo_train_seconds, train_loss=x_fedsilo_train_loss, sha256=accepted.sha256[:12],
+          train_seconds=x_fedsilo_train_seconds, sha256=accepted.sha256[:12],
           outcome="duplicate" if accepted.duplicate else "accepted")
     return accepted
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -299,18 +298,9 @@ class Client:
         )
 
     def put_update(
-        self,
-        round_: int,
-        data: bytes,
-        n_examples: int,
-        train_seconds: float,
-        examples_seen: int | None = None,
-        train_loss: float | None = None,
+        self, round_: int, data: bytes, n_examples: int, train_seconds: float, examples_seen: int | None = None
     ) -> Upload:
-        """Upload this silo's delta for `round_`; see `Outcome` for what can become of it.
-
-        `train_loss` travels as `repr`, which reads back as the same float: under secure aggregation the
-        silo weighs its masked update by it, and the aggregator must compute the very same weight."""
+        """Upload this silo's delta for `round_`; see `Outcome` for what can become of it."""
         digest = sha256(data)
         headers = {
             "Content-Type": m.SAFETENSORS_MEDIA_TYPE,
@@ -320,8 +310,6 @@ class Client:
         }
         if examples_seen:
             headers["X-Fedsilo-Examples-Seen"] = str(examples_seen)
-        if train_loss is not None and math.isfinite(train_loss):
-            headers[m.HEADER_TRAIN_LOSS] = repr(float(train_loss))
         response = self._request(
             "PUT",
             f"/v1/jobs/{self.job}/rounds/{round_}/updates/{self.silo}",

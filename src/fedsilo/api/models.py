@@ -17,14 +17,12 @@ RoundState = Literal["open", "aggregating", "closed"]
 HEADER_EXAMPLES = "X-Fedsilo-Examples"
 HEADER_SHA256 = "X-Fedsilo-Sha256"
 HEADER_TRAIN_SECONDS = "X-Fedsilo-Train-Seconds"
-HEADER_TRAIN_LOSS = "X-Fedsilo-Train-Loss"
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
 
 # Bounds on every number a client sends. Rounds, versions and example counts land in SQL
 # INTEGER columns, 32-bit on PostgreSQL: anything larger would fail in the database (a 500).
 MAX_INT = 2**31 - 1
 MAX_SECONDS = 10**8  # about three years: longer than any round, finite as a float
-MAX_LOSS = 10**6  # far above any loss worth weighing (it is capped at chance level anyway), finite
 MAX_RATE = 1e12  # examples per second
 Finite = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no NaN/Infinity: they could never be answered
 
@@ -127,11 +125,6 @@ class Task(Wire):
     dp: dict[str, float] = Field(
         default_factory=dict,
         description="Secure aggregation with DP: clip_norm and noise_std, the silo's share of the noise.",
-    )
-    chance_loss: float | None = Field(
-        default=None,
-        description="aggregation.lossWeighting: the chance-level loss (log K) that a secure silo measures its "
-        "training loss against when it weighs its own masked update.",
     )
 
 

@@ -167,7 +167,7 @@ class Agent:
             local, result = self._train_delta(task)
             data = self.uplink.encode(task.round, local, task.client_config)
             upload = self.client.put_update(
-                task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen, result.loss
+                task.round, data, len(self.trainer.train_data), result.seconds, result.examples_seen
             )
             if upload.outcome is not Outcome.LATE:  # an update not counted leaves the residual as it was
                 self.uplink.commit()
@@ -208,8 +208,8 @@ class Agent:
             secure.exchange_keys()
             local, result = self._train_delta(task)
             n = len(self.trainer.train_data)
-            data = secure.masked(local, task, n, result.loss)
-            upload = self.client.put_update(task.round, data, n, result.seconds, result.examples_seen, result.loss)
+            data = secure.masked(local, task, n)
+            upload = self.client.put_update(task.round, data, n, result.seconds, result.examples_seen)
             self._report(task, result, len(data), upload)
             if upload.outcome is not Outcome.LATE:
                 secure.reveal()

@@ -17,7 +17,6 @@ from fedsilo.adapters import schema_of
 from fedsilo.api import models as m
 from fedsilo.api.client import Client, ClientError
 from fedsilo.privacy import dp, secagg, vectors
-from fedsilo.strategies import loss_share
 from fedsilo.strategies.ffa_lora import zero_by_contract
 
 log = logging.getLogger("fedsilo.silo")
@@ -67,20 +66,15 @@ class SecureRound:
             "round %d: keys and shares exchanged with %d silos (t=%d)", self.round, len(self.roster), view.threshold
         )
 
-    def masked(
-        self, delta: dict[str, torch.Tensor], task: m.Task, n_examples: int, train_loss: float | None = None
-    ) -> bytes:
-        """Stage 3: the delta, weighted (or clipped and noised under DP), fixed-point encoded and masked.
-
-        The weight is the one the aggregator divides the sum by: n, times the loss share under
-        lossWeighting (from the `train_loss` this silo reports with the upload)."""
+    def masked(self, delta: dict[str, torch.Tensor], task: m.Task, n_examples: int) -> bytes:
+        """Stage 3: the delta, weighted (or clipped and noised under DP), fixed-point encoded and masked."""
         view = self._after("shares")
         if self.me not in view.shared:
             raise SitOut("our shares arrived after the share roster closed")
         inbox = {sender: base64.b64decode(text) for sender, text in view.inbox.items()}
         self.held = secagg.open_inbox(self.keys, self.me, self.roster, inbox, self.context)
         self.shared = view.shared
-        weight = n_examples * loss_share(train_loss, task.chance_loss)
+        weight = float(n_examples)
         if "clip_norm" in task.client_config:  # clipped-fedavg: the aggregator cannot clip a masked delta
             delta = dp.clip(delta, float(task.client_config["clip_norm"]))
         if task.dp:  # client-level DP: sensitivity C, each silo adds its share of the noise

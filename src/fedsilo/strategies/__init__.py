@@ -7,7 +7,7 @@ REGISTRY below, and one row in `tests/strategies/test_contract.py`.
 from collections.abc import Mapping
 from typing import Any
 
-from fedsilo.strategies.base import Accumulator, Aggregate, ClientConfig, Strategy, WeightedSum, loss_share
+from fedsilo.strategies.base import Accumulator, Aggregate, ClientConfig, Strategy, WeightedSum
 from fedsilo.strategies.clipped_fedavg import ClippedFedAvg
 from fedsilo.strategies.fedadagrad import FedAdagrad
 from fedsilo.strategies.fedadam import FedAdam
@@ -64,7 +64,6 @@ __all__ = [
     "assign_steps",
     "create",
     "is_lora_a",
-    "loss_share",
     "normalise_steps",
     "pad_rank",
     "proximal_term",

@@ -16,7 +16,6 @@ strategy must remember between rounds (server optimiser moments) is returned as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -44,20 +43,6 @@ def check_weight(weight: float) -> None:
     """Update weights (example counts) must be positive and finite."""
     if not weight > 0 or weight == float("inf"):
         raise ValueError(f"update weight must be positive and finite, got {weight}")
-
-
-LOSS_SHARE_STEPS = 1024  # a share is k / 1024: n x share is as exact a float64 factor as n itself
-
-
-def loss_share(train_loss: float | None, chance_loss: float | None) -> float:
-    """An update's weight factor under aggregation.lossWeighting: the silo's training loss as a share
-    of chance level, in 1/1024 steps from 1/1024 to 1. 1 without loss weighting or without a reported
-    loss (or a non-finite one, which is never sent): the most any report can claim, so leaving it out
-    gains a silo nothing."""
-    if chance_loss is None or train_loss is None or not math.isfinite(train_loss):
-        return 1.0
-    steps = round(train_loss / chance_loss * LOSS_SHARE_STEPS)
-    return min(max(steps, 1), LOSS_SHARE_STEPS) / LOSS_SHARE_STEPS
 
 
 @dataclass
