@@ -54,7 +54,7 @@ import torch
 from skew_table import rounds_to  # benchmarks/ is on the path when this runs as a script
 
 from fedsilo.adapters import State, delta, to_bytes
-from fedsilo.silo_agent.data import DataError, Encoded, encode_classification, read_table
+from fedsilo.silo_agent.data import DataError, Encoded, batches, encode_classification, read_table
 from fedsilo.silo_agent.model import load_base, peft_config, wrap
 from fedsilo.silo_agent.objectives import log_prior
 from fedsilo.silo_agent.trainer import Trainer
@@ -64,11 +64,11 @@ from fedsilo.strategies import create, is_lora_a, proximal_term
 ROOT = Path(__file__).resolve().parent.parent
 PREPARE = ROOT / "examples" / "prepare_rotten_tomatoes.py"
 LABELS = ["rotten", "fresh"]  # the binary task's label order (fedkd_lora.py uses it too)
-REFERENCES = ("centralised", "local-only")
+REFERENCES = ("centralised", "local-only", "lda-probe")
 DEFAULT_STRATEGIES = ("fedavg", "lora-exact", "ffa-lora", "fedprox", "fedadam", *REFERENCES)
 DEFAULT_PARAMS = {"fedprox": {"mu": 0.01}, "fedadam": {"eta": 0.01}}
 EMPTY = Encoded([], [])
-VARIANTS = ("la", "fla", "cb", "lw", "frozen-head", "scaffold")
+VARIANTS = ("la", "fla", "pa", "lda", "cb", "lw", "frozen-head", "scaffold")
 SCAFFOLD_BATCHES = 8  # batches per silo and round for its gradient estimate (~13 % more compute at 63 steps)
 
 
@@ -164,6 +164,30 @@ class Bench:
         training = self.training.model_copy(update={"logit_adjustment": logit_adjustment})
         return Trainer(self.model, self.tokenizer, training, data, EMPTY, distillation=distillation)
 
+    @torch.no_grad()
+    def head_input_stats(self, state: State, trainer: Trainer, k: int) -> HeadStats:
+        """Per-class count and sum, and the total second moment, of the classification head's input
+        (the pooled features) over `trainer`'s training examples under the adapter `state`."""
+        self.scratch.load(state)
+        head = next(m for n, m in self.model.named_modules() if n.endswith("classifier"))  # the outermost
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().double()))
+        self.model.eval()
+        counts, sums, moment = torch.zeros(k, dtype=torch.float64), None, None
+        try:
+            for batch in batches(trainer.train_data, 64, self.tokenizer):
+                seen.clear()
+                self.model(**{n: v for n, v in batch.items() if n != "labels"})
+                x = seen[0]
+                onehot = torch.nn.functional.one_hot(batch["labels"], k).double()
+                sums = onehot.T @ x if sums is None else sums + onehot.T @ x
+                moment = x.T @ x if moment is None else moment + x.T @ x
+                counts += onehot.sum(0)
+        finally:
+            hook.remove()
+        assert sums is not None and moment is not None
+        return HeadStats(counts, sums, moment)
+
     def set_trainable(self, freeze_lora_a: bool, freeze_head: bool = False) -> None:
         """The wrapped model's trainable set, minus lora_A for ffa-lora and the classification
         head (peft's `modules_to_save`) for FedBABU's body-only training (the model is shared)."""
@@ -200,7 +224,12 @@ class Bench:
         risk that the adjustment targets) instead of by its example count; `+lw` multiplies a silo's
         weight by its mean training loss of the round as a share of log K (`loss_share`), so a silo
         whose (adjusted) loss is already near zero, a one-class silo under the adjustment, sends an
-        update that barely counts."""
+        update that barely counts; `+pa` scores the global model with the federation's log label prior
+        added to the head's bias (post-hoc: training keeps the uniform reference, the scored model
+        predicts for the pooled label distribution; the notes keep the unadjusted curve); `+lda` scores
+        it with the head replaced by the linear discriminant fitted to the silos' pooled per-class
+        feature statistics (class sums, counts and the second moment of the head's input on each
+        silo's training data: what a secure sum could carry; CCVR's recalibration in closed form)."""
         base, *variants = name.split("+")
         strategy = create(base, params)
         config = strategy.client_config()
@@ -220,6 +249,8 @@ class Bench:
             totals = [sum(c[j] for c in counts) for j in range(k)]
             weights = [sum(c[j] / totals[j] for j in range(k) if totals[j]) * sum(totals) / k for c in counts]
         row = Row(name, alpha, [])
+        plain: list[float] = []  # +pa, +lda: the curve as trained (no prior, the trained head)
+        federation_prior = log_prior([y for t in trainers for y in t.train_data.labels], k)
         started = time.perf_counter()
         control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c; {} in round 1 (no correction)
         controls: list[dict[str, torch.Tensor]] = [{} for _ in trainers]  # each silo's c_i
@@ -244,7 +275,15 @@ class Bench:
                            for n in fresh[0]}
             result = strategy.aggregate(global_state, acc, server_state)
             global_state, server_state = result.state, result.server_state
-            accuracy, loss = self.scores(global_state)
+            if "pa" in variants:
+                plain.append(self.accuracy(global_state))
+                accuracy, loss = self.scores(with_head_bias(global_state, federation_prior))
+            elif "lda" in variants:
+                plain.append(self.accuracy(global_state))
+                stats = [self.head_input_stats(global_state, t, k) for t in trainers]
+                accuracy, loss = self.scores(with_head(global_state, lda_head(stats)))
+            else:
+                accuracy, loss = self.scores(global_state)
             row.curve.append(accuracy)
             row.losses.append(loss)
             if "lora_truncation_error" in result.metrics:
@@ -253,6 +292,9 @@ class Bench:
         row.seconds = time.perf_counter() - started
         if row.notes:
             row.notes = [f"SVD truncation error per round: {', '.join(row.notes)}"]
+        if plain:
+            unscored = "with the trained head" if "lda" in variants else "without the prior"
+            row.notes.append(f"{unscored}: " + ", ".join(f"{a:.3f}" for a in plain))
         if params:
             row.notes.insert(0, ", ".join(f"{k}={v:g}" for k, v in params.items()))
         return row
@@ -271,6 +313,20 @@ class Bench:
             row.curve.append(self.accuracy(trainer.state()))
         row.seconds = time.perf_counter() - started
         row.notes.append(f"{len(pooled)} rows, {self.args.steps * len(silos)} steps per round")
+        return row
+
+    def lda_probe(self, silos: list[Encoded], alpha: str) -> Row:
+        """No training: the untrained adapter with its head replaced by the linear discriminant of
+        the silos' pooled head-input statistics (`+lda`'s calibration applied to version 0). The
+        pooled statistics do not depend on how the examples are split, only on which examples."""
+        torch.manual_seed(self.training.seed)
+        self.set_trainable(False)
+        started = time.perf_counter()
+        k = len(self.labels)
+        stats = [self.head_input_stats(self.initial, self.silo_trainer(d), k) for d in silos]
+        accuracy, loss = self.scores(with_head(dict(self.initial), lda_head(stats)))
+        row = Row("lda-probe (no training)", alpha, [accuracy], [loss], per_round=False)
+        row.seconds = time.perf_counter() - started
         return row
 
     def local_only(self, silos: list[Encoded], alpha: str) -> Row:
@@ -363,6 +419,50 @@ def alpha_label(alpha: float) -> str:
     return "IID" if math.isinf(alpha) else f"{alpha:g}"
 
 
+@dataclass
+class HeadStats:
+    counts: torch.Tensor  # (K,)
+    sums: torch.Tensor  # (K, d)
+    moment: torch.Tensor  # (d, d): sum of x x^T
+
+
+def lda_head(stats: list[HeadStats], shrinkage: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the linear discriminant of the pooled statistics: class means, one shared
+    covariance shrunk towards its mean variance, the federation's class prior (add-one smoothed).
+    A class no silo holds keeps a zero weight row and the prior's bias."""
+    counts = sum(s.counts for s in stats)
+    sums = sum(s.sums for s in stats)
+    moment = sum(s.moment for s in stats)
+    assert isinstance(counts, torch.Tensor) and isinstance(sums, torch.Tensor) and isinstance(moment, torch.Tensor)
+    k, d = sums.shape
+    means = sums / counts.clamp(min=1).unsqueeze(1)
+    scatter = moment - (means.T * counts) @ means
+    covariance = scatter / max(float(counts.sum()) - k, 1.0)
+    covariance = (1 - shrinkage) * covariance + shrinkage * covariance.trace() / d * torch.eye(d, dtype=torch.float64)
+    weight = torch.linalg.solve(covariance, means.T).T  # (K, d): Sigma^-1 mu_c
+    bias = -0.5 * (weight * means).sum(1) + ((counts + 1) / (counts.sum() + k)).log()
+    return weight.float(), bias.float()
+
+
+def with_head(state: State, head: tuple[torch.Tensor, torch.Tensor]) -> State:
+    """`state` with the classification head's weight and bias replaced."""
+    weight, bias = head
+    names = {n for n in state if "classifier" in n and n.endswith(("weight", "bias"))}
+    w = [n for n in names if n.endswith("weight") and state[n].shape == weight.shape]
+    b = [n for n in names if n.endswith("bias") and state[n].shape == bias.shape]
+    if len(w) != 1 or len(b) != 1:
+        raise SystemExit(f"+lda needs one classifier weight and bias, found {sorted(names)}")
+    return {**state, w[0]: weight.to(state[w[0]].dtype), b[0]: bias.to(state[b[0]].dtype)}
+
+
+def with_head_bias(state: State, prior: torch.Tensor) -> State:
+    """`state` with `prior` added to the classification head's bias (the one entry shaped like it)."""
+    heads = [n for n, t in state.items() if "classifier" in n and n.endswith("bias") and t.shape == prior.shape]
+    if len(heads) != 1:
+        raise SystemExit(f"+pa needs one classifier bias of shape {tuple(prior.shape)}, found {heads}")
+    return {**state, heads[0]: state[heads[0]] + prior.to(state[heads[0]].dtype)}
+
+
 def loss_share(loss: float, chance: float) -> float:
     """`+lw`'s weight factor: the loss as a share of chance level in 1/1024 steps, within [1/1024, 1]
     (the cap bounds what an inflated report could gain; the floor keeps a round's weight above 0)."""
@@ -384,6 +484,8 @@ def run_key(name: str, alpha: str) -> tuple[str, str]:
         return "pooled", "centralised (upper bound)"
     if name == "local-only":
         return alpha, "local-only (lower bound)"
+    if name == "lda-probe":
+        return alpha, "lda-probe (no training)"
     return alpha, name
 
 
@@ -414,11 +516,12 @@ def main() -> None:
                         help="Append every finished run here and skip the runs already in it (resumable sweeps).")
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES),
                         help="Registered strategy names (NAME+la: with the silos' logit-adjusted loss towards "
-                             "the uniform prior; NAME+fla: towards the federation's label prior; NAME+cb: "
-                             "class-balanced silo weights; NAME+lw: weights times the silo's training loss; "
+                             "the uniform prior; NAME+fla: towards the federation's label prior; NAME+pa: scored with "
+                             "the federation's log label prior added to the head bias; NAME+cb: class-balanced silo "
+                             "weights; NAME+lw: weights times the silo's training loss; "
                              "NAME+frozen-head: FedBABU's body-only training; NAME+scaffold: SCAFFOLD's control "
                              "variates; combined: NAME+la+scaffold), "
-                        "plus 'centralised' and 'local-only'.")
+                        "plus 'centralised', 'local-only' and 'lda-probe'.")
     parser.add_argument("--param", action="append", default=[], help="STRATEGY.PARAM=VALUE, e.g. fedadam.eta=0.03")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--silos", type=int, default=4)
@@ -482,6 +585,8 @@ def main() -> None:
                     done.add((task_name(args), args.seed, *run_key(name, label)))
                 elif name == "local-only":
                     row = bench.local_only(silos, label)
+                elif name == "lda-probe":
+                    row = bench.lda_probe(silos, label)
                 else:
                     row = bench.federated(name, params.get(name.partition("+")[0], {}), silos, label)
                 rows.append(row)
