@@ -165,9 +165,9 @@ class Bench:
         return Trainer(self.model, self.tokenizer, training, data, EMPTY, distillation=distillation)
 
     @torch.no_grad()
-    def head_input_stats(self, state: State, trainer: Trainer, k: int) -> HeadStats:
+    def head_input_stats(self, state: State, data: Encoded, k: int) -> HeadStats:
         """Per-class count and sum, and the total second moment, of the classification head's input
-        (the pooled features) over `trainer`'s training examples under the adapter `state`."""
+        (the pooled features) over `data` under the adapter `state`."""
         self.scratch.load(state)
         head = next(m for n, m in self.model.named_modules() if n.endswith("classifier"))  # the outermost
         seen: list[torch.Tensor] = []
@@ -175,7 +175,7 @@ class Bench:
         self.model.eval()
         counts, sums, moment = torch.zeros(k, dtype=torch.float64), None, None
         try:
-            for batch in batches(trainer.train_data, 64, self.tokenizer):
+            for batch in batches(data, 64, self.tokenizer):
                 seen.clear()
                 self.model(**{n: v for n, v in batch.items() if n != "labels"})
                 x = seen[0]
@@ -250,7 +250,6 @@ class Bench:
             weights = [sum(c[j] / totals[j] for j in range(k) if totals[j]) * sum(totals) / k for c in counts]
         row = Row(name, alpha, [])
         plain: list[float] = []  # +pa, +lda: the curve as trained (no prior, the trained head)
-        federation_prior = log_prior([y for t in trainers for y in t.train_data.labels], k)
         started = time.perf_counter()
         control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c; {} in round 1 (no correction)
         controls: list[dict[str, torch.Tensor]] = [{} for _ in trainers]  # each silo's c_i
@@ -277,10 +276,11 @@ class Bench:
             global_state, server_state = result.state, result.server_state
             if "pa" in variants:
                 plain.append(self.accuracy(global_state))
-                accuracy, loss = self.scores(with_head_bias(global_state, federation_prior))
+                federation = log_prior([y for t in trainers for y in t.train_data.labels], k)
+                accuracy, loss = self.scores(with_head_bias(global_state, federation))
             elif "lda" in variants:
                 plain.append(self.accuracy(global_state))
-                stats = [self.head_input_stats(global_state, t, k) for t in trainers]
+                stats = [self.head_input_stats(global_state, t.train_data, k) for t in trainers]
                 accuracy, loss = self.scores(with_head(global_state, lda_head(stats)))
             else:
                 accuracy, loss = self.scores(global_state)
@@ -323,7 +323,7 @@ class Bench:
         self.set_trainable(False)
         started = time.perf_counter()
         k = len(self.labels)
-        stats = [self.head_input_stats(self.initial, self.silo_trainer(d), k) for d in silos]
+        stats = [self.head_input_stats(self.initial, d, k) for d in silos]
         accuracy, loss = self.scores(with_head(dict(self.initial), lda_head(stats)))
         row = Row("lda-probe (no training)", alpha, [accuracy], [loss], per_round=False)
         row.seconds = time.perf_counter() - started
@@ -430,10 +430,9 @@ def lda_head(stats: list[HeadStats], shrinkage: float = 0.1) -> tuple[torch.Tens
     """(weight, bias) of the linear discriminant of the pooled statistics: class means, one shared
     covariance shrunk towards its mean variance, the federation's class prior (add-one smoothed).
     A class no silo holds keeps a zero weight row and the prior's bias."""
-    counts = sum(s.counts for s in stats)
-    sums = sum(s.sums for s in stats)
-    moment = sum(s.moment for s in stats)
-    assert isinstance(counts, torch.Tensor) and isinstance(sums, torch.Tensor) and isinstance(moment, torch.Tensor)
+    counts = torch.stack([s.counts for s in stats]).sum(0)
+    sums = torch.stack([s.sums for s in stats]).sum(0)
+    moment = torch.stack([s.moment for s in stats]).sum(0)
     k, d = sums.shape
     means = sums / counts.clamp(min=1).unsqueeze(1)
     scatter = moment - (means.T * counts) @ means
@@ -444,23 +443,25 @@ def lda_head(stats: list[HeadStats], shrinkage: float = 0.1) -> tuple[torch.Tens
     return weight.float(), bias.float()
 
 
+def head_entry(state: State, suffix: str, shape: torch.Size) -> str:
+    """The name of the one classifier entry ending in `suffix` ("weight", "bias") shaped `shape`."""
+    found = [n for n, t in state.items() if "classifier" in n and n.endswith(suffix) and t.shape == shape]
+    if len(found) != 1:
+        raise SystemExit(f"+lda/+pa need one classifier weight and bias; {suffix}s of shape {tuple(shape)}: {found}")
+    return found[0]
+
+
 def with_head(state: State, head: tuple[torch.Tensor, torch.Tensor]) -> State:
     """`state` with the classification head's weight and bias replaced."""
     weight, bias = head
-    names = {n for n in state if "classifier" in n and n.endswith(("weight", "bias"))}
-    w = [n for n in names if n.endswith("weight") and state[n].shape == weight.shape]
-    b = [n for n in names if n.endswith("bias") and state[n].shape == bias.shape]
-    if len(w) != 1 or len(b) != 1:
-        raise SystemExit(f"+lda needs one classifier weight and bias, found {sorted(names)}")
-    return {**state, w[0]: weight.to(state[w[0]].dtype), b[0]: bias.to(state[b[0]].dtype)}
+    w, b = head_entry(state, "weight", weight.shape), head_entry(state, "bias", bias.shape)
+    return {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}
 
 
 def with_head_bias(state: State, prior: torch.Tensor) -> State:
-    """`state` with `prior` added to the classification head's bias (the one entry shaped like it)."""
-    heads = [n for n, t in state.items() if "classifier" in n and n.endswith("bias") and t.shape == prior.shape]
-    if len(heads) != 1:
-        raise SystemExit(f"+pa needs one classifier bias of shape {tuple(prior.shape)}, found {heads}")
-    return {**state, heads[0]: state[heads[0]] + prior.to(state[heads[0]].dtype)}
+    """`state` with `prior` added to the classification head's bias."""
+    b = head_entry(state, "bias", prior.shape)
+    return {**state, b: state[b] + prior.to(state[b].dtype)}
 
 
 def loss_share(loss: float, chance: float) -> float:
